@@ -1,0 +1,259 @@
+"""A functional Llama-family decoder (Llama 1-3, SmolLM, Mistral-style GQA, Qwen2).
+
+Params are a registered dataclass pytree with layers stacked on a leading axis
+([L, ...]) so the forward scans over layers. Weights are stored as [in, out].
+The forward reads a fixed-size KV cache and returns the new rows' keys/values;
+writing them into the cache is the caller's decision (the eviction policy).
+
+Shapes: B batch, T new tokens, S cache slots, L layers, E hidden size,
+Hq / Hkv query / key-value heads, D head dim, F MLP size, V vocab.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+
+from adore_jax.attention import AttentionFn, reference_attention
+from adore_jax.cache import KVCache
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """RoPE frequency scaling: kind is "linear" or "llama3"."""
+
+    kind: str
+    factor: float
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """Static model hyper-parameters (hashable: usable as a jit static arg)."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: Optional[RopeScaling] = None
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    max_position_embeddings: int = 4096
+    bos_token_id: Optional[int] = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads ({self.num_kv_heads})"
+            )
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """K+V elements per token over all layers (multiply by dtype size for bytes)."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class LayerParams:
+    """One decoder layer; every field carries a leading [L] axis when stacked."""
+
+    attn_norm: jax.Array  # [E]
+    wq: jax.Array  # [E, Hq*D]
+    wk: jax.Array  # [E, Hkv*D]
+    wv: jax.Array  # [E, Hkv*D]
+    wo: jax.Array  # [Hq*D, E]
+    mlp_norm: jax.Array  # [E]
+    w_gate: jax.Array  # [E, F]
+    w_up: jax.Array  # [E, F]
+    w_down: jax.Array  # [F, E]
+    bq: Optional[jax.Array] = None  # [Hq*D]
+    bk: Optional[jax.Array] = None  # [Hkv*D]
+    bv: Optional[jax.Array] = None  # [Hkv*D]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Params:
+    embed: jax.Array  # [V, E]
+    layers: LayerParams  # stacked [L, ...]
+    final_norm: jax.Array  # [E]
+    lm_head: Optional[jax.Array] = None  # [E, V]; None when tied to embed
+
+
+def config_from_hf(hf: Any) -> LlamaConfig:
+    """Build a LlamaConfig from a transformers config object or its dict."""
+    d = hf if isinstance(hf, dict) else hf.to_dict()
+    model_type = d.get("model_type", "llama")
+    if model_type not in ("llama", "mistral", "qwen2"):
+        raise ValueError(f"unsupported model_type {model_type!r} (llama, mistral, qwen2 are supported)")
+    rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+    theta = float(rope.get("rope_theta", d.get("rope_theta", 10000.0)))
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    scaling = None
+    if kind == "llama3":
+        scaling = RopeScaling(
+            "llama3",
+            float(rope["factor"]),
+            float(rope.get("low_freq_factor", 1.0)),
+            float(rope.get("high_freq_factor", 4.0)),
+            int(rope.get("original_max_position_embeddings", 8192)),
+        )
+    elif kind == "linear":
+        scaling = RopeScaling("linear", float(rope["factor"]))
+    elif kind != "default":
+        raise ValueError(f"unsupported rope type {kind!r} (default, linear, llama3 are supported)")
+    heads = d["num_attention_heads"]
+    eos = d.get("eos_token_id")
+    eos = () if eos is None else tuple(eos) if isinstance(eos, (list, tuple)) else (int(eos),)
+    return LlamaConfig(
+        vocab_size=d["vocab_size"],
+        hidden_size=d["hidden_size"],
+        intermediate_size=d["intermediate_size"],
+        num_layers=d["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=d.get("num_key_value_heads") or heads,
+        head_dim=d.get("head_dim") or d["hidden_size"] // heads,
+        rms_norm_eps=float(d.get("rms_norm_eps", 1e-5)),
+        rope_theta=theta,
+        rope_scaling=scaling,
+        tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+        attention_bias=bool(d.get("attention_bias", model_type == "qwen2")),
+        max_position_embeddings=int(d.get("max_position_embeddings", 4096)),
+        bos_token_id=d.get("bos_token_id"),
+        eos_token_ids=eos,
+    )
+
+
+def init_params(cfg: LlamaConfig, key: jax.Array, dtype=jnp.float32, scale: float = 0.02) -> Params:
+    """Random params (normal * scale, norms at one): for tests and throughput runs."""
+    L, E, F, V = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    qd, kd = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
+    shapes = dict(wq=(E, qd), wk=(E, kd), wv=(E, kd), wo=(qd, E), w_gate=(E, F), w_up=(E, F), w_down=(F, E))
+    if cfg.attention_bias:
+        shapes.update(bq=(qd,), bk=(kd,), bv=(kd,))
+    keys = jax.random.split(key, len(shapes) + 2)
+    rnd = lambda k, s: (scale * jax.random.normal(k, s, jnp.float32)).astype(dtype)
+    layer = {n: rnd(k, (L, *s)) for k, (n, s) in zip(keys, shapes.items())}
+    ones = jnp.ones((L, E), dtype)
+    return Params(
+        embed=rnd(keys[-2], (V, E)),
+        layers=LayerParams(attn_norm=ones, mlp_norm=ones, **layer),
+        final_norm=jnp.ones((E,), dtype),
+        lm_head=None if cfg.tie_word_embeddings else rnd(keys[-1], (E, V)),
+    )
+
+
+def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm in fp32, result in x's dtype."""
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return (y * w.astype(jnp.float32)).astype(x.dtype)
+
+
+def rope_inv_freq(cfg: LlamaConfig) -> jax.Array:
+    """Inverse frequencies [D/2] (fp32), with linear or Llama-3 scaling."""
+    d = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    s = cfg.rope_scaling
+    if s is None:
+        return inv
+    if s.kind == "linear":
+        return inv / s.factor
+    low_wl = s.original_max_position_embeddings / s.low_freq_factor
+    high_wl = s.original_max_position_embeddings / s.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    scaled = jnp.where(wavelen > low_wl, inv / s.factor, inv)
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    medium = (wavelen >= high_wl) & (wavelen <= low_wl)
+    return jnp.where(medium, smoothed, scaled)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
+    """Rotate-half RoPE. x [B, T, H, D], positions [B, T] (any int; -1 rows are padding)."""
+    ang = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
+    cos = jnp.cos(jnp.concatenate([ang, ang], -1))[:, :, None, :]
+    sin = jnp.sin(jnp.concatenate([ang, ang], -1))[:, :, None, :]
+    xf = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rot = jnp.concatenate([-xf[..., half:], xf[..., :half]], -1)
+    return (xf * cos + rot * sin).astype(x.dtype)
+
+
+def _dense(x: jax.Array, w: jax.Array, b: Optional[jax.Array] = None) -> jax.Array:
+    y = jnp.einsum("...e,ef->...f", x, w, preferred_element_type=jnp.float32)
+    if b is not None:
+        y = y + b.astype(jnp.float32)
+    return y.astype(x.dtype)
+
+
+def embed_tokens(params: Params, tokens: jax.Array) -> jax.Array:
+    """Token embeddings [B, T, E] for ids [B, T]."""
+    return jnp.take(params.embed, tokens, axis=0)
+
+
+def forward(
+    params: Params,
+    cfg: LlamaConfig,
+    tokens: jax.Array,
+    positions: jax.Array,
+    cache: KVCache,
+    attn_fn: AttentionFn = reference_attention,
+    with_stats: bool = False,
+    logits_rows: Optional[jax.Array] = None,
+):
+    """Run T new tokens per sequence against the cache.
+
+    tokens, positions: [B, T] int32; a position of -1 marks a padding row (it
+    attends to nothing, nothing attends to it). A row at position p attends to
+    cache slots and new rows whose position is in [0, p].
+    logits_rows: optional [B, R] row indices; logits are computed only there.
+
+    Returns (logits [B, T or R, V] fp32, new_k [L, B, T, Hkv, D], new_v,
+    mass [B, T, S+T] fp32 summed over query heads and averaged over layers, or None).
+    """
+    B, T = tokens.shape
+    Hq, Hkv, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    inv_freq = rope_inv_freq(cfg)
+    x = embed_tokens(params, tokens)
+
+    def layer(x, xs):
+        lp, ck, cv = xs
+        h = rms_norm(x, lp.attn_norm, cfg.rms_norm_eps)
+        q = _dense(h, lp.wq, lp.bq).reshape(B, T, Hq, D)
+        k = _dense(h, lp.wk, lp.bk).reshape(B, T, Hkv, D)
+        v = _dense(h, lp.wv, lp.bv).reshape(B, T, Hkv, D)
+        q = apply_rope(q, positions, inv_freq)
+        k = apply_rope(k, positions, inv_freq)
+        res = attn_fn(q, k, v, ck, cv, cache.pos, positions, with_stats=with_stats)
+        x = x + _dense(res.out.reshape(B, T, Hq * D).astype(x.dtype), lp.wo)
+        h = rms_norm(x, lp.mlp_norm, cfg.rms_norm_eps)
+        gate = _dense(h, lp.w_gate).astype(jnp.float32)
+        up = _dense(h, lp.w_up).astype(jnp.float32)
+        x = x + _dense((jax.nn.silu(gate) * up).astype(x.dtype), lp.w_down)
+        mass = res.mass if with_stats else jnp.zeros((), jnp.float32)
+        return x, (k, v, mass)
+
+    x, (new_k, new_v, mass) = jax.lax.scan(layer, x, (params.layers, cache.k, cache.v))
+    if logits_rows is not None:
+        x = jnp.take_along_axis(x, logits_rows[..., None], axis=1)
+    x = rms_norm(x, params.final_norm, cfg.rms_norm_eps)
+    head = params.embed.T if params.lm_head is None else params.lm_head
+    logits = jnp.einsum("bte,ev->btv", x, head, preferred_element_type=jnp.float32)
+    return logits, new_k, new_v, (mass.mean(0) if with_stats else None)
+
