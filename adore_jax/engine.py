@@ -1,0 +1,236 @@
+"""The decode engine: chunked prefill and decode inside jit, cache donated.
+
+One step, for prefill chunks and decode alike:
+  rows   = policy.select_rows(...)      # [B, T] tokens and positions to run
+  logits, new K/V, stats = forward(rows against the cache)
+  slots  = policy.assign_slots(...)     # [B, T] where each new row goes (-1: dropped)
+  cache  = cache_update(cache, new K/V, slots)
+
+`generate` runs prefill and the whole decode loop (lax.while_loop) in one jit
+call; `Session` runs prefill, then decode in jitted chunks of a few steps so a
+caller can stream text between chunks. Both share `_prefill` and `_decode_step`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from adore_jax.attention import reference_attention
+from adore_jax.cache import KVCache, write_rows
+from adore_jax.policies import Policy, full_policy
+from adore_jax.sampling import SamplingParams, row_keys, sample
+from models.llama import LlamaConfig, Params, forward
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """Static settings of a compiled engine (hashable)."""
+
+    max_new_tokens: int
+    prompt_len: int  # padded prompt length (a multiple of chunk)
+    chunk: int  # prefill chunk length
+    eos_ids: tuple[int, ...] = ()
+    pad_id: int = 0
+    policy: Policy = full_policy
+    attn_fn: Callable = reference_attention
+    cache_update: Callable = write_rows
+
+    @property
+    def max_total(self) -> int:
+        return self.prompt_len + self.max_new_tokens
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class DecodeState:
+    cache: KVCache
+    policy_state: Any
+    last: jax.Array  # [B] int32: last emitted token (next input)
+    pos: jax.Array  # [B] int32: position of `last`
+    done: jax.Array  # [B] bool
+    out: jax.Array  # [B, N] int32: emitted tokens (pad after EOS)
+    step: jax.Array  # [] int32: tokens emitted so far
+    key: jax.Array  # PRNG key
+
+
+def _run_rows(params, cfg, ec: EngineConfig, cache, pstate, tokens, positions, logits_rows):
+    """Forward rows [B, T] and let the policy place them in the cache."""
+    policy = ec.policy
+    tokens, positions, pstate = policy.select_rows(pstate, cache, tokens, positions)
+    logits, nk, nv, mass = forward(
+        params, cfg, tokens, positions, cache, ec.attn_fn, with_stats=policy.needs_stats, logits_rows=logits_rows
+    )
+    slots, pstate = policy.assign_slots(pstate, cache, positions, mass)
+    cache = ec.cache_update(cache, nk, nv, slots, positions)
+    return logits, cache, pstate
+
+
+def _prefill(params, cfg: LlamaConfig, ec: EngineConfig, tokens, lens, key, sp: SamplingParams) -> DecodeState:
+    """Prefill prompts [B, P] (right-padded, lens [B]) in chunks; emit the first token."""
+    B, P = tokens.shape
+    C = ec.chunk
+    nc = P // C
+    dtype = params.embed.dtype
+    slots = ec.policy.num_slots(ec.max_total)
+    cache = KVCache.empty(cfg.num_layers, B, slots, cfg.num_kv_heads, cfg.head_dim, dtype)
+    pstate = ec.policy.init(B, ec.max_total)
+    last_row = lens - 1
+
+    def chunk(carry, c):
+        cache, pstate, logits_last = carry
+        toks = jax.lax.dynamic_slice_in_dim(tokens, c * C, C, axis=1)
+        pos = c * C + jnp.arange(C, dtype=jnp.int32)[None, :]
+        pos = jnp.where(pos < lens[:, None], pos, -1)
+        row = jnp.clip(last_row - c * C, 0, C - 1)[:, None]
+        logits, cache, pstate = _run_rows(params, cfg, ec, cache, pstate, toks, pos, row)
+        here = (last_row >= c * C) & (last_row < (c + 1) * C)
+        logits_last = jnp.where(here[:, None], logits[:, 0], logits_last)
+        return (cache, pstate, logits_last), None
+
+    init = (cache, pstate, jnp.zeros((B, cfg.vocab_size), jnp.float32))
+    (cache, pstate, logits), _ = jax.lax.scan(chunk, init, jnp.arange(nc))
+    first = sample(logits, row_keys(key, 0, B), sp)
+    done = _is_eos(first, ec.eos_ids)
+    out = jnp.full((B, ec.max_new_tokens), ec.pad_id, jnp.int32).at[:, 0].set(first)
+    return DecodeState(cache, pstate, first, lens.astype(jnp.int32), done, out, jnp.int32(1), key)
+
+
+def _is_eos(tok, eos_ids):
+    return jnp.isin(tok, jnp.asarray(eos_ids or (-1,), jnp.int32))
+
+
+def _decode_step(params, cfg: LlamaConfig, ec: EngineConfig, s: DecodeState, sp: SamplingParams) -> DecodeState:
+    """Run the last token of every sequence, emit one more token per live sequence."""
+    B = s.last.shape[0]
+    pos = jnp.where(s.done, -1, s.pos)[:, None]
+    logits, cache, pstate = _run_rows(
+        params, cfg, ec, s.cache, s.policy_state, s.last[:, None], pos, jnp.zeros((B, 1), jnp.int32)
+    )
+    tok = sample(logits[:, 0], row_keys(s.key, s.step, B), sp)
+    tok = jnp.where(s.done, ec.pad_id, tok)
+    out = jax.lax.dynamic_update_slice_in_dim(s.out, tok[:, None], s.step, axis=1)
+    done = s.done | _is_eos(tok, ec.eos_ids)
+    return DecodeState(cache, pstate, tok, s.pos + 1, done, out, s.step + 1, s.key)
+
+
+def _active(s: DecodeState, n: int):
+    return (s.step < n) & ~jnp.all(s.done)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _generate_jit(params, cfg, ec, tokens, lens, key, sp):
+    s = _prefill(params, cfg, ec, tokens, lens, key, sp)
+    body = lambda s: _decode_step(params, cfg, ec, s, sp)
+    return jax.lax.while_loop(lambda s: _active(s, ec.max_new_tokens), body, s)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _prefill_jit(params, cfg, ec, tokens, lens, key, sp):
+    return _prefill(params, cfg, ec, tokens, lens, key, sp)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 5), donate_argnums=(3,))
+def _decode_chunk_jit(params, cfg, ec, s, sp, n):
+    def body(s, _):
+        s = jax.lax.cond(_active(s, ec.max_new_tokens), lambda s: _decode_step(params, cfg, ec, s, sp), lambda s: s, s)
+        return s, None
+
+    return jax.lax.scan(body, s, None, length=n)[0]
+
+
+def _bucket(n: int, lo: int = 16) -> int:
+    return max(lo, 1 << (max(n, 1) - 1).bit_length())
+
+
+def plan(
+    prompt_lens: Sequence[int],
+    max_new_tokens: int,
+    max_len: int,
+    chunk: int = 512,
+    **kw,
+) -> EngineConfig:
+    """Pick padded prompt length and chunk for these prompts; checks lengths.
+
+    max_len: the model's maximum total length (prompt + new tokens)."""
+    if max_new_tokens < 1:
+        raise ValueError(f"max-new-tokens must be >= 1, got {max_new_tokens}")
+    if not prompt_lens or min(prompt_lens) < 1:
+        raise ValueError("every prompt must hold at least one token")
+    longest = max(prompt_lens)
+    if longest + max_new_tokens > max_len:
+        raise ValueError(
+            f"prompt of {longest} tokens + {max_new_tokens} new tokens exceeds the maximum length {max_len}"
+        )
+    c = min(_bucket(longest), chunk)
+    return EngineConfig(max_new_tokens=max_new_tokens, prompt_len=-(-longest // c) * c, chunk=c, **kw)
+
+
+def pad_prompts(prompts: Sequence[Sequence[int]], length: int, pad_id: int = 0):
+    """Right-pad token lists into tokens [B, length] int32 and lens [B] int32."""
+    toks = np.full((len(prompts), length), pad_id, np.int32)
+    for i, p in enumerate(prompts):
+        toks[i, : len(p)] = p
+    return jnp.asarray(toks), jnp.asarray([len(p) for p in prompts], jnp.int32)
+
+
+def _trim(row: np.ndarray, eos_ids) -> list[int]:
+    """Tokens up to and including the first EOS."""
+    out = []
+    for t in row.tolist():
+        out.append(t)
+        if t in eos_ids:
+            break
+    return out
+
+
+def generate(
+    params: Params,
+    cfg: LlamaConfig,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    sampling: SamplingParams = SamplingParams(),
+    seed: int = 0,
+    **engine_kw,
+) -> list[list[int]]:
+    """Generate for a batch of token-id prompts of any lengths; one jit call.
+
+    Returns the new tokens per prompt, cut after the first EOS."""
+    ec = plan([len(p) for p in prompts], max_new_tokens, cfg.max_position_embeddings, eos_ids=cfg.eos_token_ids, **engine_kw)
+    tokens, lens = pad_prompts(prompts, ec.prompt_len, ec.pad_id)
+    s = _generate_jit(params, cfg, ec, tokens, lens, jax.random.key(seed), sampling.validate())
+    return [_trim(r, ec.eos_ids) for r in np.asarray(s.out)]
+
+
+def stream(
+    params: Params,
+    cfg: LlamaConfig,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    sampling: SamplingParams = SamplingParams(),
+    seed: int = 0,
+    steps_per_chunk: int = 8,
+    **engine_kw,
+) -> Iterator[np.ndarray]:
+    """Like `generate`, but yields the tokens [B, k] emitted by each jitted chunk.
+
+    Rows that hit EOS yield `pad_id` afterwards; the first yield is the
+    prefill's token (time to first token)."""
+    ec = plan([len(p) for p in prompts], max_new_tokens, cfg.max_position_embeddings, eos_ids=cfg.eos_token_ids, **engine_kw)
+    tokens, lens = pad_prompts(prompts, ec.prompt_len, ec.pad_id)
+    sp = sampling.validate()
+    s = _prefill_jit(params, cfg, ec, tokens, lens, jax.random.key(seed), sp)
+    done_upto = 0
+    while True:
+        step = int(s.step)
+        if step > done_upto:
+            yield np.asarray(s.out[:, done_upto:step])
+            done_upto = step
+        if step >= max_new_tokens or bool(jnp.all(s.done)):
+            return
+        s = _decode_chunk_jit(params, cfg, ec, s, sp, steps_per_chunk)

@@ -1,0 +1,98 @@
+"""Engine behaviour on a tiny random model: batching, chunking, streaming, sampling."""
+
+import jax
+import numpy as np
+import pytest
+
+from adore_jax import engine
+from adore_jax.sampling import SamplingParams
+from models.llama import LlamaConfig, init_params
+
+CFG = LlamaConfig(
+    vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2,
+    head_dim=16, max_position_embeddings=256, eos_token_ids=(127,),
+)
+
+
+@pytest.fixture(scope="module")
+def params():
+    return init_params(CFG, jax.random.key(0), scale=0.3)
+
+
+def _prompts(seed, lens):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, 120, n).tolist() for n in lens]
+
+
+def test_batch_mixed_lengths_equals_single(params):
+    prompts = _prompts(1, [3, 17, 9, 1])
+    batched = engine.generate(params, CFG, prompts, 24)
+    for p, b in zip(prompts, batched):
+        assert engine.generate(params, CFG, [p], 24) == [b]
+
+
+def test_chunked_prefill_equals_one_chunk(params):
+    prompts = _prompts(2, [37, 20])
+    whole = engine.generate(params, CFG, prompts, 16)
+    chunked = engine.generate(params, CFG, prompts, 16, chunk=8)
+    assert whole == chunked
+    assert len(whole[0]) > 0
+
+
+def test_stream_equals_generate(params):
+    prompts = _prompts(3, [5, 11])
+    ref = engine.generate(params, CFG, prompts, 20)
+    chunks = list(engine.stream(params, CFG, prompts, 20, steps_per_chunk=3))
+    assert chunks[0].shape == (2, 1)  # first yield: the prefill token
+    got = np.concatenate(chunks, axis=1)
+    for row, r in zip(got, ref):
+        assert row[: len(r)].tolist() == r
+
+
+def test_eos_stops_each_sequence(params):
+    # Sampled rows stop at their own EOS; declaring a sampled token EOS cuts right after it.
+    prompts = _prompts(4, [6, 6, 6])
+    out = engine.generate(params, CFG, prompts, 40, SamplingParams(1.5), seed=3)
+    for r in out:
+        assert 127 not in r[:-1]  # nothing after an EOS
+    cfg_eos = LlamaConfig(**{**vars(CFG), "eos_token_ids": (out[0][2],)})
+    cut = engine.generate(params, cfg_eos, prompts[:1], 40, SamplingParams(1.5), seed=3)
+    assert cut[0] == out[0][: out[0].index(out[0][2]) + 1]
+
+
+def test_sampling_seeded_and_truncations(params):
+    prompts = _prompts(5, [8, 4])
+    greedy = engine.generate(params, CFG, prompts, 16)
+    hot = SamplingParams(1.0)
+    a = engine.generate(params, CFG, prompts, 16, hot, seed=7)
+    assert a == engine.generate(params, CFG, prompts, 16, hot, seed=7)
+    assert a != engine.generate(params, CFG, prompts, 16, hot, seed=8)
+    assert engine.generate(params, CFG, prompts, 16, SamplingParams(1.0, top_k=1), seed=7) == greedy
+    assert engine.generate(params, CFG, prompts, 16, SamplingParams(1.0, top_p=1e-6), seed=7) == greedy
+    # a sampled row does not depend on the other rows of the batch
+    assert engine.generate(params, CFG, prompts[:1], 16, hot, seed=7) == a[:1]
+
+
+def test_top_k_restricts_support():
+    from adore_jax.sampling import row_keys, sample
+
+    logits = jax.random.normal(jax.random.key(1), (4, 50))
+    keys = row_keys(jax.random.key(2), 0, 4)
+    top3 = np.argsort(-np.asarray(logits), axis=1)[:, :3]
+    for s in range(20):
+        keys = row_keys(jax.random.key(s), 0, 4)
+        tok = np.asarray(sample(logits, keys, SamplingParams(5.0, 3, 1.0).validate()))
+        assert all(t in row for t, row in zip(tok, top3))
+
+
+@pytest.mark.parametrize(
+    "sp", [SamplingParams(-1.0), SamplingParams(1.0, top_k=-2), SamplingParams(1.0, top_p=0.0), SamplingParams(1.0, top_p=1.5)]
+)
+def test_invalid_sampling(sp):
+    with pytest.raises(ValueError):
+        sp.validate()
+
+
+def test_too_long_prompt(params):
+    with pytest.raises(ValueError, match="maximum length"):
+        engine.generate(params, CFG, [[1] * 250], 10)
