@@ -59,19 +59,22 @@ class DecodeState:
     key: jax.Array  # PRNG key
 
 
-def _run_rows(params, cfg, ec: EngineConfig, cache, pstate, tokens, positions, logits_rows):
+def _run_rows(params, pp, cfg, ec: EngineConfig, cache, pstate, tokens, positions, logits_rows, decode: bool):
     """Forward rows [B, T] and let the policy place them in the cache."""
     policy = ec.policy
-    tokens, positions, pstate = policy.select_rows(pstate, cache, tokens, positions)
-    logits, nk, nv, mass = forward(
-        params, cfg, tokens, positions, cache, ec.attn_fn, with_stats=policy.needs_stats, logits_rows=logits_rows
-    )
-    slots, pstate = policy.assign_slots(pstate, cache, positions, mass)
+    tokens, positions, pstate = policy.select_rows(pp, pstate, cache, tokens, positions, params.embed, decode)
+    view = cache
+    if policy.two_pass:
+        *_, mass = forward(params, cfg, tokens, positions, cache, ec.attn_fn, True, logits_rows)
+        view = policy.restrict(pstate, cache, positions, mass)
+    stats = policy.needs_stats and not policy.two_pass
+    logits, nk, nv, mass = forward(params, cfg, tokens, positions, view, ec.attn_fn, stats, logits_rows)
+    slots, pstate = policy.assign_slots(pp, pstate, cache, positions, mass)
     cache = ec.cache_update(cache, nk, nv, slots, positions)
     return logits, cache, pstate
 
 
-def _prefill(params, cfg: LlamaConfig, ec: EngineConfig, tokens, lens, key, sp: SamplingParams) -> DecodeState:
+def _prefill(params, pp, cfg: LlamaConfig, ec: EngineConfig, tokens, lens, key, sp: SamplingParams) -> DecodeState:
     """Prefill prompts [B, P] (right-padded, lens [B]) in chunks; emit the first token."""
     B, P = tokens.shape
     C = ec.chunk
@@ -79,7 +82,7 @@ def _prefill(params, cfg: LlamaConfig, ec: EngineConfig, tokens, lens, key, sp: 
     dtype = params.embed.dtype
     slots = ec.policy.num_slots(ec.max_total)
     cache = KVCache.empty(cfg.num_layers, B, slots, cfg.num_kv_heads, cfg.head_dim, dtype)
-    pstate = ec.policy.init(B, ec.max_total)
+    pstate = ec.policy.init(pp, B, ec.max_total)
     last_row = lens - 1
 
     def chunk(carry, c):
@@ -88,7 +91,7 @@ def _prefill(params, cfg: LlamaConfig, ec: EngineConfig, tokens, lens, key, sp: 
         pos = c * C + jnp.arange(C, dtype=jnp.int32)[None, :]
         pos = jnp.where(pos < lens[:, None], pos, -1)
         row = jnp.clip(last_row - c * C, 0, C - 1)[:, None]
-        logits, cache, pstate = _run_rows(params, cfg, ec, cache, pstate, toks, pos, row)
+        logits, cache, pstate = _run_rows(params, pp, cfg, ec, cache, pstate, toks, pos, row, False)
         here = (last_row >= c * C) & (last_row < (c + 1) * C)
         logits_last = jnp.where(here[:, None], logits[:, 0], logits_last)
         return (cache, pstate, logits_last), None
@@ -105,12 +108,12 @@ def _is_eos(tok, eos_ids):
     return jnp.isin(tok, jnp.asarray(eos_ids or (-1,), jnp.int32))
 
 
-def _decode_step(params, cfg: LlamaConfig, ec: EngineConfig, s: DecodeState, sp: SamplingParams) -> DecodeState:
+def _decode_step(params, pp, cfg: LlamaConfig, ec: EngineConfig, s: DecodeState, sp: SamplingParams) -> DecodeState:
     """Run the last token of every sequence, emit one more token per live sequence."""
     B = s.last.shape[0]
     pos = jnp.where(s.done, -1, s.pos)[:, None]
     logits, cache, pstate = _run_rows(
-        params, cfg, ec, s.cache, s.policy_state, s.last[:, None], pos, jnp.zeros((B, 1), jnp.int32)
+        params, pp, cfg, ec, s.cache, s.policy_state, s.last[:, None], pos, jnp.zeros((B, 1), jnp.int32), True
     )
     tok = sample(logits[:, 0], row_keys(s.key, s.step, B), sp)
     tok = jnp.where(s.done, ec.pad_id, tok)
@@ -123,22 +126,23 @@ def _active(s: DecodeState, n: int):
     return (s.step < n) & ~jnp.all(s.done)
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2))
-def _generate_jit(params, cfg, ec, tokens, lens, key, sp):
-    s = _prefill(params, cfg, ec, tokens, lens, key, sp)
-    body = lambda s: _decode_step(params, cfg, ec, s, sp)
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _generate_jit(params, pp, cfg, ec, tokens, lens, key, sp):
+    s = _prefill(params, pp, cfg, ec, tokens, lens, key, sp)
+    body = lambda s: _decode_step(params, pp, cfg, ec, s, sp)
     return jax.lax.while_loop(lambda s: _active(s, ec.max_new_tokens), body, s)
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2))
-def _prefill_jit(params, cfg, ec, tokens, lens, key, sp):
-    return _prefill(params, cfg, ec, tokens, lens, key, sp)
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _prefill_jit(params, pp, cfg, ec, tokens, lens, key, sp):
+    return _prefill(params, pp, cfg, ec, tokens, lens, key, sp)
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2, 5), donate_argnums=(3,))
-def _decode_chunk_jit(params, cfg, ec, s, sp, n):
+@functools.partial(jax.jit, static_argnums=(2, 3, 6), donate_argnums=(4,))
+def _decode_chunk_jit(params, pp, cfg, ec, s, sp, n):
     def body(s, _):
-        s = jax.lax.cond(_active(s, ec.max_new_tokens), lambda s: _decode_step(params, cfg, ec, s, sp), lambda s: s, s)
+        step = lambda s: _decode_step(params, pp, cfg, ec, s, sp)
+        s = jax.lax.cond(_active(s, ec.max_new_tokens), step, lambda s: s, s)
         return s, None
 
     return jax.lax.scan(body, s, None, length=n)[0]
@@ -168,7 +172,10 @@ def plan(
             f"prompt of {longest} tokens + {max_new_tokens} new tokens exceeds the maximum length {max_len}"
         )
     c = min(_bucket(longest), chunk)
-    return EngineConfig(max_new_tokens=max_new_tokens, prompt_len=-(-longest // c) * c, chunk=c, **kw)
+    ec = EngineConfig(max_new_tokens=max_new_tokens, prompt_len=-(-longest // c) * c, chunk=c, **kw)
+    if ec.policy.needs_stats and not getattr(ec.attn_fn, "provides_stats", True):
+        raise ValueError(f"policy {type(ec.policy).__name__} needs attention statistics, which this attention kernel does not provide")
+    return ec
 
 
 def pad_prompts(prompts: Sequence[Sequence[int]], length: int, pad_id: int = 0):
@@ -196,14 +203,17 @@ def generate(
     max_new_tokens: int,
     sampling: SamplingParams = SamplingParams(),
     seed: int = 0,
+    policy_params=None,
     **engine_kw,
 ) -> list[list[int]]:
     """Generate for a batch of token-id prompts of any lengths; one jit call.
 
+    policy_params: the policy's params pytree (ADORE: the controller state).
+    engine_kw: EngineConfig fields (policy, attn_fn, chunk, ...).
     Returns the new tokens per prompt, cut after the first EOS."""
     ec = plan([len(p) for p in prompts], max_new_tokens, cfg.max_position_embeddings, eos_ids=cfg.eos_token_ids, **engine_kw)
     tokens, lens = pad_prompts(prompts, ec.prompt_len, ec.pad_id)
-    s = _generate_jit(params, cfg, ec, tokens, lens, jax.random.key(seed), sampling.validate())
+    s = _generate_jit(params, policy_params, cfg, ec, tokens, lens, jax.random.key(seed), sampling.validate())
     return [_trim(r, ec.eos_ids) for r in np.asarray(s.out)]
 
 
@@ -215,6 +225,7 @@ def stream(
     sampling: SamplingParams = SamplingParams(),
     seed: int = 0,
     steps_per_chunk: int = 8,
+    policy_params=None,
     **engine_kw,
 ) -> Iterator[np.ndarray]:
     """Like `generate`, but yields the tokens [B, k] emitted by each jitted chunk.
@@ -224,7 +235,7 @@ def stream(
     ec = plan([len(p) for p in prompts], max_new_tokens, cfg.max_position_embeddings, eos_ids=cfg.eos_token_ids, **engine_kw)
     tokens, lens = pad_prompts(prompts, ec.prompt_len, ec.pad_id)
     sp = sampling.validate()
-    s = _prefill_jit(params, cfg, ec, tokens, lens, jax.random.key(seed), sp)
+    s = _prefill_jit(params, policy_params, cfg, ec, tokens, lens, jax.random.key(seed), sp)
     done_upto = 0
     while True:
         step = int(s.step)
@@ -233,4 +244,4 @@ def stream(
             done_upto = step
         if step >= max_new_tokens or bool(jnp.all(s.done)):
             return
-        s = _decode_chunk_jit(params, cfg, ec, s, sp, steps_per_chunk)
+        s = _decode_chunk_jit(params, policy_params, cfg, ec, s, sp, steps_per_chunk)

@@ -1,6 +1,71 @@
-"""Cache policies, all run by the same engine, cache and attention functions."""
+"""Cache policies, all run by the same engine, cache, attention and budget m.
 
-from adore_jax.policies.base import Policy
+`make_policy` builds one by name and checks its settings.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from adore_jax.policies.adore import AdorePolicy, AdoreState
+from adore_jax.policies.base import Evicting, Policy, keep_top_m
+from adore_jax.policies.baselines import H2OPolicy, OraclePolicy, RecencyPolicy, TOVAPolicy
 from adore_jax.policies.full import FullPolicy, full_policy
 
-__all__ = ["Policy", "FullPolicy", "full_policy"]
+POLICIES = ("full", "window", "streaming", "h2o", "tova", "adore", "oracle")
+
+
+def make_policy(
+    name: str,
+    cache_size: Optional[int] = None,
+    *,
+    sinks: Optional[int] = None,
+    window: Optional[int] = None,
+    rebuild: int = 0,
+    rebuild_every: int = 1,
+    controller_graphdef: Any = None,
+) -> Policy:
+    """Build a policy. cache_size m (slots) is required except for `full`.
+
+    Defaults: streaming keeps 4 sinks + recent; h2o keeps a recent window of m/2;
+    adore, tova, window and oracle protect nothing unless asked.
+    Raises ValueError for invalid settings."""
+    if name not in POLICIES:
+        raise ValueError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}")
+    if name == "full":
+        return full_policy
+    if cache_size is None or cache_size < 1:
+        raise ValueError(f"policy {name} needs a cache size >= 1 (got {cache_size})")
+    sinks = (4 if name == "streaming" else 0) if sinks is None else sinks
+    window = (cache_size // 2 if name == "h2o" else 0) if window is None else window
+    if name == "streaming":
+        sinks = min(sinks, cache_size)
+        window = cache_size - sinks
+    if sinks < 0 or window < 0:
+        raise ValueError("sinks and window must be >= 0")
+    if sinks + window > cache_size:
+        raise ValueError(f"sinks ({sinks}) + window ({window}) exceed the cache size ({cache_size})")
+    if name != "adore" and rebuild:
+        raise ValueError("--rebuild applies to the adore policy only")
+    common = dict(cache_size=cache_size, sinks=sinks, window=window)
+    if name in ("window", "streaming"):
+        return RecencyPolicy(**common)
+    if name == "h2o":
+        return H2OPolicy(**common)
+    if name == "tova":
+        return TOVAPolicy(**common)
+    if name == "oracle":
+        return OraclePolicy(**common)
+    if rebuild < 0 or rebuild > cache_size:
+        raise ValueError(f"rebuild R must be in [0, cache size {cache_size}], got {rebuild}")
+    if rebuild_every < 1:
+        raise ValueError(f"rebuild-every must be >= 1, got {rebuild_every}")
+    if controller_graphdef is None:
+        raise ValueError("the adore policy needs a controller")
+    return AdorePolicy(**common, rebuild=rebuild, rebuild_every=rebuild_every, graphdef=controller_graphdef)
+
+
+__all__ = [
+    "POLICIES", "Policy", "Evicting", "FullPolicy", "full_policy", "RecencyPolicy", "H2OPolicy",
+    "TOVAPolicy", "OraclePolicy", "AdorePolicy", "AdoreState", "keep_top_m", "make_policy",
+]

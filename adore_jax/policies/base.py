@@ -1,32 +1,93 @@
-"""The policy interface: which rows run each step and where their KV goes."""
+"""The policy interface and the top-m selection every evicting policy shares.
+
+A policy is a static (hashable) dataclass; all its methods run inside jit.
+Shapes: B batch, T rows this step, S cache slots, N history capacity (= the
+maximum total length; history is indexed by token position).
+"""
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+import dataclasses
+from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 
-class Policy(Protocol):
-    """A static (hashable) eviction policy. All methods run inside jit.
+class Policy:
+    """Default behaviour: run the given rows, one pass, no statistics."""
 
-    Shapes: B batch, T rows this step, S cache slots.
-    """
-
-    needs_stats: bool  # forward must return attention mass per key
+    needs_stats: bool = False  # forward must return attention mass per key
+    two_pass: bool = False  # run a full-attention pass first, then `restrict`
 
     def num_slots(self, max_total: int) -> int:
         """Cache slots for sequences of at most max_total tokens."""
-        ...
+        raise NotImplementedError
 
-    def init(self, batch: int, max_total: int) -> Any:
-        """Initial policy state pytree."""
-        ...
+    def init(self, pp, batch: int, max_total: int) -> Any:
+        """Initial policy state pytree (pp: the policy's params, or None)."""
+        return ()
 
-    def select_rows(self, state, cache, tokens: jax.Array, positions: jax.Array):
-        """Rows to run: given the new tokens [B, T0] return tokens, positions [B, T], state."""
-        ...
+    def select_rows(self, pp, state, cache, tokens, positions, embed, decode: bool):
+        """Rows to run this step: new tokens/positions [B, T0] -> rows [B, T], state."""
+        return tokens, positions, state
 
-    def assign_slots(self, state, cache, positions: jax.Array, mass):
+    def assign_slots(self, pp, state, cache, positions, mass):
         """Slots [B, T] (-1: drop) for the rows just run, and the new state."""
-        ...
+        raise NotImplementedError
+
+
+def last_position(positions: jax.Array) -> jax.Array:
+    """[B]: the largest valid position among the rows (-1 when none)."""
+    return jnp.max(positions, axis=1)
+
+
+def keep_top_m(cache_pos, cache_score, row_pos, row_score, protected, m: int) -> jax.Array:
+    """Keep the top m candidates (cache slots + new rows); place kept rows in freed slots.
+
+    cache_pos, cache_score: [B, S]; row_pos, row_score: [B, T]; protected: [B, S+T]
+    bool (always kept: sinks, recent window). Order: protected first, then score,
+    then recency (larger position wins ties). Invalid (position -1) candidates are
+    never kept. Returns slots [B, T] int32 (-1: row not kept).
+    """
+    B, S = cache_pos.shape
+    pos = jnp.concatenate([cache_pos, row_pos], axis=1)
+    score = jnp.concatenate([cache_score, row_score], axis=1).astype(jnp.float32)
+    valid = pos >= 0
+    tier = jnp.where(valid, protected.astype(jnp.int32), -1)
+    score = jnp.where(valid, score, -jnp.inf)
+    idx = jnp.broadcast_to(jnp.arange(pos.shape[1], dtype=jnp.int32), pos.shape)
+    *_, order = jax.lax.sort((tier, score, pos, idx), dimension=1, num_keys=3)  # ascending
+    rank = jnp.zeros_like(idx).at[jnp.arange(B)[:, None], order].set(idx)  # 0 = least wanted
+    kept = valid & (rank >= pos.shape[1] - m)
+    free = ~kept[:, :S]
+    free_slots = jnp.argsort(~free, axis=1, stable=True).astype(jnp.int32)  # free slots first
+    new_kept = kept[:, S:]
+    j = jnp.cumsum(new_kept, axis=1) - 1
+    return jnp.where(new_kept, jnp.take_along_axis(free_slots, jnp.maximum(j, 0), axis=1), -1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Evicting(Policy):
+    """A fixed budget of `cache_size` slots; subclasses give each candidate a score."""
+
+    cache_size: int
+    sinks: int = 0  # positions < sinks are always kept
+    window: int = 0  # the `window` most recent positions are always kept
+
+    def num_slots(self, max_total: int) -> int:
+        return min(self.cache_size, max_total)
+
+    def protected(self, pos: jax.Array, t: jax.Array) -> jax.Array:
+        """[B, K] bool: sink or recent-window positions for current position t [B]."""
+        return (pos >= 0) & ((pos < self.sinks) | (pos > t[:, None] - self.window))
+
+    def scores(self, pp, state, cache, positions, mass):
+        """Scores of the cache slots [B, S] and new rows [B, T]; and the new state."""
+        raise NotImplementedError
+
+    def assign_slots(self, pp, state, cache, positions, mass):
+        c_score, r_score, state = self.scores(pp, state, cache, positions, mass)
+        t = last_position(positions)
+        prot = self.protected(jnp.concatenate([cache.pos, positions], axis=1), t)
+        return keep_top_m(cache.pos, c_score, positions, r_score, prot, cache.pos.shape[1]), state

@@ -6,21 +6,15 @@ import dataclasses
 
 import jax.numpy as jnp
 
+from adore_jax.policies.base import Policy
+
 
 @dataclasses.dataclass(frozen=True)
-class FullPolicy:
-    needs_stats: bool = False
-
+class FullPolicy(Policy):
     def num_slots(self, max_total: int) -> int:
         return max_total
 
-    def init(self, batch: int, max_total: int):
-        return ()
-
-    def select_rows(self, state, cache, tokens, positions):
-        return tokens, positions, state
-
-    def assign_slots(self, state, cache, positions, mass):
+    def assign_slots(self, pp, state, cache, positions, mass):
         return jnp.where(positions >= 0, positions, -1), state
 
 

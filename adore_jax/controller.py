@@ -1,0 +1,75 @@
+"""The ADORE controller: a GRU over the token sequence and a scoring head.
+
+For token t with GRU state g_t and each earlier token i with feature c_i:
+    s(t, i) = sigmoid(<W_q g_t, W_k c_i> / sqrt(d_c) + b[bucket(t - i)] + b0)
+One score per (t, i) is shared by every layer and head. Buckets are log-spaced
+in the distance t - i (0, 1, 2-3, 4-7, ...), so recency can be learned as well
+as content. Inputs are the backbone's token embeddings [E] (known before the
+forward pass).
+
+The decode loop stores k_i = W_k c_i per token in the history, so scoring a
+step costs one [N, d_c] matrix-vector product.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+NUM_BUCKETS = 16
+
+
+def distance_bucket(dist: jax.Array, num_buckets: int = NUM_BUCKETS) -> jax.Array:
+    """Log-spaced bucket of a distance >= 0: 0 -> 0, 1 -> 1, 2..3 -> 2, 4..7 -> 3, capped."""
+    d = jnp.maximum(dist, 0).astype(jnp.int32)
+    b = jnp.where(d > 0, 32 - jax.lax.clz(d), 0)  # 1 + floor(log2 d) for d >= 1
+    return jnp.minimum(b, num_buckets - 1)
+
+
+class Controller(nnx.Module):
+    """GRU controller. d_in: backbone embedding size; d_c: feature size."""
+
+    def __init__(self, d_in: int, d_c: int = 64, num_buckets: int = NUM_BUCKETS, *, rngs: nnx.Rngs):
+        self.d_c = d_c
+        self.proj = nnx.Linear(d_in, d_c, rngs=rngs)
+        self.gru = nnx.GRUCell(d_c, d_c, rngs=rngs)
+        self.wq = nnx.Linear(d_c, d_c, use_bias=False, rngs=rngs)
+        self.wk = nnx.Linear(d_c, d_c, use_bias=False, rngs=rngs)
+        self.bucket_bias = nnx.Param(jnp.zeros((num_buckets,), jnp.float32))
+        self.b0 = nnx.Param(jnp.zeros((), jnp.float32))
+
+    def init_state(self, batch: int) -> jax.Array:
+        """GRU hidden state [B, d_c] before the first token."""
+        return jnp.zeros((batch, self.d_c), jnp.float32)
+
+    def step(self, h: jax.Array, x: jax.Array):
+        """One token: h [B, d_c], x [B, E] -> (h', q [B, d_c], k [B, d_c])."""
+        h, _ = self.gru(h, jnp.tanh(self.proj(x.astype(jnp.float32))))
+        return h, self.wq(h), self.wk(h)
+
+    def scan(self, h: jax.Array, x: jax.Array, valid: jax.Array):
+        """Run tokens x [B, T, E]; rows with valid [B, T] False leave h unchanged.
+
+        Returns (h', q [B, T, d_c], k [B, T, d_c])."""
+
+        def body(h, xs):
+            xt, vt = xs
+            h2, q, k = self.step(h, xt)
+            return jnp.where(vt[:, None], h2, h), (q, k)
+
+        xs = (jnp.swapaxes(x, 0, 1), jnp.swapaxes(valid, 0, 1))
+        h, (q, k) = jax.lax.scan(body, h, xs)
+        return h, jnp.swapaxes(q, 0, 1), jnp.swapaxes(k, 0, 1)
+
+    def logits(self, q: jax.Array, q_pos: jax.Array, k: jax.Array, k_pos: jax.Array) -> jax.Array:
+        """Pre-sigmoid scores [B, Tq, Tk] for queries q [B, Tq, d_c] at q_pos [B, Tq]
+        against keys k [B, Tk, d_c] at k_pos [B, Tk]."""
+        s = jnp.einsum("btc,bnc->btn", q, k) / jnp.sqrt(jnp.float32(self.d_c))
+        bucket = distance_bucket(q_pos[:, :, None] - k_pos[:, None, :], self.bucket_bias.shape[0])
+        return s + self.bucket_bias[...][bucket] + self.b0[...]
+
+
+def new_controller(d_in: int, d_c: int = 64, seed: int = 0) -> Controller:
+    """A randomly initialized controller (until a trained one is loaded)."""
+    return Controller(d_in, d_c, rngs=nnx.Rngs(seed))
