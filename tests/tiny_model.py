@@ -1,0 +1,27 @@
+"""A tiny random Llama and a random controller, shared by engine and policy tests."""
+
+import jax
+import numpy as np
+from flax import nnx
+
+from adore_jax.controller import new_controller
+from models.llama import LlamaConfig, init_params
+
+CFG = LlamaConfig(
+    vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2,
+    head_dim=16, max_position_embeddings=256, eos_token_ids=(127,),
+)
+
+
+def tiny_params(seed: int = 0):
+    return init_params(CFG, jax.random.key(seed), scale=0.3)
+
+
+def tiny_controller(seed: int = 0, d_c: int = 16):
+    """(graphdef, state) of a random controller for CFG's embeddings."""
+    return nnx.split(new_controller(CFG.hidden_size, d_c, seed=seed))
+
+
+def prompts(seed, lens, vocab=120):
+    rng = np.random.default_rng(seed)
+    return [rng.integers(0, vocab, n).tolist() for n in lens]
