@@ -11,6 +11,8 @@ import os
 import sys
 import time
 
+from adore_jax.policies import POLICIES
+
 DTYPES = ("auto", "float32", "bfloat16")
 
 
@@ -30,6 +32,24 @@ def _load(args):
     return load_model(resolve_model(args.model), dtype=_dtype(args.dtype))
 
 
+def _policy(args, cfg):
+    """(policy, policy params) from --policy/--cache-size/... ."""
+    from flax import nnx
+
+    from adore_jax.controller import new_controller
+    from adore_jax.policies import make_policy
+
+    gd = state = None
+    if args.policy == "adore":
+        gd, state = nnx.split(new_controller(cfg.hidden_size))
+        print("adore: note: using a randomly initialized controller (no trained one for this model)", file=sys.stderr)
+    pol = make_policy(
+        args.policy, args.cache_size, sinks=args.sinks, window=args.window,
+        rebuild=args.rebuild, rebuild_every=args.rebuild_every, controller_graphdef=gd,
+    )
+    return pol, state
+
+
 def _encode_prompt(tok, prompt: str, chat: bool) -> list[int]:
     if chat:
         if not getattr(tok, "chat_template", None):
@@ -47,15 +67,20 @@ def cmd_generate(args) -> int:
     if args.prompt == "-":
         args.prompt = sys.stdin.read()
     model = _load(args)
+    policy, pp = _policy(args, model.cfg)
     ids = _encode_prompt(model.tokenizer, args.prompt, args.chat)
-    engine.plan([len(ids)], args.max_new_tokens, model.cfg.max_position_embeddings)  # validate before compiling
+    engine.plan([len(ids)], args.max_new_tokens, model.cfg.max_position_embeddings, policy=policy)  # validate first
     eos = set(model.cfg.eos_token_ids)
+    chunks = engine.stream(
+        model.params, model.cfg, [ids], args.max_new_tokens, sp, seed=args.seed, policy=policy, policy_params=pp
+    )
     out: list[int] = []
     shown = ""
-    t0 = time.perf_counter()
-    t_first = None
-    for chunk in engine.stream(model.params, model.cfg, [ids], args.max_new_tokens, sp, seed=args.seed):
-        t_first = t_first or time.perf_counter()
+    stamps = [time.perf_counter()]  # after each chunk: [start, prefill, compile + chunk, chunk, ...]
+    counts = []  # tokens per chunk
+    for chunk in chunks:
+        stamps.append(time.perf_counter())
+        counts.append(chunk.shape[1])
         for t in chunk[0].tolist():
             if out and out[-1] in eos:
                 break
@@ -64,13 +89,12 @@ def cmd_generate(args) -> int:
         sys.stdout.write(text[len(shown):])
         sys.stdout.flush()
         shown = text
-    t_end = time.perf_counter()
     sys.stdout.write("\n")
-    n = len(out)
-    rate = (n - 1) / (t_end - t_first) if n > 1 and t_end > t_first else float("nan")
+    steady = len(stamps) > 3  # decode rate over the chunks after the first (compiling) one
+    rate = sum(counts[2:]) / (stamps[-1] - stamps[2]) if steady else float("nan")
     print(
-        f"[{n} tokens | prompt {len(ids)} tokens | first token {t_first - t0:.2f} s (with compile) | "
-        f"{rate:.1f} tokens/s after]",
+        f"[{len(out)} tokens | prompt {len(ids)} tokens | first token {stamps[1] - stamps[0]:.2f} s with compile | "
+        f"decode {rate:.1f} tokens/s]",
         file=sys.stderr,
     )
     return 0
@@ -95,9 +119,15 @@ def cmd_info(args) -> int:
     for k, v in vars(cfg).items():
         print(f"  {k}: {v}")
     print(f"parameters: {n_params / 1e6:.1f} M ({n_params * itemsize / 2**20:.1f} MiB)")
+    policy, _ = _policy(args, cfg)
     per_tok = cfg.kv_bytes_per_token * itemsize
-    print(f"KV cache: {per_tok} bytes per token; full attention at {args.max_len} tokens: "
-          f"{per_tok * args.max_len / 2**20:.1f} MiB per sequence")
+    full = per_tok * args.max_len
+    slots = policy.num_slots(args.max_len)
+    print(f"KV cache per sequence at {args.max_len} tokens ({per_tok} bytes per token):")
+    print(f"  full attention: {full / 2**20:.2f} MiB")
+    if args.policy != "full":
+        print(f"  {args.policy} (m = {slots} slots): {per_tok * slots / 2**20:.2f} MiB "
+              f"({full / (per_tok * slots):.1f}x smaller)")
     print(f"devices: {', '.join(str(d) for d in jax.devices())}")
     return 0
 
@@ -109,6 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
     def model_args(sp):
         sp.add_argument("--model", default=None, help="checkpoint dir, .gguf file or hub id (default: SmolLM2-135M-Instruct)")
         sp.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: bfloat16 on GPU/TPU, float32 on CPU")
+        sp.add_argument("--policy", choices=POLICIES, default="full", help="KV cache policy (default: full)")
+        sp.add_argument("--cache-size", type=int, default=None, help="cache slots m (required unless --policy full)")
+        sp.add_argument("--rebuild", type=int, default=0, help="adore: rebuilt tokens R per step")
+        sp.add_argument("--rebuild-every", type=int, default=1, help="adore: rebuild on every k-th step")
+        sp.add_argument("--sinks", type=int, default=None, help="always-kept first tokens (streaming: 4)")
+        sp.add_argument("--window", type=int, default=None, help="always-kept recent tokens (h2o: m/2)")
 
     g = sub.add_parser("generate", help="generate text from a prompt, streamed to stdout")
     g.add_argument("--prompt", required=True, help="prompt text ('-' reads standard input)")
