@@ -34,20 +34,15 @@ def _load(args):
 
 def _policy(args, cfg):
     """(policy, policy params) from --policy/--cache-size/... ."""
-    from flax import nnx
+    from adore_jax.policies import build_policy
 
-    from adore_jax.controller import new_controller
-    from adore_jax.policies import make_policy
-
-    gd = state = None
-    if args.policy == "adore":
-        gd, state = nnx.split(new_controller(cfg.hidden_size))
-        print("adore: note: using a randomly initialized controller (no trained one for this model)", file=sys.stderr)
-    pol = make_policy(
-        args.policy, args.cache_size, sinks=args.sinks, window=args.window,
-        rebuild=args.rebuild, rebuild_every=args.rebuild_every, controller_graphdef=gd,
+    pol, pp, note = build_policy(
+        args.policy, cfg, args.cache_size, controller=args.controller, sinks=args.sinks, window=args.window,
+        rebuild=args.rebuild, rebuild_every=args.rebuild_every,
     )
-    return pol, state
+    if note:
+        print(f"adore: using a {note}" if note.startswith("random") else f"adore: using {note}", file=sys.stderr)
+    return pol, pp
 
 
 def _encode_prompt(tok, prompt: str, chat: bool) -> list[int]:
@@ -145,6 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--rebuild-every", type=int, default=1, help="adore: rebuild on every k-th step")
         sp.add_argument("--sinks", type=int, default=None, help="always-kept first tokens (streaming: 4)")
         sp.add_argument("--window", type=int, default=None, help="always-kept recent tokens (h2o: m/2)")
+        sp.add_argument("--controller", default=None, help="adore: controller checkpoint folder (default: packaged)")
 
     g = sub.add_parser("generate", help="generate text from a prompt, streamed to stdout")
     g.add_argument("--prompt", required=True, help="prompt text ('-' reads standard input)")

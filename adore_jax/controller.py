@@ -13,8 +13,12 @@ step costs one [N, d_c] matrix-vector product.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
+import orbax.checkpoint as ocp
 from flax import nnx
 
 NUM_BUCKETS = 16
@@ -73,3 +77,54 @@ class Controller(nnx.Module):
 def new_controller(d_in: int, d_c: int = 64, seed: int = 0) -> Controller:
     """A randomly initialized controller (until a trained one is loaded)."""
     return Controller(d_in, d_c, rngs=nnx.Rngs(seed))
+
+
+ASSETS = Path(__file__).parent / "assets" / "controllers"
+
+
+def model_signature(cfg) -> str:
+    """A name for the backbone shape a controller was trained for."""
+    return f"L{cfg.num_layers}-E{cfg.hidden_size}-H{cfg.num_heads}x{cfg.num_kv_heads}-V{cfg.vocab_size}"
+
+
+def save_controller(path, ctrl: Controller, meta: dict) -> None:
+    """Write the controller's params (orbax) and controller.json (shape + meta) to folder path."""
+    path = Path(path).absolute()
+    path.mkdir(parents=True, exist_ok=True)
+    _, state = nnx.split(ctrl)
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(path / "params", nnx.to_pure_dict(state), force=True)
+    shape = dict(d_in=ctrl.proj.in_features, d_c=ctrl.d_c, num_buckets=int(ctrl.bucket_bias.shape[0]))
+    (path / "controller.json").write_text(json.dumps({**shape, **meta}, indent=2))
+
+
+def load_controller(path) -> tuple[Controller, dict]:
+    """Read a controller written by save_controller; returns (controller, its json)."""
+    path = Path(path).absolute()
+    try:
+        meta = json.loads((path / "controller.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"not a controller checkpoint: {path} ({e})") from None
+    ctrl = nnx.eval_shape(lambda: Controller(meta["d_in"], meta["d_c"], meta["num_buckets"], rngs=nnx.Rngs(0)))
+    gd, state = nnx.split(ctrl)
+    with ocp.StandardCheckpointer() as ckpt:
+        restored = ckpt.restore(path / "params", nnx.to_pure_dict(state))
+    nnx.replace_by_pure_dict(state, restored)
+    return nnx.merge(gd, state), meta
+
+
+def default_controller(cfg, path=None):
+    """(graphdef, state, description) of the controller to use for this backbone.
+
+    path: a checkpoint folder; else the packaged controller trained for this
+    backbone shape, if any; else a random one (description says so)."""
+    if path is None and (ASSETS / model_signature(cfg)).is_dir():
+        path = ASSETS / model_signature(cfg)
+    if path is not None:
+        ctrl, meta = load_controller(path)
+        if ctrl.proj.in_features != cfg.hidden_size:
+            raise ValueError(f"controller {path} expects embeddings of size {ctrl.proj.in_features}, model has {cfg.hidden_size}")
+        gd, state = nnx.split(ctrl)
+        return gd, state, f"controller {path}"
+    gd, state = nnx.split(new_controller(cfg.hidden_size))
+    return gd, state, "randomly initialized controller (none trained for this model)"

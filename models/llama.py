@@ -99,6 +99,9 @@ def config_from_hf(hf: Any) -> LlamaConfig:
     model_type = d.get("model_type", "llama")
     if model_type not in ("llama", "mistral", "qwen2"):
         raise ValueError(f"unsupported model_type {model_type!r} (llama, mistral, qwen2 are supported)")
+    window = d.get("sliding_window") if d.get("use_sliding_window", model_type == "mistral") else None
+    if window is not None and window < d.get("max_position_embeddings", 4096):
+        raise ValueError(f"sliding-window attention (window {window}) is not supported")
     rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
     theta = float(rope.get("rope_theta", d.get("rope_theta", 10000.0)))
     kind = rope.get("rope_type", rope.get("type", "default"))

@@ -65,7 +65,19 @@ def make_policy(
     return AdorePolicy(**common, rebuild=rebuild, rebuild_every=rebuild_every, graphdef=controller_graphdef)
 
 
+def build_policy(name: str, cfg, cache_size: Optional[int] = None, *, controller=None, **kw):
+    """(policy, policy params, note) for a backbone config: like make_policy, and for
+    adore also loads the controller (`controller`: a checkpoint folder; default: the
+    packaged one for this backbone, else random; `note` says which)."""
+    if name != "adore":
+        return make_policy(name, cache_size, **kw), None, ""
+    from adore_jax.controller import default_controller
+
+    gd, state, note = default_controller(cfg, controller)
+    return make_policy(name, cache_size, controller_graphdef=gd, **kw), state, note
+
+
 __all__ = [
     "POLICIES", "Policy", "Evicting", "FullPolicy", "full_policy", "RecencyPolicy", "H2OPolicy",
-    "TOVAPolicy", "OraclePolicy", "AdorePolicy", "AdoreState", "keep_top_m", "make_policy",
+    "TOVAPolicy", "OraclePolicy", "AdorePolicy", "AdoreState", "keep_top_m", "make_policy", "build_policy",
 ]

@@ -1,0 +1,62 @@
+"""The `adore` command: streaming generation and one-line errors for bad input."""
+
+import subprocess
+import sys
+
+import pytest
+
+from adore_jax.cli import main
+
+
+def _run(args, capsys):
+    rc = main(args)
+    cap = capsys.readouterr()
+    return rc, cap.out, cap.err
+
+
+def test_generate_default_model(smollm2_gguf, capsys):
+    rc, out, err = _run(["generate", "--prompt", "The capital of France is", "--max-new-tokens", "12"], capsys)
+    assert rc == 0
+    assert "Paris" in out
+    assert "tokens" in err and "tokens/s" in err
+
+
+def test_generate_adore_policy(smollm2_gguf, capsys):
+    rc, out, err = _run(["generate", "--prompt", "Hello", "--max-new-tokens", "6", "--policy", "adore",
+                         "--cache-size", "8", "--rebuild", "2"], capsys)
+    assert rc == 0 and len(out.strip()) > 0
+
+
+def test_info_reports_cache_bytes(smollm2_gguf, capsys):
+    rc, out, _ = _run(["info", "--policy", "window", "--cache-size", "512", "--max-len", "4096"], capsys)
+    assert rc == 0
+    assert "full attention: 180.00 MiB" in out  # 2 (K,V) x 30 layers x 3 heads x 64 x 4 bytes x 4096
+    assert "8.0x smaller" in out
+
+
+@pytest.mark.parametrize(
+    "args,msg",
+    [
+        (["generate", "--prompt", "x", "--model", "/no/such/dir"], "no such model"),
+        (["generate", "--prompt", "x", "--temperature", "-1"], "temperature"),
+        (["generate", "--prompt", "x", "--top-p", "0"], "top-p"),
+        (["generate", "--prompt", "x", "--max-new-tokens", "0"], "max-new-tokens"),
+        (["generate", "--prompt", "word " * 9000], "maximum length"),
+        (["generate", "--prompt", "x", "--policy", "adore"], "cache size"),
+        (["generate", "--prompt", "x", "--policy", "window", "--cache-size", "4", "--sinks", "3", "--window", "3"], "exceed"),
+    ],
+)
+def test_bad_input_one_line_error(smollm2_gguf, capsys, args, msg):
+    rc, out, err = _run(args, capsys)
+    assert rc == 2
+    assert err.startswith("adore: error:") and msg in err
+    assert "Traceback" not in err and err.count("\n") == 1
+
+
+def test_corrupt_checkpoint_from_shell(tmp_path):
+    bad = tmp_path / "model.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 10)
+    res = subprocess.run([sys.executable, "-m", "adore_jax", "generate", "--prompt", "x", "--model", str(bad)],
+                         capture_output=True, text=True)
+    assert res.returncode == 2
+    assert res.stderr.startswith("adore: error:") and "Traceback" not in res.stderr
