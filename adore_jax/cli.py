@@ -7,6 +7,8 @@ User mistakes (bad paths, bad values, prompts too long) end with a one-line
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib
 import os
 import sys
 import time
@@ -127,6 +129,11 @@ def cmd_info(args) -> int:
     return 0
 
 
+def _delegate(module: str, args) -> int:
+    """Hand the remaining arguments to another entry point's main(argv)."""
+    return importlib.import_module(module).main(args.rest)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="adore", description="ADORE sparse-attention decoding in JAX")
     sub = p.add_subparsers(dest="command", required=True)
@@ -156,6 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("fetch-model", help="download the default model into the user cache")
     f.set_defaults(func=cmd_fetch_model)
 
+    for name, target in (("train-controller", "train.controller"), ("data", "train.data_cli")):
+        d = sub.add_parser(name, help=f"see `adore {name} --help`", add_help=False)
+        d.add_argument("rest", nargs=argparse.REMAINDER)
+        d.set_defaults(func=functools.partial(_delegate, target))
+
     i = sub.add_parser("info", help="model config, cache size, devices")
     model_args(i)
     i.add_argument("--max-len", type=int, default=4096, help="sequence length for the cache-size figure")
@@ -163,10 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+def run_main(fn, *args) -> int:
+    """Run fn(*args); user mistakes become one line on stderr and exit status 2."""
     try:
-        return args.func(args)
+        return fn(*args)
     except (ValueError, OSError) as e:
         if os.environ.get("ADORE_DEBUG"):
             raise
@@ -175,6 +187,11 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("adore: interrupted", file=sys.stderr)
         return 130
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_main(args.func, args)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ import numpy as np
 from tqdm import tqdm
 
 
-class DataError(RuntimeError):
+class DataError(ValueError):
     """A corpus source could not be reached or parsed (one-line message)."""
 
 
@@ -710,3 +710,22 @@ def load_packed(out_dir, split: str) -> np.ndarray:
     if not (Path(out_dir) / "packed_manifest.json").exists() or not path.exists():
         raise DataError(f"no packed {split!r} split in {out_dir}: run pack_corpora first")
     return np.load(path, mmap_mode="r")
+
+
+def load_or_build_packed(data_dir, tokenizer, seq_len: int) -> Path:
+    """A packed-corpora folder for this tokenizer and seq_len: data_dir if given
+    (it must hold packed data), else one in the cache, fetched and packed on first use."""
+    if data_dir:
+        path = Path(data_dir)
+        if not (path / "packed_manifest.json").exists():
+            raise DataError(f"no packed corpora in {path}: run `adore data fetch --out {path}`")
+        return path
+    name = Path(str(getattr(tokenizer, "name_or_path", "") or "tokenizer")).name.removesuffix(".tokenizer")
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[-60:]
+    path = default_cache_dir() / f"packed-{seq_len}-{name}"
+    manifest = _read_manifest(path / "packed_manifest.json")
+    if manifest and manifest.get("seq_len") == seq_len:
+        return path
+    fetch_corpora(default_cache_dir())
+    pack_corpora(default_cache_dir(), tokenizer, seq_len, path)
+    return path

@@ -1,0 +1,131 @@
+"""Controller training: labels, learning, exact resume, and data/fsdp sharding."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from adore_jax.controller import Controller
+from train.controller import Job, TrainConfig, metrics_fn, parse_config, topk_labels, train
+from train.labels import attention_labels
+from train.mesh import make_mesh
+from tiny_model import CFG, tiny_params
+
+SEQ = 64
+
+
+def _job(tmp_path, **kw):
+    tc = TrainConfig(seq_len=SEQ, batch_size=4, block=16, top_k=8, steps=6, lr=1e-2, warmup=2, eval_every=1000,
+                     eval_batches=1, recall_m=(8, 16), save_every=2, log_every=1, out=str(tmp_path), d_c=16, **kw)
+    rng = np.random.default_rng(0)
+    # a little structure: repeated motifs, so attention and the labels are not uniform
+    motifs = rng.integers(0, 120, (8, 8))
+    data = motifs[rng.integers(0, 8, (48, SEQ // 8))].reshape(48, SEQ).astype(np.int32)
+    return Job(tc.validate(), CFG, tiny_params(), data[:40], data[40:], make_mesh())
+
+
+def test_topk_labels_match_dense_labels():
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, 120, (2, SEQ)))
+    idx, w = topk_labels(tiny_params(), CFG, tokens, 8, 16)
+    attn, y = attention_labels(tiny_params(), CFG, tokens, 8, 16)
+    attn, y, idx, w = map(np.asarray, (attn, y, idx, w))
+    for b in range(2):
+        for t in range(8, SEQ):  # rows with at least K causal keys
+            assert set(idx[b, t].tolist()) == set(np.nonzero(y[b, t])[0].tolist())
+            np.testing.assert_allclose(np.sort(w[b, t]), np.sort(attn[b, t][idx[b, t]]), rtol=1e-5)
+
+
+def test_training_lowers_loss_and_improves_heldout_auc(tmp_path):
+    job = _job(tmp_path)
+    job = dataclasses.replace(job, tc=dataclasses.replace(job.tc, steps=30, save_every=100, eval_every=10, lr=2e-2))
+    _, metrics = train(job, progress=False)
+    recs = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in recs if "loss" in r]
+    evals = [r["eval"] for r in recs if "eval" in r]
+    assert len(losses) == 30 and len(evals) == 3
+    assert np.mean(losses[-5:]) < 0.92 * np.mean(losses[:5])
+    assert evals[-1]["auc"] > evals[0]["auc"]
+    assert evals[-1] == metrics
+
+
+def test_metrics_on_a_recency_controller():
+    """Labels = the K most recent keys; a controller that scores by recency only
+    (zero query/key weights, bucket bias decreasing with distance) has recall 1,
+    precision K/m and AUC 1."""
+    K, n = 8, 64
+    tc = TrainConfig(seq_len=n, block=16, top_k=K, recall_m=(8, 16)).validate()
+    ctrl = Controller(CFG.hidden_size, 16, rngs=nnx.Rngs(0))
+    ctrl.wq.kernel[...] = jnp.zeros_like(ctrl.wq.kernel[...])
+    ctrl.bucket_bias[...] = -jnp.arange(16, dtype=jnp.float32)
+    t = np.arange(n)[:, None]
+    idx = np.maximum(t - np.arange(K)[None], 0)  # [n, K] most recent keys
+    w = np.where(t - np.arange(K)[None] >= 0, 1.0, 0.0)
+    x = jax.random.normal(jax.random.key(0), (2, n, CFG.hidden_size))
+    acc = metrics_fn(ctrl, x, jnp.asarray(np.broadcast_to(idx, (2, n, K))), jnp.asarray(np.broadcast_to(w, (2, n, K)), jnp.float32), tc)
+    m = {k: float(s) / int(c) for k, (s, c) in acc.items()}
+    assert m["recall@8"] == pytest.approx(1.0) and m["recall@16"] == pytest.approx(1.0)
+    assert m["precision@16"] == pytest.approx(0.5)
+    assert m["auc"] == pytest.approx(1.0)
+    ctrl.bucket_bias[...] = jnp.arange(16, dtype=jnp.float32)  # the opposite preference
+    acc = metrics_fn(ctrl, x, jnp.asarray(np.broadcast_to(idx, (2, n, K))), jnp.asarray(np.broadcast_to(w, (2, n, K)), jnp.float32), tc)
+    assert float(acc["auc"][0]) / int(acc["auc"][1]) < 0.05
+
+
+@pytest.mark.parametrize("loss", ["bce", "listwise"])
+def test_resume_is_exact(tmp_path, loss):
+    whole, _ = train(_job(tmp_path / "a", loss=loss), progress=False)
+    train(_job(tmp_path / "b", loss=loss), stop_after=3, progress=False)  # "killed" after step 3
+    resumed, _ = train(_job(tmp_path / "b", loss=loss), progress=False)
+    a, b = nnx.state(whole), nnx.state(resumed)
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    kept = sorted(p.name for p in (tmp_path / "b" / "checkpoints").iterdir() if p.name.isdigit())
+    assert kept == ["3", "4", "6"]  # keep-last-3: the forced save at the stop, then 4 and 6
+
+
+def test_eight_fake_devices_same_loss(tmp_path):
+    """One step on a (data=4, fsdp=2) mesh of 8 fake CPU devices equals one device."""
+    script = textwrap.dedent(f"""
+        import sys, json
+        sys.path.insert(0, {str(Path(__file__).parent)!r})
+        import jax, numpy as np
+        from test_train import _job
+        from train.controller import train
+        from train.mesh import make_mesh
+        from pathlib import Path
+        out = {{}}
+        for name, (d, f) in {{"one": (1, 1), "eight": (4, 2)}}.items():
+            job = _job(Path({str(tmp_path)!r}) / name)
+            devs = jax.devices()[: d * f]
+            mesh = jax.sharding.Mesh(np.asarray(devs).reshape(d, f), ("data", "fsdp"))
+            job = job.__class__(**{{**job.__dict__, "mesh": mesh}})
+            train(job, stop_after=2, progress=False)
+            out[name] = [json.loads(l)["loss"] for l in open(Path({str(tmp_path)!r}) / name / "metrics.jsonl")]
+        print(json.dumps(out))
+    """)
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=Path(__file__).parent.parent)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = eval(res.stdout.strip().splitlines()[-1])
+    np.testing.assert_allclose(out["eight"], out["one"], rtol=1e-5)
+
+
+def test_config_file_and_overrides(tmp_path):
+    cfg = tmp_path / "c.toml"
+    cfg.write_text('seq_len = 512\nloss = "listwise"\nrecall_m = [64, 128]\n')
+    tc = parse_config(["--config", str(cfg), "--steps", "7"])
+    assert (tc.seq_len, tc.loss, tc.recall_m, tc.steps) == (512, "listwise", (64, 128), 7)
+    cfg.write_text("bogus = 1\n")
+    with pytest.raises(ValueError, match="unknown keys"):
+        parse_config(["--config", str(cfg)])
+    with pytest.raises(ValueError, match="multiple of block"):
+        parse_config(["--seq-len", "100"])
