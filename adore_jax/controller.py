@@ -40,7 +40,8 @@ class Controller(nnx.Module):
         self.gru = nnx.GRUCell(d_c, d_c, rngs=rngs)
         self.wq = nnx.Linear(d_c, d_c, use_bias=False, rngs=rngs)
         self.wk = nnx.Linear(d_c, d_c, use_bias=False, rngs=rngs)
-        self.bucket_bias = nnx.Param(jnp.zeros((num_buckets,), jnp.float32))
+        # Start from a recency prior (nearer buckets score higher); training adds content.
+        self.bucket_bias = nnx.Param(-jnp.arange(num_buckets, dtype=jnp.float32))
         self.b0 = nnx.Param(jnp.zeros((), jnp.float32))
 
     def init_state(self, batch: int) -> jax.Array:
@@ -77,6 +78,14 @@ class Controller(nnx.Module):
 def new_controller(d_in: int, d_c: int = 64, seed: int = 0) -> Controller:
     """A randomly initialized controller (until a trained one is loaded)."""
     return Controller(d_in, d_c, rngs=nnx.Rngs(seed))
+
+
+def recency_controller(d_in: int, d_c: int = 64) -> Controller:
+    """A controller that scores by recency alone (zero query weights; the initial
+    bucket bias falls with distance): the reference a trained controller must beat."""
+    ctrl = new_controller(d_in, d_c)
+    ctrl.wq.kernel[...] = jnp.zeros_like(ctrl.wq.kernel[...])
+    return ctrl
 
 
 ASSETS = Path(__file__).parent / "assets" / "controllers"

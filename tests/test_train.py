@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from adore_jax.controller import Controller
+from adore_jax.controller import recency_controller
 from train.controller import Job, TrainConfig, metrics_fn, parse_config, topk_labels, train
 from train.labels import attention_labels
 from train.mesh import make_mesh
@@ -63,9 +63,7 @@ def test_metrics_on_a_recency_controller():
     precision K/m and AUC 1."""
     K, n = 8, 64
     tc = TrainConfig(seq_len=n, block=16, top_k=K, recall_m=(8, 16)).validate()
-    ctrl = Controller(CFG.hidden_size, 16, rngs=nnx.Rngs(0))
-    ctrl.wq.kernel[...] = jnp.zeros_like(ctrl.wq.kernel[...])
-    ctrl.bucket_bias[...] = -jnp.arange(16, dtype=jnp.float32)
+    ctrl = recency_controller(CFG.hidden_size, 16)
     t = np.arange(n)[:, None]
     idx = np.maximum(t - np.arange(K)[None], 0)  # [n, K] most recent keys
     w = np.where(t - np.arange(K)[None] >= 0, 1.0, 0.0)

@@ -268,7 +268,8 @@ def _train_step(gd, tc, cfg, opt, params, state, opt_state, tokens):
     return optax.apply_updates(state, updates), opt_state, loss
 
 
-def _eval_step(gd, tc, cfg, params, state, tokens):
+def eval_step(gd, tc, cfg, params, state, tokens):
+    """Held-out metric sums (see metrics_fn) for one batch of tokens [B, n]."""
     idx, w = topk_labels(params, cfg, tokens, tc.top_k, tc.block)
     x = features(params, cfg, tokens, tc.feature)
     return metrics_fn(nnx.merge(gd, state), x, idx, w, tc)
@@ -302,7 +303,7 @@ def train(job: Job, stop_after: Optional[int] = None, progress: bool = True) -> 
     replicated = NamedSharding(job.mesh, P())
     state, opt_state = jax.device_put((state, opt_state), replicated)
     step_fn = jax.jit(functools.partial(_train_step, gd, tc, job.cfg, opt), donate_argnums=(1, 2))
-    eval_fn = jax.jit(functools.partial(_eval_step, gd, tc, job.cfg))
+    eval_fn = jax.jit(functools.partial(eval_step, gd, tc, job.cfg))
     options = ocp.CheckpointManagerOptions(save_interval_steps=tc.save_every, max_to_keep=tc.keep)
     log = open(out / "metrics.jsonl", "a")
     last_metrics: dict = {}

@@ -1,0 +1,106 @@
+"""Decide the controller's feature and loss by held-out recall, then train the default.
+
+    python -m train.variants --steps 300 --final-steps 1500 --out results/controller
+
+Trains every (feature, loss) variant of DESIGN.md for --steps steps on the same
+data and seed, evaluates all on held-out Persuasion sequences, writes
+variants.json and variants.md (recall@m, precision@m, AUC), then trains the
+best variant that the decode engine supports (feature "embedding") for
+--final-steps steps and writes it to OUT/controller with a model card.
+With --compare-devices it also times the same step on one device and on all
+devices (data parallel) and reports the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import json
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from flax import nnx
+
+from adore_jax.controller import model_signature, recency_controller, save_controller
+from train.controller import TrainConfig, eval_step, evaluate, load_job, train, write_model_card
+from train.mesh import make_mesh
+
+VARIANTS = [("embedding", "bce"), ("embedding", "listwise"), ("hidden:8", "bce"), ("hidden:8", "listwise")]
+
+
+def _table(results: dict) -> str:
+    keys = sorted({k for r in results.values() for k in r if k.startswith("recall@")}, key=lambda k: int(k.split("@")[1]))
+    head = "| feature | loss | " + " | ".join(keys) + " | precision@" + keys[0].split("@")[1] + " | AUC |"
+    lines = [head, "|" + "---|" * (len(keys) + 4)]
+    for name, r in results.items():
+        feat, loss = name.split("/")
+        p = r["precision@" + keys[0].split("@")[1]]
+        lines.append(f"| {feat} | {loss} | " + " | ".join(f"{r[k]:.3f}" for k in keys) + f" | {p:.3f} | {r['auc']:.3f} |")
+    return "\n".join(lines)
+
+
+def compare_devices(tc: TrainConfig, steps: int = 20) -> dict:
+    """Median step time on one device vs a data mesh over all devices (same global batch)."""
+    out = {}
+    for name, mesh in (("1 device", jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1), ("data", "fsdp"))),
+                       (f"{jax.device_count()} devices", make_mesh())):
+        job = dataclasses.replace(load_job(dataclasses.replace(tc, out=f"{tc.out}/timing-{mesh.size}", steps=steps,
+                                                                save_every=10**6, eval_every=10**6)), mesh=mesh)
+        train(job, progress=False)
+        times = [json.loads(l)["time_s"] for l in open(Path(job.tc.out) / "metrics.jsonl") if '"time_s"' in l]
+        out[name] = float(np.median(np.diff(times[len(times) // 2:])) / job.tc.log_every)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m train.variants")
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--final-steps", type=int, default=1500)
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--eval-batches", type=int, default=8)
+    p.add_argument("--out", default="results/controller")
+    p.add_argument("--compare-devices", action="store_true")
+    args = p.parse_args(argv)
+    base = TrainConfig(seq_len=args.seq_len, batch_size=args.batch_size, eval_batches=args.eval_batches,
+                       eval_every=10**6, save_every=10**6, out=args.out)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = {"devices": [str(d) for d in jax.devices()], "steps": args.steps}
+    if args.compare_devices and jax.device_count() > 1:
+        report["step_time_s"] = compare_devices(base)
+        print("step time:", report["step_time_s"], flush=True)
+    results = {}
+    for feat, loss in VARIANTS:
+        tc = dataclasses.replace(base, feature=feat, loss=loss, steps=args.steps, out=str(out / f"{feat.replace(':', '')}-{loss}"))
+        t0 = time.perf_counter()
+        _, metrics = train(load_job(tc), progress=True)
+        results[f"{feat}/{loss}"] = {**metrics, "train_s": time.perf_counter() - t0}
+        print(feat, loss, json.dumps(metrics), flush=True)
+    job = load_job(dataclasses.replace(base, out=str(out / "recency")))
+    gd, state = nnx.split(recency_controller(job.cfg.hidden_size, base.d_c))
+    results["recency (reference)/-"] = evaluate(job, gd, state, jax.jit(functools.partial(eval_step, gd, base, job.cfg)))
+    report["variants"] = results
+    (out / "variants.json").write_text(json.dumps(report, indent=2))
+    (out / "variants.md").write_text(_table(results) + "\n")
+    key = max((k for k in results["embedding/bce"] if k.startswith("recall@")), key=lambda k: min(int(k[7:]), 256))
+    best_loss = max(("bce", "listwise"), key=lambda l: results[f"embedding/{l}"][key])
+    tc = dataclasses.replace(base, feature="embedding", loss=best_loss, steps=args.final_steps, eval_every=500,
+                             out=str(out / "final"))
+    job = load_job(tc)
+    ctrl, metrics = train(job)
+    final = out / "controller"
+    save_controller(final, ctrl, {"backbone": model_signature(job.cfg), "feature": "embedding", "loss": best_loss, "metrics": metrics})
+    write_model_card(final, tc, job, metrics, "python -m train.variants " + " ".join(sys.argv[1:] if argv is None else argv))
+    print(_table(results))
+    print("final", best_loss, json.dumps(metrics))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
