@@ -1,4 +1,4 @@
-"""The `adore` command line: generate, fetch-model, info.
+"""The `adore` command line: generate, fetch-model, info, eval.
 
 User mistakes (bad paths, bad values, prompts too long) end with a one-line
 `adore: error: ...` on stderr and exit status 2; set ADORE_DEBUG=1 for tracebacks.
@@ -134,6 +134,12 @@ def _delegate(module: str, args) -> int:
     return importlib.import_module(module).main(args.rest)
 
 
+def cmd_eval(args) -> int:
+    from eval.runner import run_from_args
+
+    return run_from_args(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="adore", description="ADORE sparse-attention decoding in JAX")
     sub = p.add_subparsers(dest="command", required=True)
@@ -163,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("fetch-model", help="download the default model into the user cache")
     f.set_defaults(func=cmd_fetch_model)
 
-    for name, target in (("train-controller", "train.controller"), ("data", "train.data_cli")):
+    for name, target in (("train-controller", "train.controller"), ("data", "train.data_cli"), ("bench", "eval.throughput")):
         d = sub.add_parser(name, help=f"see `adore {name} --help`", add_help=False)
         d.add_argument("rest", nargs=argparse.REMAINDER)
         d.set_defaults(func=functools.partial(_delegate, target))
@@ -172,6 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     model_args(i)
     i.add_argument("--max-len", type=int, default=4096, help="sequence length for the cache-size figure")
     i.set_defaults(func=cmd_info)
+
+    from eval.runner import add_parsers  # eval {ppl,recall,passkey,agreement,all}
+
+    add_parsers(sub, cmd_eval)
     return p
 
 

@@ -200,7 +200,7 @@ def plan(
         )
     c = min(_bucket(longest), chunk)
     ec = EngineConfig(max_new_tokens=max_new_tokens, prompt_len=-(-longest // c) * c, chunk=c, **kw)
-    if ec.policy.needs_stats and not getattr(ec.attn_fn, "provides_stats", True):
+    if ec.policy.needs_stats and not getattr(ec.attn_fn, "supports_stats", True):
         raise ValueError(f"policy {type(ec.policy).__name__} needs attention statistics, which this attention kernel does not provide")
     return ec
 

@@ -207,6 +207,6 @@ def test_stats_policy_needs_stats_kernel(params):
     def no_stats(*a, **k):
         return reference_attention(*a, **k)
 
-    no_stats.provides_stats = False
+    no_stats.supports_stats = False
     with pytest.raises(ValueError, match="statistics"):
         engine.generate(params, CFG, [[1, 2]], 4, policy=make_policy("h2o", 8), attn_fn=no_stats)

@@ -1,0 +1,292 @@
+"""Decode throughput and memory: ADORE against full attention and HF transformers.
+
+    python -m eval.throughput --preset gpu --out results/throughput      # the H200 run
+    adore bench                                                          # small, any device
+
+Decode steps run from a synthetic decode state (cache filled with random K/V at
+valid positions, history and controller state random): throughput depends on
+shapes, not values, and this skips a long prefill per row. Time to first token
+is measured with a real prefill. Each row reports tokens/s (median of timed
+chunks after compile), the bytes a step must read (weights once + every valid
+KV row once + ADORE's history keys) over the measured copy bandwidth (the
+roofline), and the fraction of it reached. HF transformers (torch, same GPU,
+same shapes, random weights) is the external reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from adore_jax import engine
+from adore_jax.attention import AttentionOut
+from adore_jax.cache import KVCache
+from adore_jax.policies import build_policy
+from adore_jax.sampling import SamplingParams
+from models.llama import LlamaConfig, init_params
+
+SHAPES = {
+    "smollm2-135m": LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_layers=30, num_heads=9,
+                                num_kv_heads=3, head_dim=64, max_position_embeddings=65536, tie_word_embeddings=True),
+    "llama2-7b": LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32,
+                             num_kv_heads=32, head_dim=128, max_position_embeddings=65536),
+    "tiny": LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                        num_kv_heads=2, head_dim=16, max_position_embeddings=4096),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    shape: str
+    policy: str  # full | streaming | adore
+    batch: int
+    context: int
+    cache_size: int = 1024
+    rebuild: int = 0
+    rebuild_every: int = 1
+    variant: str = ""  # "" | no-attention | no-update (step breakdown)
+
+    @property
+    def name(self) -> str:
+        p = self.policy if self.policy == "full" else f"{self.policy} m={self.cache_size}"
+        if self.policy == "adore":
+            p += f" R={self.rebuild}" + (f"/{self.rebuild_every}" if self.rebuild_every > 1 else "")
+        return p + (f" [{self.variant}]" if self.variant else "")
+
+
+def copy_bandwidth(nbytes: int = 2 << 30) -> float:
+    """Device copy bandwidth in bytes/s (bytes read + written), median of 10."""
+    x = jax.random.normal(jax.random.key(0), (nbytes // 4,), jnp.float32)
+    f = jax.jit(lambda x: x * 1.0001)
+    f(x).block_until_ready()
+    ts = []
+    for _ in range(10):
+        t = time.perf_counter()
+        f(x).block_until_ready()
+        ts.append(time.perf_counter() - t)
+    return 2 * nbytes / float(np.median(ts))
+
+
+def _no_attention(q, k, v, cache_k, cache_v, cache_pos, q_pos, *, with_stats=False, scale=None):
+    """Breakdown variant: attention replaced by the query itself."""
+    return AttentionOut(q)
+
+
+def _no_update(cache, new_k, new_v, slots, positions):
+    return cache
+
+
+def synthetic_state(params, pp, cfg, ec: engine.EngineConfig, batch: int, context: int, key) -> engine.DecodeState:
+    """A decode state as if `context` tokens had been processed: valid slots hold
+    the most recent positions with random K/V; float policy state is random."""
+    slots = ec.policy.num_slots(ec.max_total)
+    dtype = params.embed.dtype
+    k1, k2, k3 = jax.random.split(key, 3)
+    shape = (cfg.num_layers, batch, slots, cfg.num_kv_heads, cfg.head_dim)
+    held = min(slots, context)
+    pos = jnp.where(jnp.arange(slots) < held, context - held + jnp.arange(slots), -1).astype(jnp.int32)
+    cache = KVCache(jax.random.normal(k1, shape, dtype), jax.random.normal(k2, shape, dtype),
+                    jnp.broadcast_to(pos, (batch, slots)))
+    pstate = ec.policy.init(pp, batch, ec.max_total)
+    leaves, tree = jax.tree_util.tree_flatten(pstate)
+    keys = jax.random.split(k3, max(len(leaves), 1))
+    leaves = [jax.random.normal(kk, x.shape, x.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+              for kk, x in zip(keys, leaves)]
+    pstate = jax.tree_util.tree_unflatten(tree, leaves)
+    n = ec.max_new_tokens
+    last = jax.random.randint(k3, (batch,), 0, cfg.vocab_size, jnp.int32)
+    return engine.DecodeState(cache, pstate, last, jnp.full((batch,), context, jnp.int32), jnp.zeros((batch,), bool),
+                              jnp.zeros((batch, n), jnp.int32), jnp.int32(1), jax.random.key(1))
+
+
+def step_bytes(cfg: LlamaConfig, params, row: Row, itemsize: int) -> int:
+    """Bytes one decode step must read: weights once, every valid KV row once, history keys."""
+    weights = sum(int(x.size) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params))
+    weights -= cfg.vocab_size * cfg.hidden_size * itemsize  # embedding: one row per token, not the table
+    if cfg.tie_word_embeddings:
+        weights += cfg.vocab_size * cfg.hidden_size * itemsize  # ...but the tied head reads it whole
+    kv = min(row.context, row.cache_size if row.policy != "full" else row.context)
+    hist = (row.context * 64 * 4) if row.policy == "adore" else 0
+    return weights + row.batch * (kv * cfg.kv_bytes_per_token * itemsize + hist)
+
+
+def measure_row(cfg, params, row: Row, steps: int, repeats: int, kernels) -> dict:
+    attn_fn, update_fn = kernels
+    if row.variant == "no-attention":
+        attn_fn = _no_attention
+    if row.variant == "no-update":
+        update_fn = _no_update
+    pol, pp, _ = build_policy(row.policy, cfg, None if row.policy == "full" else row.cache_size,
+                              rebuild=row.rebuild, rebuild_every=row.rebuild_every)
+    ec = engine.EngineConfig(max_new_tokens=steps * (repeats + 2) + 2, prompt_len=row.context, chunk=512,
+                             policy=pol, attn_fn=attn_fn, cache_update=update_fn)
+    s = synthetic_state(params, pp, cfg, ec, row.batch, row.context, jax.random.key(0))
+    sp = SamplingParams().validate()
+    s = engine._decode_chunk_jit(params, pp, cfg, ec, s, sp, steps)  # compile + warm
+    jax.block_until_ready(s)
+    mem = jax.devices()[0].memory_stats() or {}
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        s = engine._decode_chunk_jit(params, pp, cfg, ec, s, sp, steps)
+        jax.block_until_ready(s.out)
+        ts.append((time.perf_counter() - t) / steps)
+    step = float(np.median(ts))
+    return {"step_ms": step * 1e3, "tokens_per_s": row.batch / step, "bytes_in_use_gb": mem.get("bytes_in_use", 0) / 1e9,
+            "peak_gb": mem.get("peak_bytes_in_use", 0) / 1e9}
+
+
+def time_to_first_token(cfg, params, row: Row, kernels) -> float:
+    """Seconds for a real prefill of `context` tokens per sequence (after compile)."""
+    pol, pp, _ = build_policy(row.policy, cfg, None if row.policy == "full" else row.cache_size, rebuild=row.rebuild)
+    ec = engine.EngineConfig(max_new_tokens=2, prompt_len=row.context, chunk=min(2048, row.context), policy=pol,
+                             attn_fn=kernels[0], cache_update=kernels[1])
+    toks = jax.random.randint(jax.random.key(2), (row.batch, row.context), 0, cfg.vocab_size, jnp.int32)
+    lens = jnp.full((row.batch,), row.context, jnp.int32)
+    run = lambda: engine._prefill_jit(params, pp, cfg, ec, toks, lens, jax.random.key(0), SamplingParams().validate())
+    jax.block_until_ready(run())
+    t = time.perf_counter()
+    jax.block_until_ready(run())
+    return time.perf_counter() - t
+
+
+def hf_step_ms(cfg: LlamaConfig, batch: int, context: int, steps: int = 8, cache: str = "dynamic") -> float:
+    """HF transformers (torch, bf16, random weights, sdpa) ms per decode step after a prefill."""
+    import torch
+    from transformers import LlamaConfig as HFConfig
+    from transformers import LlamaForCausalLM
+
+    hf_cfg = HFConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+                      num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+                      num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+                      max_position_embeddings=cfg.max_position_embeddings, tie_word_embeddings=cfg.tie_word_embeddings)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(hf_cfg).to(torch.bfloat16).eval()
+    ids = torch.randint(0, cfg.vocab_size, (batch, context), device="cuda")
+    with torch.no_grad():
+        out = model(ids, use_cache=True)
+        past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        del out
+        ts = []
+        for i in range(steps + 2):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            out = model(nxt, past_key_values=past, use_cache=True)
+            nxt = out.logits[:, -1:].argmax(-1)
+            torch.cuda.synchronize()
+            ts.append(time.perf_counter() - t)
+            past = out.past_key_values
+    del model, past, out
+    torch.cuda.empty_cache()
+    return float(np.median(ts[2:])) * 1e3
+
+
+def preset_rows(preset: str) -> list[Row]:
+    if preset == "tiny":
+        return [Row("tiny", p, 2, 256, cache_size=64, rebuild=r) for p, r in (("full", 0), ("streaming", 0), ("adore", 0), ("adore", 4))] + [
+            Row("tiny", "full", 2, 256, variant="no-attention"), Row("tiny", "adore", 2, 256, cache_size=64, variant="no-update")]
+    rows = []
+    for B, ctx in ((1, 2048), (64, 8192)):
+        rows += [Row("smollm2-135m", "full", B, ctx), Row("smollm2-135m", "adore", B, ctx, rebuild=8)]
+    main = dict(shape="llama2-7b", batch=8, context=16384)
+    rows += [Row(policy="full", **main), Row(policy="streaming", **main), Row(policy="adore", **main),
+             Row(policy="adore", rebuild=8, **main), Row(policy="adore", rebuild=8, rebuild_every=8, **main),
+             Row(policy="full", variant="no-attention", **main), Row(policy="adore", rebuild=8, variant="no-attention", **main),
+             Row(policy="adore", rebuild=8, variant="no-update", **main)]
+    return rows
+
+
+def fixed_budget_rows(cfg, itemsize: int, hbm_bytes: float, context: int = 16384) -> list[Row]:
+    """The largest batch each policy fits at `context` in hbm_bytes (weights + KV + history)."""
+    weights = 6.74e9 * itemsize
+    per_full = context * cfg.kv_bytes_per_token * itemsize
+    per_adore = 1024 * cfg.kv_bytes_per_token * itemsize + context * (64 * 4 + 8)
+    free = hbm_bytes * 0.9 - weights
+    return [Row("llama2-7b", "full", int(free // per_full), context),
+            Row("llama2-7b", "adore", int(free // per_adore) // 8 * 8, context)]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m eval.throughput")
+    p.add_argument("--preset", choices=("tiny", "gpu"), default="tiny")
+    p.add_argument("--out", default="results/throughput")
+    p.add_argument("--steps", type=int, default=16, help="decode steps per timed chunk")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--no-hf", action="store_true", help="skip the transformers reference")
+    p.add_argument("--fixed-budget", action="store_true", help="also the largest batch per policy at 16K (7B)")
+    p.add_argument("--ttft", action="store_true", help="also time a real prefill (time to first token)")
+    args = p.parse_args(argv)
+    from adore_jax.kernels import get_attention_fn, get_cache_update_fn
+
+    kernels = (get_attention_fn(), get_cache_update_fn())
+    dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    itemsize = jnp.dtype(dtype).itemsize
+    bw = copy_bandwidth(256 << 20 if args.preset == "tiny" else 2 << 30)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = preset_rows(args.preset)
+    if args.fixed_budget:
+        rows += fixed_budget_rows(SHAPES["llama2-7b"], itemsize, jax.devices()[0].memory_stats()["bytes_limit"])
+    results, params_by_shape = [], {}
+    for row in rows:
+        cfg = SHAPES[row.shape]
+        if row.shape not in params_by_shape:
+            params_by_shape.clear()
+            params_by_shape[row.shape] = init_params(cfg, jax.random.key(0), dtype)
+        params = params_by_shape[row.shape]
+        try:
+            r = measure_row(cfg, params, row, args.steps, args.repeats, kernels)
+        except Exception as e:  # out of memory at a large batch: record and go on
+            r = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+        if "step_ms" in r:
+            need = step_bytes(cfg, params, row, itemsize)
+            r.update(bytes_per_step_gb=need / 1e9, roofline_ms=need / bw * 1e3)
+            r["roofline_fraction"] = r["roofline_ms"] / r["step_ms"]
+        results.append({**dataclasses.asdict(row), "name": row.name, **r})
+        print(json.dumps(results[-1]), flush=True)
+        if args.ttft and row.variant == "" and row.rebuild in (0, 8) and row.rebuild_every == 1 and row.shape == "llama2-7b" and row.batch == 8:
+            results[-1]["ttft_s"] = time_to_first_token(cfg, params, row, kernels)
+    params_by_shape.clear()
+    hf = []
+    if not args.no_hf and jax.default_backend() == "gpu":
+        for shape, B, ctx in (("llama2-7b", 8, 16384), ("smollm2-135m", 64, 8192)):
+            try:
+                hf.append({"shape": shape, "batch": B, "context": ctx, "step_ms": hf_step_ms(SHAPES[shape], B, ctx)})
+            except Exception as e:
+                hf.append({"shape": shape, "batch": B, "context": ctx, "error": str(e).splitlines()[0][:200]})
+            print(json.dumps(hf[-1]), flush=True)
+    report = {"device": str(jax.devices()[0]), "copy_bandwidth_tb_s": bw / 1e12, "rows": results, "hf": hf,
+              "command": "python -m eval.throughput " + " ".join(sys.argv[1:] if argv is None else argv)}
+    (out / "throughput.json").write_text(json.dumps(report, indent=2))
+    table = render_table(report)
+    (out / "throughput.md").write_text(table)
+    print(table)
+    return 0
+
+
+def render_table(report: dict) -> str:
+    lines = [f"copy bandwidth {report['copy_bandwidth_tb_s']:.2f} TB/s on {report['device']}", "",
+             "| shape | policy | B | context | ms/step | tokens/s | roofline ms | of roofline |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in report["rows"]:
+        if "error" in r:
+            lines.append(f"| {r['shape']} | {r['name']} | {r['batch']} | {r['context']} | {r['error'][:60]} | | | |")
+            continue
+        lines.append(f"| {r['shape']} | {r['name']} | {r['batch']} | {r['context']} | {r['step_ms']:.2f} | "
+                     f"{r['tokens_per_s']:.0f} | {r['roofline_ms']:.2f} | {100 * r['roofline_fraction']:.0f}% |")
+    for h in report["hf"]:
+        val = f"{h['step_ms']:.1f} | {h['batch'] * 1e3 / h['step_ms']:.0f}" if "step_ms" in h else h["error"][:60] + " |"
+        lines.append(f"| {h['shape']} | HF transformers (sdpa, eager) | {h['batch']} | {h['context']} | {val} | | |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
