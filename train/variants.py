@@ -82,6 +82,7 @@ def main(argv=None) -> int:
         _, metrics = train(load_job(tc), progress=True)
         results[f"{feat}/{loss}"] = {**metrics, "train_s": time.perf_counter() - t0}
         print(feat, loss, json.dumps(metrics), flush=True)
+        (out / "variants.json").write_text(json.dumps({**report, "variants": results}, indent=2))
     job = load_job(dataclasses.replace(base, out=str(out / "recency")))
     gd, state = nnx.split(recency_controller(job.cfg.hidden_size, base.d_c))
     results["recency (reference)/-"] = evaluate(job, gd, state, jax.jit(functools.partial(eval_step, gd, base, job.cfg)))
