@@ -114,8 +114,9 @@ def load_controller(path) -> tuple[Controller, dict]:
         meta = json.loads((path / "controller.json").read_text())
     except (OSError, ValueError) as e:
         raise ValueError(f"not a controller checkpoint: {path} ({e})") from None
-    ctrl = nnx.eval_shape(lambda: Controller(meta["d_in"], meta["d_c"], meta["num_buckets"], rngs=nnx.Rngs(0)))
-    gd, state = nnx.split(ctrl)
+    # A concrete target places the params on this process's default device,
+    # whatever topology the checkpoint was written on.
+    gd, state = nnx.split(Controller(meta["d_in"], meta["d_c"], meta["num_buckets"], rngs=nnx.Rngs(0)))
     with ocp.StandardCheckpointer() as ckpt:
         restored = ckpt.restore(path / "params", nnx.to_pure_dict(state))
     nnx.replace_by_pure_dict(state, restored)
