@@ -1,0 +1,123 @@
+"""Kernels and the platform switch.
+
+    attn_fn = get_attention_fn()            # "auto": Pallas kernel of the default backend, reference on CPU
+    attn_fn = get_attention_fn("pallas_gpu", interpret=True)   # any backend, forced
+    update_fn = get_cache_update_fn()       # same switch for the in-place cache update
+
+Backends: "reference" (XLA: adore_jax.attention.reference_attention and
+adore_jax.cache.write_rows), "pallas_gpu" (Pallas, Triton lowering),
+"pallas_tpu" (Pallas, Mosaic TPU). With backend="auto" the environment variable
+ADORE_KERNEL_BACKEND, when set, forces one of them; an explicit backend
+argument wins over it. Kernels fall back to the reference for shapes they do
+not cover (T > 16 new rows, e.g. prefill chunks; G * T > 128; a head dim that
+is not a power of two on GPU).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Callable, Optional
+
+import jax
+
+from adore_jax.attention import AttentionOut, reference_attention
+from adore_jax.cache import KVCache, write_rows
+from adore_jax.kernels.attention_gpu import GpuConfig, sparse_attention_gpu
+from adore_jax.kernels.attention_tpu import TpuConfig, sparse_attention_tpu
+from adore_jax.kernels.cache_update import cache_update_gpu, cache_update_tpu
+
+ENV_VAR = "ADORE_KERNEL_BACKEND"
+BACKENDS = ("auto", "reference", "pallas_gpu", "pallas_tpu")
+
+# Which backends can return the attention statistics (mass, lse).
+SUPPORTS_STATS = {"reference": True, "pallas_gpu": True, "pallas_tpu": True}
+
+__all__ = [
+    "BACKENDS",
+    "ENV_VAR",
+    "GpuConfig",
+    "TpuConfig",
+    "AttentionKernel",
+    "cache_update_gpu",
+    "cache_update_tpu",
+    "get_attention_fn",
+    "get_cache_update_fn",
+    "resolve_backend",
+    "sparse_attention_gpu",
+    "sparse_attention_tpu",
+]
+
+
+def resolve_backend(backend: str = "auto") -> str:
+    """Concrete backend name for `backend` ("auto" consults ADORE_KERNEL_BACKEND, then the platform)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {backend!r}; choose one of {BACKENDS}")
+    if backend == "auto":
+        env = os.environ.get(ENV_VAR, "").strip()
+        if env:
+            if env not in BACKENDS:
+                raise ValueError(f"{ENV_VAR}={env!r} is not a kernel backend; choose one of {BACKENDS}")
+            backend = env
+    if backend == "auto":
+        backend = {"gpu": "pallas_gpu", "tpu": "pallas_tpu"}.get(jax.default_backend(), "reference")
+    return backend
+
+
+class AttentionKernel:
+    """An attention function with the signature of `reference_attention`."""
+
+    def __init__(self, backend: str, fn: Callable, supports_stats: bool):
+        self.backend = backend
+        self.supports_stats = supports_stats
+        self._fn = fn
+        functools.update_wrapper(self, fn)
+
+    def __call__(self, q, k, v, cache_k, cache_v, cache_pos, q_pos, *, with_stats: bool = False, scale=None) -> AttentionOut:
+        if with_stats and not self.supports_stats:
+            raise ValueError(
+                f"attention backend {self.backend!r} cannot return statistics (mass, lse); "
+                "use with_stats=False or the 'reference' backend"
+            )
+        return self._fn(q, k, v, cache_k, cache_v, cache_pos, q_pos, with_stats=with_stats, scale=scale)
+
+    def __repr__(self):
+        return f"AttentionKernel({self.backend!r})"
+
+    def __hash__(self):  # usable as a jit static argument
+        return hash((self.backend, self._fn))
+
+    def __eq__(self, other):
+        return isinstance(other, AttentionKernel) and (self.backend, self._fn) == (other.backend, other._fn)
+
+
+def get_attention_fn(
+    backend: str = "auto",
+    interpret: bool = False,
+    *,
+    gpu_config: Optional[GpuConfig] = None,
+    tpu_config: Optional[TpuConfig] = None,
+) -> AttentionKernel:
+    """Attention function for `backend` ("auto" | "reference" | "pallas_gpu" | "pallas_tpu")."""
+    name = resolve_backend(backend)
+    if name == "reference":
+        fn = reference_attention
+    elif name == "pallas_gpu":
+        fn = functools.partial(sparse_attention_gpu, interpret=interpret, config=gpu_config or GpuConfig())
+    else:
+        fn = functools.partial(sparse_attention_tpu, interpret=interpret, config=tpu_config or TpuConfig())
+    return AttentionKernel(name, fn, SUPPORTS_STATS[name])
+
+
+def get_cache_update_fn(backend: str = "auto", interpret: bool = False) -> Callable[..., KVCache]:
+    """Cache update `(cache, new_k, new_v, slots, positions) -> KVCache` for `backend`.
+
+    The reference is adore_jax.cache.write_rows (XLA scatter); the kernels write
+    in place through input_output_aliases (donate the cache in the caller's jit).
+    """
+    name = resolve_backend(backend)
+    if name == "reference":
+        return write_rows
+    if name == "pallas_gpu":
+        return functools.partial(cache_update_gpu, interpret=interpret)
+    return functools.partial(cache_update_tpu, interpret=interpret)

@@ -1,0 +1,346 @@
+"""Sparse decode attention over the slot cache: GPU Pallas (Triton lowering).
+
+Grid (B, Hkv, NS): one program per (sequence, KV head, split of the slots).
+Each program loads the G * T query rows of its KV head once (rows r = t*G + g,
+padded to a power of two >= 16), then streams its share of the cache K/V
+straight from the cache layout [B, S, Hkv, D] (no transpose, each K/V row read
+once), with an online softmax in fp32. The last split also takes the T new
+rows. Splits are merged with their log-sum-exp either
+
+* merge="kernel" (default): each split writes its partial (m, l, unnormalised
+  o) to a small scratch output, bumps an atomic counter (after a CTA barrier;
+  acq_rel), and the program that arrives last merges and writes the final
+  output and lse. One launch, plus a memset of the counters.
+* merge="xla": partials are returned and merged by XLA (a few small fusions).
+
+with_stats additionally writes the masked scaled scores (fp32), from which XLA
+computes the mass per slot summed over heads once the lse is known.
+
+Limits (the wrapper falls back to the reference beyond them): T <= 16,
+G * T <= 128, D a power of two. Measurements and tuning history: docs/KERNELS.md.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from adore_jax.attention import NEG_INF, AttentionOut, reference_attention
+from adore_jax.kernels.common import (
+    MAX_ROWS,
+    MAX_T,
+    cdiv,
+    check_shapes,
+    finish,
+    mass_from_scores,
+    merge_partials,
+    next_pow2,
+    round_up,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class GpuConfig:
+    """Tuning knobs of the GPU kernel (static)."""
+
+    block_s: Optional[int] = None  # slots per loop step; None: 64 for D >= 128, else 128
+    num_warps: int = 4
+    num_stages: Optional[int] = None  # None: 2 when G*T <= 16 rows (smaller smem, more CTAs per SM), else 3
+    splits: Optional[int] = None  # splits of S per (b, kv head); None: auto (below)
+    target_programs: Optional[int] = None  # auto splits: ceil(target / (B * Hkv)); None: 4 x SMs
+    ctas_per_sm: Optional[int] = None  # if set, auto splits fill one wave: floor(ctas_per_sm * SMs / (B * Hkv))
+    merge: str = "kernel"  # "kernel" (atomic last-arriver merge) or "xla"
+    merge_loads: str = "plain"  # how the last program reads the partials: "plain" or "volatile"
+
+
+def _num_sms() -> int:
+    try:
+        d = jax.devices()[0]
+        n = getattr(d, "core_count", None)
+        if d.platform == "gpu" and n:
+            return int(n)
+    except Exception:  # pragma: no cover
+        pass
+    return 132
+
+
+def plan(B: int, Hkv: int, S: int, D: int, cfg: GpuConfig):
+    """Static launch plan: (block_s, splits, split_len)."""
+    bs = cfg.block_s or (64 if D >= 128 else 128)
+    bs = max(16, min(bs, next_pow2(S + 1) // 2))  # a power of two <= S (16 when S < 16)
+    nblocks = max(1, cdiv(S, bs))
+    if cfg.splits is not None:
+        ns = max(1, min(cfg.splits, nblocks))
+    elif cfg.ctas_per_sm:
+        ns = max(1, (cfg.ctas_per_sm * _num_sms()) // (B * Hkv))
+        ns = min(ns, max(1, nblocks // 2))
+    else:
+        target = cfg.target_programs or 4 * _num_sms()
+        ns = max(1, cdiv(target, B * Hkv))
+        ns = min(ns, max(1, nblocks // 2))  # at least two blocks per split when splitting
+    sp = round_up(cdiv(max(S, 1), ns), bs)
+    ns = max(1, cdiv(S, sp))
+    return bs, ns, sp
+
+
+def supported(q, k, cache_k) -> bool:
+    B, T, Hq, D = q.shape
+    Hkv = k.shape[2]
+    return T <= MAX_T and (Hq // Hkv) * T <= MAX_ROWS and D == next_pow2(D) and D >= 16
+
+
+def _load_shared(ref, mask, other, interpret, volatile):
+    """Load data other programs wrote in this launch. The acq_rel atomic (plus the
+    CTA barrier) orders it; volatile=True also makes each load ld.volatile."""
+    if volatile and not interpret:
+        try:
+            return plgpu.load(ref, mask=mask, other=other, volatile=True)
+        except TypeError:  # a jax without the volatile flag
+            pass
+    return plgpu.load(ref, mask=mask, other=other)
+
+
+def _kernel(*refs, T, G, D, S, R, Rr, bs, Sp, NS, Tp, scale, merge, with_scores, interpret, volatile, precision):
+    q_ref, qpos_ref, ck_ref, cv_ref, cpos_ref, kn_ref, vn_ref = refs[:7]
+    rest = list(refs[7:])
+    use_counter = merge == "kernel" and NS > 1
+    if use_counter:
+        rest.pop(0)  # counter input (aliased to an output below)
+    if merge == "kernel":
+        out_ref, lse_ref = rest[:2]
+        rest = rest[2:]
+    if merge == "xla" or use_counter:
+        op_ref, mp_ref, lp_ref = rest[:3]
+        rest = rest[3:]
+    if use_counter:
+        cnt_ref = rest.pop(0)
+    sc_ref = rest.pop(0) if with_scores else None
+
+    h = pl.program_id(1)
+    j = pl.program_id(2)
+    f32 = jnp.float32
+
+    r = jnp.arange(R, dtype=jnp.int32)
+    row_ok = r < Rr
+    t_of_r = r // G  # >= T on padding rows: those lanes are masked
+    hq_of_r = h * G + r % G
+    d = jnp.arange(D, dtype=jnp.int32)
+    row_ok2 = jnp.broadcast_to(row_ok[:, None], (R, D))
+
+    q = plgpu.load(q_ref.at[t_of_r[:, None], hq_of_r[:, None], d[None, :]], mask=row_ok2, other=0)
+    rpos = plgpu.load(qpos_ref.at[t_of_r], mask=row_ok, other=-1)
+
+    def update(carry, k, v, kpos, col0):
+        o, m, l = carry
+        s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision, preferred_element_type=f32) * scale
+        allowed = (kpos[None, :] >= 0) & (kpos[None, :] <= rpos[:, None])
+        s = jnp.where(allowed, s, NEG_INF)
+        if with_scores:
+            sc_ref[:, pl.ds(col0, s.shape[1])] = s
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        alpha = jnp.exp(m - m_new)
+        p = jnp.where(allowed, jnp.exp(s - m_new[:, None]), 0.0)
+        l = alpha * l + jnp.sum(p, axis=1)
+        pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())), precision=precision, preferred_element_type=f32)
+        return alpha[:, None] * o + pv, m_new, l
+
+    carry = (jnp.zeros((R, D), f32), jnp.full((R,), NEG_INF, f32), jnp.zeros((R,), f32))
+
+    # Full blocks of this split (unmasked loads).
+    split_start = j * Sp
+    n_full_total = S // bs
+    if S % Sp == 0:
+        n_full = Sp // bs  # static: every split is full
+    else:
+        n_full = jnp.clip(n_full_total - split_start // bs, 0, Sp // bs)
+
+    def body(i, c):
+        start = pl.multiple_of(split_start + i * bs, bs)
+        k = ck_ref[pl.ds(start, bs), :]
+        v = cv_ref[pl.ds(start, bs), :]
+        kpos = cpos_ref[pl.ds(start, bs)]
+        return update(c, k, v, kpos, start)
+
+    if n_full_total:  # (the loop body slices bs slots: only trace it when S >= bs)
+        carry = lax.fori_loop(0, n_full, body, carry)
+
+    # Partial last block of the cache (masked loads), in the split that holds it.
+    if S % bs:
+        tail = n_full_total * bs
+        j_tail = tail // Sp
+
+        def do_tail(c):
+            start = tail + 0 * j  # dynamic start: the slice runs past S, the mask covers it
+            ok = (tail + jnp.arange(bs, dtype=jnp.int32)) < S
+            ok2 = jnp.broadcast_to(ok[:, None], (bs, D))
+            k = plgpu.load(ck_ref.at[pl.ds(start, bs), :], mask=ok2, other=0)
+            v = plgpu.load(cv_ref.at[pl.ds(start, bs), :], mask=ok2, other=0)
+            kpos = plgpu.load(cpos_ref.at[pl.ds(start, bs)], mask=ok, other=-1)
+            return update(c, k, v, kpos, tail)
+
+        carry = lax.cond(j == j_tail, do_tail, lambda c: c, carry)
+
+    # The T new rows, in the last split.
+    def do_new(c):
+        tn = jnp.arange(Tp, dtype=jnp.int32)
+        ok = tn < T
+        ok2 = jnp.broadcast_to(ok[:, None], (Tp, D))
+        kn = plgpu.load(kn_ref.at[tn[:, None], d[None, :]], mask=ok2, other=0)
+        vn = plgpu.load(vn_ref.at[tn[:, None], d[None, :]], mask=ok2, other=0)
+        knpos = plgpu.load(qpos_ref.at[tn], mask=ok, other=-1)
+        return update(c, kn, vn, knpos, NS * Sp)
+
+    carry = lax.cond(j == NS - 1, do_new, lambda c: c, carry)
+    o, m, l = carry
+
+    def store_final(o, m, l):
+        lc = jnp.maximum(l, 1e-30)
+        out = (o / lc[:, None]).astype(out_ref.dtype)
+        plgpu.store(out_ref.at[t_of_r[:, None], hq_of_r[:, None], d[None, :]], out, mask=row_ok2)
+        plgpu.store(lse_ref.at[t_of_r, hq_of_r], m + jnp.log(lc), mask=row_ok)
+
+    if merge == "kernel" and NS == 1:
+        store_final(o, m, l)
+        return
+
+    # Partials: rows r < Rr of split j.
+    plgpu.store(op_ref.at[j, r[:, None], d[None, :]], o, mask=row_ok2)
+    plgpu.store(mp_ref.at[j, r], m, mask=row_ok)
+    plgpu.store(lp_ref.at[j, r], l, mask=row_ok)
+    if merge == "xla":
+        return
+
+    # Last-arriving split merges (threadfence-reduction pattern): every thread's
+    # partial stores complete before the barrier; the acq_rel atomic publishes
+    # them; the last program reads them back.
+    if not interpret and hasattr(plgpu, "debug_barrier"):
+        plgpu.debug_barrier()
+    prev = plgpu.atomic_add(cnt_ref, (jnp.int32(0) + 0 * j,), jnp.int32(1))
+
+    @pl.when(prev == NS - 1)
+    def _():
+        M = jnp.full((R,), NEG_INF, f32)
+        L = jnp.zeros((R,), f32)
+        O = jnp.zeros((R, D), f32)
+        for jj in range(NS):
+            mj = _load_shared(mp_ref.at[jj, r], row_ok, NEG_INF, interpret, volatile)
+            lj = _load_shared(lp_ref.at[jj, r], row_ok, 0.0, interpret, volatile)
+            oj = _load_shared(op_ref.at[jj, r[:, None], d[None, :]], row_ok2, 0.0, interpret, volatile)
+            M_new = jnp.maximum(M, mj)
+            a = jnp.exp(M - M_new)
+            w = jnp.exp(mj - M_new)
+            L = a * L + w * lj
+            O = a[:, None] * O + w[:, None] * oj
+            M = M_new
+        store_final(O, M, L)
+
+
+def sparse_attention_gpu(
+    q,
+    k,
+    v,
+    cache_k,
+    cache_v,
+    cache_pos,
+    q_pos,
+    *,
+    with_stats: bool = False,
+    scale: Optional[float] = None,
+    interpret: bool = False,
+    config: GpuConfig = GpuConfig(),
+) -> AttentionOut:
+    """Same signature and outputs as `reference_attention` (GPU Pallas/Triton)."""
+    B, T, Hq, Hkv, G, D, S = check_shapes(q, k, v, cache_k, cache_v, cache_pos, q_pos)
+    scale = D**-0.5 if scale is None else float(scale)
+    if not supported(q, k, cache_k) or S == 0:
+        return reference_attention(q, k, v, cache_k, cache_v, cache_pos, q_pos, with_stats=with_stats, scale=scale)
+    if config.merge not in ("kernel", "xla"):
+        raise ValueError(f"unknown merge {config.merge!r} (kernel, xla)")
+    bs, NS, Sp = plan(B, Hkv, S, D, config)
+    Rr = G * T
+    R = max(16, next_pow2(Rr))
+    Tp = max(16, next_pow2(T))
+    stages = config.num_stages or (2 if R <= 16 else 3)
+    merge = config.merge
+    use_counter = merge == "kernel" and NS > 1
+    cache_pos = cache_pos.astype(jnp.int32)
+    q_pos = q_pos.astype(jnp.int32)
+    f32 = jnp.float32
+
+    in_specs = [
+        pl.BlockSpec((None, T, Hq, D), lambda b, h, j: (b, 0, 0, 0)),  # q
+        pl.BlockSpec((None, T), lambda b, h, j: (b, 0)),  # q_pos
+        pl.BlockSpec((None, S, None, D), lambda b, h, j: (b, 0, h, 0)),  # cache_k
+        pl.BlockSpec((None, S, None, D), lambda b, h, j: (b, 0, h, 0)),  # cache_v
+        pl.BlockSpec((None, S), lambda b, h, j: (b, 0)),  # cache_pos
+        pl.BlockSpec((None, T, None, D), lambda b, h, j: (b, 0, h, 0)),  # k (new rows)
+        pl.BlockSpec((None, T, None, D), lambda b, h, j: (b, 0, h, 0)),  # v (new rows)
+    ]
+    args = [q, q_pos, cache_k, cache_v, cache_pos, k, v]
+    out_shape, out_specs = [], []
+    aliases = {}
+    if use_counter:
+        in_specs.append(pl.BlockSpec((None, None, 1), lambda b, h, j: (b, h, 0)))
+        args.append(jnp.zeros((B, Hkv, 1), jnp.int32))
+    if merge == "kernel":
+        out_shape += [jax.ShapeDtypeStruct((B, T, Hq, D), q.dtype), jax.ShapeDtypeStruct((B, T, Hq), f32)]
+        out_specs += [
+            pl.BlockSpec((None, T, Hq, D), lambda b, h, j: (b, 0, 0, 0)),
+            pl.BlockSpec((None, T, Hq), lambda b, h, j: (b, 0, 0)),
+        ]
+    if merge == "xla" or use_counter:
+        out_shape += [
+            jax.ShapeDtypeStruct((B, Hkv, NS, Rr, D), f32),
+            jax.ShapeDtypeStruct((B, Hkv, NS, Rr), f32),
+            jax.ShapeDtypeStruct((B, Hkv, NS, Rr), f32),
+        ]
+        out_specs += [
+            pl.BlockSpec((None, None, NS, Rr, D), lambda b, h, j: (b, h, 0, 0, 0)),
+            pl.BlockSpec((None, None, NS, Rr), lambda b, h, j: (b, h, 0, 0)),
+            pl.BlockSpec((None, None, NS, Rr), lambda b, h, j: (b, h, 0, 0)),
+        ]
+    if use_counter:
+        aliases[7] = len(out_shape)
+        out_shape.append(jax.ShapeDtypeStruct((B, Hkv, 1), jnp.int32))
+        out_specs.append(pl.BlockSpec((None, None, 1), lambda b, h, j: (b, h, 0)))
+    W = NS * Sp + Tp
+    if with_stats:
+        out_shape.append(jax.ShapeDtypeStruct((B, Hkv, R, W), f32))
+        out_specs.append(pl.BlockSpec((None, None, R, W), lambda b, h, j: (b, h, 0, 0)))
+
+    kernel = functools.partial(
+        _kernel, T=T, G=G, D=D, S=S, R=R, Rr=Rr, bs=bs, Sp=Sp, NS=NS, Tp=Tp, scale=scale,
+        merge=merge, with_scores=with_stats, interpret=bool(interpret), volatile=config.merge_loads == "volatile",
+        # fp32 inputs: full fp32 dots (Triton's default for fp32 is TF32)
+        precision=lax.Precision.HIGHEST if q.dtype == jnp.float32 else None,
+    )
+    outs = pl.pallas_call(
+        kernel,
+        out_shape=out_shape,
+        grid=(B, Hkv, NS),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        input_output_aliases=aliases,
+        compiler_params=plgpu.CompilerParams(num_warps=config.num_warps, num_stages=stages),
+        interpret=interpret,
+        name="adore_sparse_attention",
+    )(*args)
+    outs = list(outs)
+    if merge == "kernel":
+        out, lse = outs[:2]
+    else:
+        o_p, m_p, l_p = outs[:3]
+        out, lse = merge_partials(o_p, m_p, l_p, T, G, q.dtype)
+    mass = None
+    if with_stats:
+        sc = outs[-1][:, :, :Rr]
+        sc = jnp.concatenate([sc[..., :S], sc[..., NS * Sp : NS * Sp + T]], axis=-1)
+        mass = mass_from_scores(sc, lse, T, G)
+    return finish(out, lse, mass, with_stats)

@@ -1,0 +1,498 @@
+"""Benchmark of the Pallas kernels on the GPU (one run, everything side by side).
+
+    PYTHONPATH=. python3 eval/bench_kernels.py --out results/bench_kernels.json
+
+1. Device, measured copy bandwidth (large device-to-device copies: an XLA
+   elementwise copy and, if torch is there, torch's copy_; bytes read + written).
+2. Correctness of the GPU kernels on the GPU against the XLA reference (fp32
+   math on upcast inputs), fresh random inputs: tails, GQA ratios, T, stats,
+   both merge modes; cache_update against write_rows (exact).
+3. Sparse attention at the anchor shapes (B, Hq, Hkv, D) of BENCHMARKS.md, S in
+   {1024, 4096, 8192}, T in {1, 9}: this kernel (default config), the XLA
+   reference, and for T = 1 jax's Pallas decode_attention (gqa) and cuDNN
+   through jax.nn.dot_product_attention; with_stats at S = 4096. Effective
+   bandwidth = K+V bytes of the valid slots / time.
+4. cache_update vs write_rows (donated cache, in place).
+5. A sweep of kernel variants (SWEEP) at S in SWEEP_SLOTS, as time allows
+   (--deadline bounds the whole run). Results and history: docs/KERNELS.md.
+
+Timing (METHOD.md): random bf16 data, compile + warm-up first, U different
+input sets inside one jitted call (rotation past the 50 MB L2), calls issued
+back to back, median over repeats of time / (calls * U). A short table is
+printed last; everything goes to the JSON file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import statistics
+import sys
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from adore_jax.attention import reference_attention
+from adore_jax.cache import KVCache, write_rows
+from adore_jax.kernels import GpuConfig, cache_update_gpu, sparse_attention_gpu
+
+SHAPES = [(8, 32, 8, 128), (32, 9, 3, 64), (8, 32, 32, 128)]  # (B, Hq, Hkv, D)
+SLOTS = [1024, 4096, 8192]
+SWEEP_SLOTS = [1024, 4096]
+TS = [1, 9]
+ROTATE_BYTES = 200 << 20  # distinct inputs per jitted call: over 3x the 60 MB L2
+CALL_GPU_S = 300e-6  # and enough ops per call that the GPU, not the host, sets the pace
+
+
+def n_sets(nbytes, est_bw=3.0e12, cap=24):
+    return int(max(2, min(cap, math.ceil(max(ROTATE_BYTES, CALL_GPU_S * est_bw) / nbytes))))
+T0 = time.time()
+
+
+def log(*a):
+    print(f"[{time.time() - T0:6.1f}s]", *a, flush=True)
+
+
+# ---------------------------------------------------------------- timing
+
+
+def bench(op, sets, reps=7, min_call_s=0.02):
+    """Median seconds per op: `op(*s)` for every s in sets inside one jit, calls back to back."""
+    multi = jax.jit(lambda sets: [op(*s) for s in sets])
+    jax.block_until_ready(multi(sets))  # compile
+    _warm(lambda: multi(sets))
+    t = time.perf_counter()
+    jax.block_until_ready(multi(sets))
+    per_call = max(time.perf_counter() - t, 1e-6)
+    n = max(1, min(200, math.ceil(min_call_s / per_call)))
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        out = None
+        for _ in range(n):
+            out = multi(sets)
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - t) / (n * len(sets)))
+    return statistics.median(times), times
+
+
+def _warm(call, seconds=0.05):
+    """Run for a while first: clocks ramp up from idle."""
+    t = time.perf_counter()
+    while time.perf_counter() - t < seconds:
+        jax.block_until_ready(call())
+
+
+def bench_chain(step, state, extra_sets, reps=7, min_call_s=0.02):
+    """Like bench for an op that consumes and returns donated state (the cache)."""
+    multi = jax.jit(lambda st, sets: _chain(step, st, sets), donate_argnums=0)
+    state = multi(state, extra_sets)
+    state = jax.block_until_ready(multi(state, extra_sets))
+    t = time.perf_counter()
+    state = jax.block_until_ready(multi(state, extra_sets))
+    per_call = max(time.perf_counter() - t, 1e-6)
+    n = max(1, min(200, math.ceil(min_call_s / per_call)))
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        for _ in range(n):
+            state = multi(state, extra_sets)
+        jax.block_until_ready(state)
+        times.append((time.perf_counter() - t) / (n * len(extra_sets)))
+    return statistics.median(times), times, state
+
+
+def _chain(step, st, sets):
+    for s in sets:
+        st = step(st, *s)
+    return st
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def rand(key, shape, dtype=jnp.bfloat16):
+    return jax.random.normal(key, shape, jnp.float32).astype(dtype)
+
+
+def attn_set(seed, B, Hq, Hkv, D, S, T, dtype=jnp.bfloat16):
+    """A full cache (every slot valid, positions 0..S-1 shuffled) and T new rows after it."""
+    ks = jax.random.split(jax.random.PRNGKey(seed), 6)
+    q = rand(ks[0], (B, T, Hq, D), dtype)
+    k = rand(ks[1], (B, T, Hkv, D), dtype)
+    v = rand(ks[2], (B, T, Hkv, D), dtype)
+    ck = rand(ks[3], (B, S, Hkv, D), dtype)
+    cv = rand(ks[4], (B, S, Hkv, D), dtype)
+    cpos = jnp.broadcast_to(jax.random.permutation(ks[5], S).astype(jnp.int32), (B, S))
+    qpos = jnp.broadcast_to(S + jnp.arange(T, dtype=jnp.int32), (B, T))
+    return (q, k, v, ck, cv, cpos, qpos)
+
+
+def kv_bytes(B, Hkv, D, S, itemsize=2):
+    return 2 * B * S * Hkv * D * itemsize
+
+
+# ---------------------------------------------------------------- implementations
+
+
+def ours(cfg=GpuConfig(), with_stats=False, interpret=False):
+    def f(q, k, v, ck, cv, cpos, qpos):
+        r = sparse_attention_gpu(q, k, v, ck, cv, cpos, qpos, with_stats=with_stats, config=cfg, interpret=interpret)
+        return (r.out, r.mass, r.lse) if with_stats else r.out
+
+    return f
+
+
+def xla_ref(with_stats=False):
+    def f(q, k, v, ck, cv, cpos, qpos):
+        r = reference_attention(q, k, v, ck, cv, cpos, qpos, with_stats=with_stats)
+        return (r.out, r.mass, r.lse) if with_stats else r.out
+
+    return f
+
+
+def jax_pallas_decode(q, k, v, ck, cv, cpos, qpos):
+    from jax.experimental.pallas.ops.gpu import decode_attention
+
+    return decode_attention.gqa(q[:, 0], ck, cv)
+
+
+def cudnn(q, k, v, ck, cv, cpos, qpos):
+    return jax.nn.dot_product_attention(q, ck, cv, implementation="cudnn")
+
+
+def cache_only_reference(q, ck, cv):
+    """fp32 attention of q [B, 1, Hq, D] over the whole cache, no mask (for the T=1 baselines)."""
+    return jax.nn.dot_product_attention(
+        q.astype(jnp.float32), ck.astype(jnp.float32), cv.astype(jnp.float32), implementation="xla"
+    )
+
+
+# ---------------------------------------------------------------- sections
+
+
+def copy_bandwidth(results, smoke):
+    n = (1 << 20) if smoke else (1 << 30)  # elements of bf16: 2 GiB per array
+    sets = [(rand(jax.random.PRNGKey(100 + i), (n,)),) for i in range(2 if smoke else 3)]
+    t, ts = bench(lambda x: -x, sets)
+    xla_bw = 2 * n * 2 / t
+    res = {"xla_elementwise_copy_TBps": xla_bw / 1e12, "bytes_per_op": 4 * n, "xla_times_s": ts}
+    del sets
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            src = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+            dst = torch.empty_like(src)
+            for _ in range(3):
+                dst.copy_(src)
+            tt = []
+            for _ in range(7):
+                e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                e0.record()
+                for _ in range(10):
+                    dst.copy_(src)
+                e1.record()
+                torch.cuda.synchronize()
+                tt.append(e0.elapsed_time(e1) / 1e3 / 10)
+            res["torch_copy_TBps"] = 2 * n * 2 / statistics.median(tt) / 1e12
+            del src, dst
+            torch.cuda.empty_cache()
+    except Exception as e:  # torch missing or no CUDA: the XLA copy stands alone
+        res["torch_error"] = repr(e)[:200]
+    res["copy_TBps"] = max(v for k, v in res.items() if k.endswith("copy_TBps"))
+    results["copy"] = res
+    log("copy bandwidth", {k: v for k, v in res.items() if "TBps" in k})
+    return res["copy_TBps"]
+
+
+def rel_err(a, b):
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    if not np.isfinite(a).all():
+        return float("inf")
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-12))
+
+
+def correctness(results, smoke, interpret, n_cases=7):
+    checks = []
+    cases = [
+        # B, T, Hq, Hkv, D, S, dtype, config
+        (2, 1, 8, 8, 64, 1000, jnp.float32, GpuConfig()),
+        (1, 16, 8, 1, 64, 2049, jnp.float32, GpuConfig(block_s=32, splits=7)),
+        (3, 9, 24, 3, 128, 777, jnp.bfloat16, GpuConfig()),
+        (2, 3, 32, 8, 128, 333, jnp.bfloat16, GpuConfig(splits=5)),
+        (8, 1, 32, 8, 128, 4096, jnp.bfloat16, GpuConfig()),
+        (4, 9, 9, 3, 64, 4096, jnp.bfloat16, GpuConfig()),
+        (2, 9, 32, 32, 128, 1030, jnp.bfloat16, GpuConfig(merge="xla")),
+    ][:n_cases]
+    if smoke:
+        cases = [(2, 2, 6, 2, 32, 70, jnp.float32, GpuConfig(block_s=16, splits=3))]
+    for i, (B, T, Hq, Hkv, D, S, dtype, cfg) in enumerate(cases):
+        name = f"attn B{B} T{T} Hq{Hq} Hkv{Hkv} D{D} S{S} {jnp.dtype(dtype).name} {cfg}"
+        try:
+            args = list(attn_set(7000 + i, B, Hq, Hkv, D, S, T, dtype))
+            key = jax.random.PRNGKey(i)
+            cpos = jax.random.randint(key, (B, S), 0, 2 * S)
+            args[5] = jnp.where(jax.random.uniform(jax.random.fold_in(key, 1), (B, S)) < 0.3, -1, cpos)
+            args[6] = jax.random.randint(jax.random.fold_in(key, 2), (B, T), -1, 2 * S + 4)
+            with jax.default_matmul_precision("highest"):  # else XLA may run the fp32 reference in TF32
+                ref = reference_attention(*[a.astype(jnp.float32) if a.dtype != jnp.int32 else a for a in args], with_stats=True)
+            f = jax.jit(lambda *a: sparse_attention_gpu(*a, with_stats=True, config=cfg, interpret=interpret))
+            got = f(*args)
+            again = f(*args)  # same inputs again: a race would show as a different result
+            noms = jax.jit(lambda *a: sparse_attention_gpu(*a, config=cfg, interpret=interpret))(*args)
+            same = all(bool(jnp.array_equal(x, y)) for x, y in zip((got.out, got.lse, got.mass), (again.out, again.lse, again.mass)))
+            valid = np.asarray(ref.lse) > -1e29
+            e = {
+                "case": name,
+                "out_rel": rel_err(got.out, ref.out),
+                "out_nostats_rel": rel_err(noms.out, ref.out),
+                "lse_max_abs": float(np.max(np.abs(np.asarray(got.lse) - np.asarray(ref.lse))[valid], initial=0.0)),
+                "mass_max_abs": float(np.max(np.abs(np.asarray(got.mass) - np.asarray(ref.mass)))),
+                "deterministic": same,
+            }
+            tol = 2e-2 if dtype == jnp.bfloat16 else 1e-4
+            e["ok"] = bool(same and e["out_rel"] < tol and e["out_nostats_rel"] < tol and e["lse_max_abs"] < 5e-2 and e["mass_max_abs"] < 5e-2)
+        except Exception as ex:
+            e = {"case": name, "ok": False, "error": traceback.format_exc()[-2000:]}
+        checks.append(e)
+        log("check", "OK  " if e["ok"] else "FAIL", {k: v for k, v in e.items() if k not in ("ok",)})
+    # cache update: exact equality with write_rows
+    for i, (L, B, S, Hkv, D, T) in enumerate([(3, 4, 100, 3, 64, 9), (2, 2, 1024, 8, 128, 1)] if not smoke else [(2, 2, 10, 2, 16, 3)]):
+        name = f"cache_update L{L} B{B} S{S} Hkv{Hkv} D{D} T{T}"
+        try:
+            cache, sets = update_inputs(L, B, S, Hkv, D, T, 1, seed=90 + i)
+            nk, nv, slots, pos = sets[0]
+            want = write_rows(cache, nk, nv, slots, pos)
+            got = jax.jit(lambda c, *a: cache_update_gpu(c, *a, interpret=interpret))(cache, nk, nv, slots, pos)
+            ok = all(bool(jnp.array_equal(a, b)) for a, b in zip((got.k, got.v, got.pos), (want.k, want.v, want.pos)))
+            e = {"case": name, "ok": ok}
+        except Exception:
+            e = {"case": name, "ok": False, "error": traceback.format_exc()[-2000:]}
+        checks.append(e)
+        log("check", "OK  " if e["ok"] else "FAIL", e["case"], e.get("error", ""))
+    results["correctness"] = checks
+    return all(c["ok"] for c in checks)
+
+
+def baseline_check(args):
+    """Errors of the T=1 baselines against an fp32 cache-only reference (they see no new row)."""
+    q, k, v, ck, cv, cpos, qpos = args
+    with jax.default_matmul_precision("highest"):
+        ref = cache_only_reference(q, ck, cv)
+    out = {}
+    for name, fn in (("jax_pallas_decode", jax_pallas_decode), ("cudnn", cudnn)):
+        try:
+            out[name] = rel_err(jax.jit(fn)(*args).reshape(ref.shape), ref)
+        except Exception as e:
+            out[name] = repr(e)[:300]
+    return out
+
+
+def attention_section(results, copy_bw, smoke, interpret, deadline):
+    rows = []
+    shapes = [(2, 4, 2, 32)] if smoke else SHAPES
+    slots = [64] if smoke else SLOTS
+    for (B, Hq, Hkv, D), S, T in [(sh, s, t) for sh in shapes for s in slots for t in TS]:
+        if time.time() - T0 > deadline:
+            log("deadline reached: skipping", (B, Hq, Hkv, D, S, T))
+            continue
+        nbytes = kv_bytes(B, Hkv, D, S)
+        U = n_sets(nbytes)
+        sets = [attn_set(100 * S + 10 * T + u, B, Hq, Hkv, D, S, T) for u in range(U)]
+        row = {"B": B, "Hq": Hq, "Hkv": Hkv, "D": D, "S": S, "T": T, "kv_bytes": nbytes, "sets": U}
+        impls = {"ours": ours(interpret=interpret), "xla_ref": xla_ref()}
+        if T == 1 and not interpret:
+            impls["jax_pallas_decode"] = jax_pallas_decode
+            impls["cudnn"] = cudnn
+            row["baseline_rel_err"] = baseline_check(sets[0])
+        if S == 4096 or smoke:
+            impls["ours_stats"] = ours(with_stats=True, interpret=interpret)
+            impls["xla_ref_stats"] = xla_ref(with_stats=True)
+        for name, fn in impls.items():
+            try:
+                t, ts = bench(fn, sets)
+                row[name] = {"us": t * 1e6, "TBps": nbytes / t / 1e12, "times_us": [x * 1e6 for x in ts]}
+            except Exception:
+                row[name] = {"error": traceback.format_exc()[-1500:]}
+        row["ours_frac_copy"] = row["ours"].get("TBps", 0) / copy_bw
+        rows.append(row)
+        brief = {k: round(v["TBps"], 2) for k, v in row.items() if isinstance(v, dict) and "TBps" in v}
+        log("attn", (B, Hq, Hkv, D, S, T), "TB/s", brief, {k: v["error"][-300:] for k, v in row.items() if isinstance(v, dict) and "error" in v})
+        del sets
+    results["attention"] = rows
+
+
+SWEEP = {  # name -> config (block_s "half": half the default block)
+    "default": GpuConfig(),
+    "v1_default": GpuConfig(num_stages=3, merge_loads="volatile"),  # the first run's default
+    "volatile": GpuConfig(merge_loads="volatile"),
+    "st3": GpuConfig(num_stages=3),
+    "wave3": GpuConfig(ctas_per_sm=3),
+    "st3_wave2": GpuConfig(num_stages=3, ctas_per_sm=2),
+    "half": GpuConfig(block_s="half"),
+}
+
+
+def sweep_section(results, copy_bw, smoke, interpret, deadline):
+    rows = []
+    shapes = [(2, 4, 2, 32)] if smoke else SHAPES
+    slots = [64] if smoke else SWEEP_SLOTS
+    for (B, Hq, Hkv, D), S, T in [(sh, s, t) for s in slots for sh in shapes for t in TS]:
+        if time.time() - T0 > deadline:
+            log("deadline reached: skipping sweep", (B, Hq, Hkv, D, S, T))
+            continue
+        nbytes = kv_bytes(B, Hkv, D, S)
+        U = n_sets(nbytes)
+        sets = [attn_set(500 + u, B, Hq, Hkv, D, S, T) for u in range(U)]
+        row = {"B": B, "Hq": Hq, "Hkv": Hkv, "D": D, "S": S, "T": T}
+        base_bs = 64 if D >= 128 else 128
+        for name, cfg in SWEEP.items():
+            if cfg.block_s == "half":
+                cfg = dataclasses.replace(cfg, block_s=base_bs // 2)
+            try:
+                t, _ = bench(ours(cfg, interpret=interpret), sets, reps=5)
+                row[name] = {"us": t * 1e6, "TBps": nbytes / t / 1e12, "cfg": dataclasses.asdict(cfg)}
+            except Exception:
+                row[name] = {"error": traceback.format_exc()[-800:]}
+        rows.append(row)
+        log("sweep", (B, Hq, Hkv, D, S, T), {k: round(v["TBps"], 2) for k, v in row.items() if isinstance(v, dict) and "TBps" in v})
+        del sets
+    results["sweep"] = rows
+
+
+def update_inputs(L, B, S, Hkv, D, T, n_sets, seed=0):
+    ks = jax.random.split(jax.random.PRNGKey(seed), 3 + 4 * n_sets)
+    cache = KVCache(rand(ks[0], (L, B, S, Hkv, D)), rand(ks[1], (L, B, S, Hkv, D)),
+                    jax.random.randint(ks[2], (B, S), -1, S).astype(jnp.int32))
+    sets = []
+    for u in range(n_sets):
+        k0, k1, k2, k3 = ks[3 + 4 * u : 7 + 4 * u]
+        slots = jnp.stack([jax.random.permutation(k, S)[:T] for k in jax.random.split(k2, B)]).astype(jnp.int32)
+        slots = slots.at[0, 0].set(-1)  # one dropped row
+        pos = jax.random.randint(k3, (B, T), 0, 4 * S).astype(jnp.int32)
+        sets.append((rand(k0, (L, B, T, Hkv, D)), rand(k1, (L, B, T, Hkv, D)), slots, pos))
+    return cache, sets
+
+
+def update_section(results, smoke, interpret, deadline):
+    rows = []
+    cases = [(32, 8, 1024, 8, 128), (30, 32, 1024, 3, 64), (32, 8, 1024, 32, 128), (32, 8, 8192, 8, 128)]
+    if smoke:
+        cases = [(2, 2, 32, 2, 16)]
+    for (L, B, S, Hkv, D), T in [(c, t) for c in cases for t in TS]:
+        if time.time() - T0 > deadline:
+            log("deadline reached: skipping update", (L, B, S, Hkv, D, T))
+            continue
+        row = {"L": L, "B": B, "S": S, "Hkv": Hkv, "D": D, "T": T}
+        row["bytes"] = 2 * 2 * L * B * T * Hkv * D * 2  # K and V rows: read new + write slot
+        for name, fn in (("ours", lambda c, *a: cache_update_gpu(c, *a, interpret=interpret)), ("write_rows", write_rows)):
+            try:
+                cache, sets = update_inputs(L, B, S, Hkv, D, T, 8, seed=S + T)
+                t, ts, cache = bench_chain(fn, cache, sets)
+                row[name] = {"us": t * 1e6, "TBps": row["bytes"] / t / 1e12, "times_us": [x * 1e6 for x in ts]}
+                del cache
+            except Exception:
+                row[name] = {"error": traceback.format_exc()[-1500:]}
+        rows.append(row)
+        log("update", (L, B, S, Hkv, D, T), {k: round(v["us"], 2) for k, v in row.items() if isinstance(v, dict) and "us" in v},
+            {k: v["error"][-300:] for k, v in row.items() if isinstance(v, dict) and "error" in v})
+    results["cache_update"] = rows
+
+
+def table(results, copy_bw):
+    lines = []
+    lines.append(f"copy bandwidth {copy_bw:.2f} TB/s (read+write); attention: K+V TB/s (us)")
+    hdr = f"{'B,Hq,Hkv,D':>13} {'S':>5} {'T':>2} | {'ours':>12} {'xla-ref':>12} {'pl-decode':>12} {'cudnn':>12} | {'%copy':>5} {'cudnn/ours':>10}"
+    lines.append(hdr)
+    for r in results.get("attention", []):
+        def cell(name):
+            v = r.get(name)
+            if not isinstance(v, dict):
+                return "-"
+            if "TBps" not in v:
+                return "err"
+            return f"{v['TBps']:.2f}({v['us']:.0f})"
+        ratio = "-"
+        if isinstance(r.get("cudnn"), dict) and "us" in r["cudnn"] and "us" in r["ours"]:
+            ratio = f"{r['cudnn']['us'] / r['ours']['us']:.2f}"
+        pct = f"{100 * r['ours_frac_copy']:.0f}" if "TBps" in r["ours"] else "-"
+        lines.append(
+            f"{'%d,%d,%d,%d' % (r['B'], r['Hq'], r['Hkv'], r['D']):>13} {r['S']:>5} {r['T']:>2} | {cell('ours'):>12} "
+            f"{cell('xla_ref'):>12} {cell('jax_pallas_decode'):>12} {cell('cudnn'):>12} | {pct:>5} {ratio:>10}"
+        )
+    st = [r for r in results.get("attention", []) if "ours_stats" in r]
+    if st:
+        lines.append("with_stats (S=4096): ours vs xla-ref, us")
+        for r in st:
+            a, b = r.get("ours_stats", {}), r.get("xla_ref_stats", {})
+            lines.append(f"{'%d,%d,%d,%d' % (r['B'], r['Hq'], r['Hkv'], r['D']):>13} {r['S']:>5} {r['T']:>2} | "
+                         f"ours {a.get('us', float('nan')):8.1f}  xla-ref {b.get('us', float('nan')):8.1f}")
+    if results.get("cache_update"):
+        lines.append("cache_update (donated, in place): us per call")
+        for r in results["cache_update"]:
+            a, b = r.get("ours", {}), r.get("write_rows", {})
+            lines.append(f"L{r['L']} B{r['B']} S{r['S']} Hkv{r['Hkv']} D{r['D']} T{r['T']}: ours {a.get('us', float('nan')):7.1f}"
+                         f"  write_rows {b.get('us', float('nan')):7.1f}")
+    sw = results.get("sweep", [])
+    if sw:
+        names = list(SWEEP)
+        lines.append("sweep (TB/s): " + " ".join(names))
+        for r in sw:
+            vals = " ".join(f"{r[n]['TBps']:.2f}" if isinstance(r.get(n), dict) and "TBps" in r[n] else "-" for n in names)
+            lines.append(f"{'%d,%d,%d,%d' % (r['B'], r['Hq'], r['Hkv'], r['D']):>13} {r['S']:>5} {r['T']:>2} | {vals}")
+    ok = results.get("correctness_ok")
+    lines.append(f"correctness on device: {'PASS' if ok else 'FAIL'}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="results/bench_kernels.json")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes; interpret mode on CPU (checks the script only)")
+    ap.add_argument("--deadline", type=float, default=330.0, help="seconds after which remaining cases are skipped")
+    ap.add_argument("--sections", default="copy,check,sweep,attn,update")
+    ap.add_argument("--check-cases", type=int, default=7)
+    args = ap.parse_args(argv)
+    interpret = jax.default_backend() == "cpu"
+    if interpret and not args.smoke:
+        sys.exit("no GPU: run with --smoke on CPU (interpret mode), or on the GPU machine")
+    dev = jax.devices()[0]
+    results = {"device": str(dev), "device_kind": getattr(dev, "device_kind", "?"), "jax": jax.__version__,
+               "cores": getattr(dev, "core_count", None), "args": vars(args)}
+    log("device", results["device_kind"], "jax", jax.__version__, "SMs", results["cores"])
+    secs = args.sections.split(",")
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+
+    def save():
+        with open(args.out, "w") as f:
+            json.dump(results, f, indent=1, default=str)
+
+    copy_bw_tb = copy_bandwidth(results, args.smoke) if "copy" in secs else 3.84  # TB/s
+    save()
+    if "check" in secs:
+        results["correctness_ok"] = correctness(results, args.smoke, interpret, args.check_cases)
+        save()
+    if "attn" in secs:
+        attention_section(results, copy_bw_tb, args.smoke, interpret, args.deadline * 0.75)
+        save()
+    if "update" in secs:
+        update_section(results, args.smoke, interpret, args.deadline * 0.82)
+        save()
+    if "sweep" in secs:
+        sweep_section(results, copy_bw_tb, args.smoke, interpret, args.deadline)
+        save()
+    results["wall_s"] = time.time() - T0
+    save()
+    print("\n" + table(results, copy_bw_tb), flush=True)
+
+
+if __name__ == "__main__":
+    main()

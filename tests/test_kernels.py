@@ -1,0 +1,264 @@
+"""Pallas kernels (interpret mode on CPU) against the XLA references.
+
+Every case draws fresh random inputs. Kernel outputs that the interpreter
+allocates start as NaN (floats) / INT_MIN (ints), so an element the kernel
+never writes shows up; the cache-update tests also poison the aliased cache
+with NaN. Compiles use XLA's backend optimisation level 0 (the interpreted
+kernels are large programs; this halves compile time).
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from adore_jax.attention import AttentionOut, reference_attention
+from adore_jax.cache import KVCache, write_rows
+from adore_jax.kernels import (
+    ENV_VAR,
+    AttentionKernel,
+    GpuConfig,
+    TpuConfig,
+    cache_update_gpu,
+    cache_update_tpu,
+    get_attention_fn,
+    get_cache_update_fn,
+    resolve_backend,
+    sparse_attention_gpu,
+    sparse_attention_tpu,
+)
+from adore_jax.kernels.attention_gpu import plan
+
+_SEED = itertools.count(1000)
+_FAST = {"xla_backend_optimization_level": 0}
+
+
+def run_fast(fn, *args):
+    return jax.jit(fn).lower(*args).compile(_FAST)(*args)
+
+
+def make_inputs(B, T, Hq, Hkv, D, S, dtype, cache="partial", seed=None):
+    """Random attention inputs. cache: "partial" (about 30% empty slots, positions
+    spread before and after the query rows), "empty" (all slots empty) or "full"
+    (slots hold positions 0..S-1, queries after them, like decode)."""
+    key = jax.random.PRNGKey(next(_SEED) if seed is None else seed)
+    ks = jax.random.split(key, 9)
+    q = jax.random.normal(ks[0], (B, T, Hq, D), jnp.float32).astype(dtype)
+    k = jax.random.normal(ks[1], (B, T, Hkv, D), jnp.float32).astype(dtype)
+    v = jax.random.normal(ks[2], (B, T, Hkv, D), jnp.float32).astype(dtype)
+    ck = jax.random.normal(ks[3], (B, S, Hkv, D), jnp.float32).astype(dtype)
+    cv = jax.random.normal(ks[4], (B, S, Hkv, D), jnp.float32).astype(dtype)
+    if cache == "full":
+        cpos = jnp.broadcast_to(jax.random.permutation(ks[5], S), (B, S)).astype(jnp.int32)
+        qpos = (S + jnp.arange(T, dtype=jnp.int32))[None, :].repeat(B, 0)
+    else:
+        cpos = jax.random.randint(ks[5], (B, S), 0, 2 * S + 8)
+        cpos = jnp.where(jax.random.uniform(ks[6], (B, S)) < 0.3, -1, cpos)
+        if cache == "empty":
+            cpos = jnp.full((B, S), -1, jnp.int32)
+        qpos = jax.random.randint(ks[7], (B, T), 0, 2 * S + 16)
+        qpos = qpos.at[0, 0].set(-1)  # a padding row
+        if T > 1:
+            qpos = qpos.at[-1, 1].set(0)  # a row before every cached position but 0
+    return q, k, v, ck, cv, cpos.astype(jnp.int32), qpos.astype(jnp.int32)
+
+
+def check_against_reference(got, args, with_stats):
+    q, k, v, ck, cv, cpos, qpos = args
+    ref = reference_attention(*args, with_stats=with_stats)
+    assert got.out.shape == ref.out.shape and got.out.dtype == ref.out.dtype
+    o, r = np.asarray(got.out, np.float64), np.asarray(ref.out, np.float64)
+    assert np.isfinite(o).all(), "unwritten or non-finite output"
+    bf16 = q.dtype == jnp.bfloat16
+    rel = np.linalg.norm(o - r) / max(np.linalg.norm(r), 1e-6)
+    assert rel < (1e-2 if bf16 else 1e-5), rel
+    np.testing.assert_allclose(o, r, atol=6e-2 if bf16 else 1e-5, rtol=0)
+    if not with_stats:
+        assert got.mass is None and got.lse is None
+        return
+    key_pos = np.concatenate([np.asarray(cpos), np.asarray(qpos)], axis=1)  # [B, S+T]
+    qp = np.asarray(qpos)
+    allowed = (key_pos[:, None, :] >= 0) & (key_pos[:, None, :] <= qp[:, :, None])
+    has_key = allowed.any(-1)  # [B, T]
+    lse, lref = np.asarray(got.lse), np.asarray(ref.lse)
+    assert lse.shape == lref.shape and np.isfinite(lse).all()
+    np.testing.assert_allclose(lse[has_key], lref[has_key], atol=1e-3 if bf16 else 1e-5, rtol=1e-5)
+    assert (lse[~has_key] < -1e29).all()
+    assert np.all(o[~has_key] == 0)
+    mass, mref = np.asarray(got.mass), np.asarray(ref.mass)
+    assert mass.shape == mref.shape and np.isfinite(mass).all()
+    np.testing.assert_allclose(mass, mref, atol=2e-3 if bf16 else 2e-5, rtol=1e-3 if bf16 else 1e-5)
+    assert np.all(mass[~allowed] == 0)
+
+
+F32, BF16 = jnp.float32, jnp.bfloat16
+
+GPU_CASES = [
+    # B, T, Hq, Hkv, D, S, dtype, cache, config, with_stats
+    (2, 1, 8, 8, 32, 37, F32, "partial", GpuConfig(block_s=16, splits=3), True),  # MHA, tail, 3 splits
+    (2, 2, 6, 2, 32, 64, F32, "partial", GpuConfig(block_s=16, splits=2), True),  # G=3, exact splits
+    (1, 9, 24, 3, 16, 45, F32, "partial", GpuConfig(block_s=16), True),  # G=8, T=9: 72 rows
+    (2, 9, 9, 3, 32, 29, BF16, "partial", GpuConfig(block_s=16, merge="xla"), True),  # XLA merge
+    (2, 1, 8, 1, 32, 50, F32, "empty", GpuConfig(block_s=16, splits=2), True),  # MQA, all-empty cache
+    (2, 9, 8, 8, 16, 33, F32, "full", GpuConfig(block_s=16, splits=1), False),  # one split: direct write
+    (1, 2, 3, 1, 64, 200, BF16, "partial", GpuConfig(), False),  # default plan
+]
+
+
+@pytest.mark.parametrize("B,T,Hq,Hkv,D,S,dtype,cache,config,with_stats", GPU_CASES)
+def test_gpu_attention_matches_reference(B, T, Hq, Hkv, D, S, dtype, cache, config, with_stats):
+    args = make_inputs(B, T, Hq, Hkv, D, S, dtype, cache)
+    got = run_fast(lambda *a: sparse_attention_gpu(*a, with_stats=with_stats, interpret=True, config=config), *args)
+    check_against_reference(got, args, with_stats)
+
+
+TPU_CASES = [
+    (2, 1, 8, 2, 64, 300, F32, "partial", TpuConfig(block_s=128, splits=2), True),  # 2 heads per block, clamped block
+    (1, 9, 3, 3, 64, 37, F32, "partial", TpuConfig(), True),  # odd Hkv*D=192 lanes, one block
+    (2, 3, 8, 4, 32, 256, BF16, "partial", TpuConfig(block_s=128), True),  # 4 heads per block
+    (1, 2, 4, 1, 128, 600, F32, "empty", TpuConfig(block_s=128, splits=3), True),  # all-empty, tail
+    (2, 1, 8, 8, 128, 130, BF16, "full", TpuConfig(block_s=128), False),  # MHA, tail of 2
+    (1, 9, 16, 2, 128, 64, F32, "partial", TpuConfig(), False),  # G=8, T=9
+]
+
+
+@pytest.mark.parametrize("B,T,Hq,Hkv,D,S,dtype,cache,config,with_stats", TPU_CASES)
+def test_tpu_attention_matches_reference(B, T, Hq, Hkv, D, S, dtype, cache, config, with_stats):
+    args = make_inputs(B, T, Hq, Hkv, D, S, dtype, cache)
+    got = run_fast(lambda *a: sparse_attention_tpu(*a, with_stats=with_stats, interpret=True, config=config), *args)
+    check_against_reference(got, args, with_stats)
+
+
+@pytest.mark.parametrize("fn", [sparse_attention_gpu, sparse_attention_tpu], ids=["gpu", "tpu"])
+def test_long_chunks_fall_back_to_reference(fn):
+    args = make_inputs(1, 20, 4, 2, 16, 24, F32)  # T = 20 > 16: prefill-like chunk
+    got = jax.jit(lambda *a: fn(*a, with_stats=True, interpret=True))(*args)
+    ref = jax.jit(lambda *a: reference_attention(*a, with_stats=True))(*args)
+    for a, b in zip((got.out, got.mass, got.lse), (ref.out, ref.mass, ref.lse)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_gpu_plan_splits_cover_slots():
+    for B, Hkv, S, D in [(8, 8, 1024, 128), (32, 3, 8192, 64), (8, 32, 4096, 128), (1, 1, 37, 64), (4, 2, 1000, 128)]:
+        bs, ns, sp = plan(B, Hkv, S, D, GpuConfig())
+        assert sp % bs == 0 and ns * sp >= S and (ns - 1) * sp < S
+
+
+# ---------------------------------------------------------------- cache update
+
+
+def make_update(L, B, S, Hkv, D, T, dtype, poison=False, seed=None):
+    key = jax.random.PRNGKey(next(_SEED) if seed is None else seed)
+    ks = jax.random.split(key, 7)
+    shape = (L, B, S, Hkv, D)
+    ck = jax.random.normal(ks[0], shape, jnp.float32).astype(dtype)
+    cv = jax.random.normal(ks[1], shape, jnp.float32).astype(dtype)
+    if poison:  # every slot not written must keep its NaN
+        ck, cv = jnp.full(shape, jnp.nan, dtype), jnp.full(shape, jnp.nan, dtype)
+    cache = KVCache(ck, cv, jax.random.randint(ks[2], (B, S), -1, 50).astype(jnp.int32))
+    nk = jax.random.normal(ks[3], (L, B, T, Hkv, D), jnp.float32)
+    nv = jax.random.normal(ks[4], (L, B, T, Hkv, D), jnp.float32)
+    slots = jnp.stack([jax.random.permutation(k, S)[:T] for k in jax.random.split(ks[5], B)]).astype(jnp.int32)
+    slots = slots.at[0, 0].set(-1)  # dropped row
+    if T > 2:
+        slots = slots.at[-1, 2].set(S + 5)  # out of range: dropped too
+    positions = jax.random.randint(ks[6], (B, T), 0, 1000).astype(jnp.int32)
+    return cache, nk, nv, slots, positions
+
+
+UPDATE_CASES = [
+    (2, 2, 10, 3, 16, 3, F32, False),
+    (3, 2, 37, 2, 64, 9, BF16, False),
+    (2, 3, 20, 1, 128, 4, F32, True),
+]
+
+
+@pytest.mark.parametrize("impl", [cache_update_gpu, cache_update_tpu], ids=["gpu", "tpu"])
+@pytest.mark.parametrize("L,B,S,Hkv,D,T,dtype,poison", UPDATE_CASES)
+def test_cache_update_matches_write_rows(impl, L, B, S, Hkv, D, T, dtype, poison):
+    cache, nk, nv, slots, positions = make_update(L, B, S, Hkv, D, T, dtype, poison)
+    ref = write_rows(cache, nk, nv, slots, positions)
+    got = run_fast(lambda *a: impl(*a, interpret=True), cache, nk, nv, slots, positions)
+    for a, b in zip((got.k, got.v, got.pos), (ref.k, ref.v, ref.pos)):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # NaN == NaN here
+    # the untouched slots really were untouched, and the dropped rows went nowhere
+    written = np.zeros((B, S), bool)
+    for b, t in itertools.product(range(B), range(T)):
+        s = int(slots[b, t])
+        if 0 <= s < S:
+            written[b, s] = True
+    np.testing.assert_array_equal(np.asarray(got.pos)[~written], np.asarray(cache.pos)[~written])
+    assert written.sum() == int(((slots >= 0) & (slots < S)).sum())
+
+
+# ---------------------------------------------------------------- switch
+
+
+def test_resolve_backend_and_env(monkeypatch):
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    assert resolve_backend("auto") == "reference"  # CPU
+    assert get_attention_fn().backend == "reference"
+    assert get_cache_update_fn() is write_rows
+    for name in ("reference", "pallas_gpu", "pallas_tpu"):
+        assert get_attention_fn(name).backend == name
+        monkeypatch.setenv(ENV_VAR, name)
+        assert resolve_backend("auto") == name
+        assert get_attention_fn().backend == name
+        monkeypatch.delenv(ENV_VAR)
+    monkeypatch.setenv(ENV_VAR, "pallas_gpu")
+    assert get_attention_fn("reference").backend == "reference"  # explicit argument wins
+    monkeypatch.setenv(ENV_VAR, "cuda")
+    with pytest.raises(ValueError, match=ENV_VAR):
+        get_attention_fn()
+    with pytest.raises(ValueError, match="unknown kernel backend"):
+        get_attention_fn("triton")
+    with pytest.raises(ValueError, match="unknown kernel backend"):
+        get_cache_update_fn("mosaic")
+
+
+def test_with_stats_refused_by_kernel_without_stats():
+    args = make_inputs(1, 1, 2, 1, 16, 8, F32)
+    no_stats = AttentionKernel("pallas_gpu", lambda q, *a, **kw: AttentionOut(q), supports_stats=False)
+    assert no_stats(*args).out is args[0]  # fine without stats
+    with pytest.raises(ValueError, match="cannot return statistics"):
+        no_stats(*args, with_stats=True)
+
+
+def test_switch_cache_update_functions():
+    # (the attention functions of the switch run inside the model in test_model_forward_with_kernel)
+    upd = make_update(2, 2, 12, 2, 16, 3, F32)
+    want = write_rows(*upd)
+    for name in ("pallas_gpu", "pallas_tpu"):
+        got = run_fast(get_cache_update_fn(name, interpret=True), *upd)
+        np.testing.assert_array_equal(np.asarray(got.k), np.asarray(want.k))
+
+
+@pytest.mark.parametrize("backend", ["pallas_gpu", "pallas_tpu"])
+def test_model_forward_with_kernel(backend):
+    """The kernel inside the model's scan over layers gives the reference's logits and mass."""
+    from models.llama import LlamaConfig, forward, init_params
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
+                      num_kv_heads=2, head_dim=32, max_position_embeddings=256)
+    params = init_params(cfg, jax.random.PRNGKey(0), scale=0.3)
+    B, S, T = 2, 24, 3
+    ks = jax.random.split(jax.random.PRNGKey(next(_SEED)), 4)
+    shape = (cfg.num_layers, B, S, cfg.num_kv_heads, cfg.head_dim)
+    pos = jnp.where(jax.random.uniform(ks[2], (B, S)) < 0.25, -1, jnp.arange(S)[None, :].repeat(B, 0))
+    cache = KVCache(jax.random.normal(ks[0], shape), jax.random.normal(ks[1], shape), pos.astype(jnp.int32))
+    tokens = jax.random.randint(ks[3], (B, T), 0, cfg.vocab_size)
+    positions = jnp.array([[S, S + 1, S + 2], [S, S + 1, -1]], jnp.int32)
+    attn = get_attention_fn(backend, interpret=True)
+
+    def run(fn):
+        return forward(params, cfg, tokens, positions, cache, attn_fn=fn, with_stats=True)
+
+    want = jax.jit(lambda: run(reference_attention))()
+    got = jax.jit(lambda: run(attn)).lower().compile(_FAST)()
+    np.testing.assert_allclose(np.asarray(got[0]), np.asarray(want[0]), atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(got[3]), np.asarray(want[3]), atol=1e-5)
