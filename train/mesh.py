@@ -9,14 +9,15 @@ from jax.sharding import PartitionSpec as P
 
 
 def make_mesh(data: int = 0, fsdp: int = 1) -> Mesh:
-    """Mesh of shape (data, fsdp) over all devices; data=0 takes what fsdp leaves."""
+    """Mesh of shape (data, fsdp) over the first data * fsdp devices; data=0 takes
+    all devices that fsdp leaves."""
     n = jax.device_count()
     if fsdp < 1 or n % fsdp:
         raise ValueError(f"fsdp ({fsdp}) must divide the device count ({n})")
     data = data or n // fsdp
-    if data * fsdp != n:
-        raise ValueError(f"data ({data}) x fsdp ({fsdp}) must equal the device count ({n})")
-    return Mesh(np.asarray(jax.devices()).reshape(data, fsdp), ("data", "fsdp"))
+    if data * fsdp > n:
+        raise ValueError(f"data ({data}) x fsdp ({fsdp}) exceeds the device count ({n})")
+    return Mesh(np.asarray(jax.devices()[: data * fsdp]).reshape(data, fsdp), ("data", "fsdp"))
 
 
 def fsdp_specs(params, mesh: Mesh):

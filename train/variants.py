@@ -22,13 +22,16 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from flax import nnx
 
 from adore_jax.controller import model_signature, recency_controller, save_controller
-from train.controller import TrainConfig, eval_step, evaluate, load_job, train, write_model_card
-from train.mesh import make_mesh
+from models.llama import init_params
+from models.shapes import SHAPES
+from train.controller import Job, TrainConfig, eval_step, evaluate, load_job, train, write_model_card
+from train.mesh import fsdp_specs, make_mesh
 
 VARIANTS = [("embedding", "bce"), ("embedding", "listwise"), ("hidden:8", "bce"), ("hidden:8", "listwise")]
 
@@ -44,16 +47,22 @@ def _table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def compare_devices(tc: TrainConfig, steps: int = 20) -> dict:
-    """Median step time on one device vs a data mesh over all devices (same global batch)."""
+def compare_devices(tc: TrainConfig, steps: int = 30) -> dict:
+    """Median training step time on one device and data parallel over all devices,
+    same global batch. Random SmolLM2-shaped weights and tokens: a step's time does
+    not depend on the values."""
+    cfg = SHAPES["smollm2-135m"]
+    dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    params = init_params(cfg, jax.random.key(0), dtype)
+    rows = np.random.default_rng(0).integers(0, cfg.vocab_size, (tc.batch_size * 8, tc.seq_len), dtype=np.int32)
     out = {}
-    for name, mesh in (("1 device", jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1), ("data", "fsdp"))),
-                       (f"{jax.device_count()} devices", make_mesh())):
-        job = dataclasses.replace(load_job(dataclasses.replace(tc, out=f"{tc.out}/timing-{mesh.size}", steps=steps,
-                                                                save_every=10**6, eval_every=10**6)), mesh=mesh)
+    for n in sorted({1, jax.device_count()}):
+        mesh = make_mesh(n, 1)
+        run = dataclasses.replace(tc, out=f"{tc.out}/timing-{n}", steps=steps, save_every=10**6, eval_every=10**6)
+        job = Job(run, cfg, jax.device_put(params, fsdp_specs(params, mesh)), rows, rows[: tc.batch_size], mesh)
         train(job, progress=False)
-        times = [json.loads(l)["time_s"] for l in open(Path(job.tc.out) / "metrics.jsonl") if '"time_s"' in l]
-        out[name] = float(np.median(np.diff(times[len(times) // 2:])) / job.tc.log_every)
+        times = [json.loads(l)["time_s"] for l in open(Path(run.out) / "metrics.jsonl") if '"time_s"' in l]
+        out[f"{n} device(s)"] = float(np.median(np.diff(times[len(times) // 2:])) / run.log_every)
     return out
 
 
@@ -65,16 +74,20 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--eval-batches", type=int, default=8)
     p.add_argument("--out", default="results/controller")
-    p.add_argument("--compare-devices", action="store_true")
+    p.add_argument("--compare-devices", action="store_true", help="also time 1 device vs all (data parallel)")
+    p.add_argument("--compare-only", action="store_true", help="only the device comparison")
     args = p.parse_args(argv)
     base = TrainConfig(seq_len=args.seq_len, batch_size=args.batch_size, eval_batches=args.eval_batches,
                        eval_every=10**6, save_every=10**6, out=args.out)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     report = {"devices": [str(d) for d in jax.devices()], "steps": args.steps}
-    if args.compare_devices and jax.device_count() > 1:
+    if args.compare_devices or args.compare_only:
         report["step_time_s"] = compare_devices(base)
-        print("step time:", report["step_time_s"], flush=True)
+        print("step time:", json.dumps(report["step_time_s"]), flush=True)
+        if args.compare_only:
+            (out / "devices.json").write_text(json.dumps(report, indent=2))
+            return 0
     results = {}
     for feat, loss in VARIANTS:
         tc = dataclasses.replace(base, feature=feat, loss=loss, steps=args.steps, out=str(out / f"{feat.replace(':', '')}-{loss}"))
