@@ -60,3 +60,15 @@ def test_corrupt_checkpoint_from_shell(tmp_path):
                          capture_output=True, text=True)
     assert res.returncode == 2
     assert res.stderr.startswith("adore: error:") and "Traceback" not in res.stderr
+
+
+def test_adore_uses_the_packaged_controller(smollm2_model, capsys):
+    """For SmolLM2 the trained controller shipped in the package is the default."""
+    from adore_jax.controller import ASSETS, model_signature
+    from adore_jax.policies import build_policy
+
+    _, state, note = build_policy("adore", smollm2_model.cfg, 64)
+    assert str(ASSETS / model_signature(smollm2_model.cfg)) in note
+    assert (ASSETS / model_signature(smollm2_model.cfg) / "MODEL_CARD.md").exists()
+    rc, _, err = _run(["generate", "--prompt", "Hi", "--max-new-tokens", "2", "--policy", "adore", "--cache-size", "8"], capsys)
+    assert rc == 0 and "assets/controllers" in err
