@@ -101,3 +101,36 @@ def test_unpermute_qk_inverts_llama_cpp_order():
     gguf_rows = hf.reshape(H, 2, D // 2, E).swapaxes(1, 2).reshape(H * D, E)
     np.testing.assert_array_equal(unpermute_qk(gguf_rows, H), hf)
     np.testing.assert_array_equal(unpermute_qk(gguf_rows[:, 0], H), hf[:, 0])  # biases too
+
+
+def test_sharded_load_on_fake_devices(tiny_hf_checkpoints):
+    """Loading with a 4-device "model" mesh shards the weights and gives the same logits."""
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    script = textwrap.dedent(f"""
+        import jax, jax.numpy as jnp, numpy as np
+        from jax.sharding import Mesh
+        from adore_jax.cache import KVCache
+        from models.llama import forward
+        from models.loading import load_hf_dir
+        path = {str(tiny_hf_checkpoints["mha_untied"])!r}
+        cfg, plain = load_hf_dir(path)
+        mesh = Mesh(np.asarray(jax.devices()[:4]), ("model",))
+        _, sharded = load_hf_dir(path, mesh=mesh)
+        assert len(sharded.layers.wq.sharding.device_set) == 4
+        assert sharded.layers.wq.addressable_shards[0].data.shape[-1] == plain.layers.wq.shape[-1] // 4
+        toks = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 9)))
+        pos = jnp.broadcast_to(jnp.arange(9), (2, 9))
+        cache = KVCache.empty(cfg.num_layers, 2, 0, cfg.num_kv_heads, cfg.head_dim)
+        a = forward(plain, cfg, toks, pos, cache)[0]
+        b = jax.jit(forward, static_argnums=1)(sharded, cfg, toks, pos, cache)[0]
+        print(float(jnp.abs(a - b).max()))
+    """)
+    env = {**__import__("os").environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
+                         cwd=Path(__file__).parent.parent)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert float(res.stdout.strip().splitlines()[-1]) < 1e-5
