@@ -7,7 +7,6 @@ User mistakes (bad paths, bad values, prompts too long) end with a one-line
 from __future__ import annotations
 
 import argparse
-import functools
 import importlib
 import os
 import sys
@@ -18,20 +17,11 @@ from adore_jax.policies import POLICIES
 DTYPES = ("auto", "float32", "bfloat16")
 
 
-def _dtype(name: str):
-    import jax
-    import jax.numpy as jnp
-
-    if name == "auto":
-        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
-    return jnp.dtype(name)
-
-
 def _load(args):
     from adore_jax.hub import resolve_model
-    from models.loading import load_model
+    from models.loading import load_model, resolve_dtype
 
-    return load_model(resolve_model(args.model), dtype=_dtype(args.dtype))
+    return load_model(resolve_model(args.model), dtype=resolve_dtype(args.dtype))
 
 
 def _policy(args, cfg):
@@ -110,7 +100,7 @@ def cmd_info(args) -> int:
 
     model = _load(args)
     cfg = model.cfg
-    itemsize = jax.numpy.dtype(_dtype(args.dtype)).itemsize
+    itemsize = model.params.embed.dtype.itemsize
     n_params = sum(int(x.size) for x in jax.tree_util.tree_leaves(model.params))
     print(f"model: {model.source}")
     for k, v in vars(cfg).items():
@@ -129,9 +119,13 @@ def cmd_info(args) -> int:
     return 0
 
 
-def _delegate(module: str, args) -> int:
-    """Hand the remaining arguments to another entry point's main(argv)."""
-    return importlib.import_module(module).main(args.rest)
+# Subcommands whose own entry point parses the rest of the command line.
+DELEGATED = {
+    "train-controller": "train.controller",
+    "finetune-sparse": "train.finetune",
+    "data": "train.data_cli",
+    "bench": "eval.throughput",
+}
 
 
 def cmd_eval(args) -> int:
@@ -169,10 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     f = sub.add_parser("fetch-model", help="download the default model into the user cache")
     f.set_defaults(func=cmd_fetch_model)
 
-    for name, target in (("train-controller", "train.controller"), ("data", "train.data_cli"), ("bench", "eval.throughput")):
-        d = sub.add_parser(name, help=f"see `adore {name} --help`", add_help=False)
-        d.add_argument("rest", nargs=argparse.REMAINDER)
-        d.set_defaults(func=functools.partial(_delegate, target))
+    for name in DELEGATED:  # listed for --help; main() hands their arguments over unparsed
+        sub.add_parser(name, help=f"see `adore {name} --help`", add_help=False)
 
     i = sub.add_parser("info", help="model config, cache size, devices")
     model_args(i)
@@ -200,6 +192,9 @@ def run_main(fn, *args) -> int:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in DELEGATED:
+        return run_main(importlib.import_module(DELEGATED[argv[0]]).main, argv[1:])
     args = build_parser().parse_args(argv)
     return run_main(args.func, args)
 

@@ -56,6 +56,13 @@ class Model:
     source: str
 
 
+def resolve_dtype(name: str):
+    """Param dtype for a name: "auto" is bfloat16 on GPU/TPU and float32 on CPU."""
+    if name == "auto":
+        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    return jnp.dtype(name)
+
+
 # ---------------------------------------------------------------- placement
 
 

@@ -17,13 +17,11 @@ and exact resume; a jax.sharding Mesh with axes (data, fsdp).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import json
 import sys
 import time
-import tomllib
 from pathlib import Path
 from typing import Optional
 
@@ -41,6 +39,7 @@ from adore_jax.cache import KVCache
 from adore_jax.controller import Controller, model_signature, save_controller
 from models.llama import LlamaConfig, Params, forward
 from train.labels import attention_block, full_cache
+from train.config import parse_config as read_config
 from train.mesh import fsdp_specs, make_mesh
 
 
@@ -338,21 +337,15 @@ def train(job: Job, stop_after: Optional[int] = None, progress: bool = True) -> 
 # ---------------------------------------------------------------- entry points
 
 
-def _backbone_dtype(name: str):
-    if name == "auto":
-        return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
-    return jnp.dtype(name)
-
-
 def load_job(tc: TrainConfig) -> Job:
     """Load the backbone, the packed corpora (fetching them if needed) and build the mesh."""
     from adore_jax.hub import resolve_model
-    from models.loading import load_model
+    from models.loading import load_model, resolve_dtype
     from train.data import load_or_build_packed
 
     if tc.distributed:
         jax.distributed.initialize()
-    model = load_model(resolve_model(tc.model or None), dtype=_backbone_dtype(tc.dtype))
+    model = load_model(resolve_model(tc.model or None), dtype=resolve_dtype(tc.dtype))
     mesh = make_mesh(tc.data_parallel, tc.fsdp)
     params = jax.device_put(model.params, fsdp_specs(model.params, mesh))
     data_dir = load_or_build_packed(tc.data_dir or None, model.tokenizer, tc.seq_len)
@@ -386,31 +379,7 @@ Held-out metrics (Persuasion, {tc.eval_batches} batches):
 
 def parse_config(argv) -> TrainConfig:
     """TrainConfig from --config FILE.toml plus --field value overrides."""
-    p = argparse.ArgumentParser(prog="adore train-controller", description="train the ADORE controller")
-    p.add_argument("--config", help="TOML file with TrainConfig fields")
-    for f in dataclasses.fields(TrainConfig):
-        kind = type(f.default)
-        if kind is bool:
-            p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, action=argparse.BooleanOptionalAction, default=None)
-        elif kind is tuple:
-            p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, default=None, type=lambda s: tuple(int(v) for v in s.split(",")))
-        else:
-            p.add_argument(f"--{f.name.replace('_', '-')}", dest=f.name, type=kind, default=None)
-    args = vars(p.parse_args(argv))
-    values = {}
-    if args.pop("config"):
-        path = Path(p.parse_args(argv).config)
-        try:
-            values = tomllib.loads(path.read_text())
-        except (OSError, tomllib.TOMLDecodeError) as e:
-            raise ValueError(f"cannot read config {path}: {e}") from None
-        unknown = set(values) - {f.name for f in dataclasses.fields(TrainConfig)}
-        if unknown:
-            raise ValueError(f"unknown keys in {path}: {', '.join(sorted(unknown))}")
-        if "recall_m" in values:
-            values["recall_m"] = tuple(values["recall_m"])
-    values.update({k: v for k, v in args.items() if v is not None})
-    return TrainConfig(**values).validate()
+    return read_config(TrainConfig, argv, "adore train-controller", "train the ADORE controller")
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,258 @@
+"""Shared pieces of the quality evaluations: policy specs, text, tables, plots.
+
+A policy spec is a label on the command line: one of adore_jax.policies.POLICIES,
+or `adore-rN` for ADORE with N rebuilt tokens per step (`adore` alone is R = 0).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+from pathlib import Path
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+
+from adore_jax.policies import POLICIES
+
+HELDOUT_BOOK = "persuasion"
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicySpec:
+    label: str  # as written in tables and plots
+    name: str  # adore_jax.policies name
+    rebuild: int = 0  # adore: R rebuilt tokens per step
+
+
+def split_values(values: Optional[Iterable[str]], cast=str) -> list:
+    """Flatten repeated and comma-separated values ("a,b" "c" -> [a, b, c]), cast each."""
+    out = []
+    for v in values or ():
+        for part in str(v).split(","):
+            if part.strip():
+                try:
+                    out.append(cast(part.strip()))
+                except ValueError:
+                    raise ValueError(f"bad value {part.strip()!r}") from None
+    return out
+
+
+def parse_policy(label: str) -> PolicySpec:
+    """A PolicySpec from `full`, `window`, ..., `adore` or `adore-rN`."""
+    if label in POLICIES:
+        return PolicySpec(label, label, 0)
+    if label.startswith("adore-r") and label[7:].isdigit():
+        r = int(label[7:])
+        return PolicySpec(label if r else "adore", "adore", r)
+    raise ValueError(f"unknown policy {label!r}; choose from {', '.join(POLICIES)} or adore-rN (N rebuilt tokens)")
+
+
+def parse_policies(values: Iterable[str]) -> list[PolicySpec]:
+    """Specs from repeated/comma-separated labels, duplicates dropped, order kept."""
+    specs = [parse_policy(v) for v in split_values(values)]
+    if not specs:
+        raise ValueError("give at least one policy")
+    return list({s.label: s for s in specs}.values())
+
+
+def parse_budgets(values: Iterable) -> list[int]:
+    """Sorted distinct cache sizes m (slots) from repeated/comma-separated values."""
+    budgets = sorted(set(split_values(values, int)))
+    if not budgets or budgets[0] < 1:
+        raise ValueError(f"cache sizes must be integers >= 1, got {budgets or 'none'}")
+    return budgets
+
+
+@functools.lru_cache(maxsize=8)
+def _controller(cfg, path):
+    from adore_jax.controller import default_controller
+
+    return default_controller(cfg, path)  # loaded once per (backbone, checkpoint)
+
+
+def build(spec: PolicySpec, cfg, budget: int, controller=None, rebuild_every: int = 1):
+    """(policy, policy params, note) for a spec at cache size `budget` (slots); like
+    adore_jax.policies.build_policy, loading the adore controller once per process."""
+    from adore_jax.policies import build_policy, make_policy
+
+    if spec.name != "adore":
+        return build_policy(spec.name, cfg, None if spec.name == "full" else budget)
+    gd, state, note = _controller(cfg, None if controller is None else str(controller))
+    policy = make_policy("adore", budget, rebuild=spec.rebuild, rebuild_every=rebuild_every, controller_graphdef=gd)
+    return policy, state, note
+
+
+def controller_note(specs: Sequence[PolicySpec], cfg, controller=None) -> str:
+    """Which ADORE controller the run uses ('' when no adore policy is in specs)."""
+    if not any(s.name == "adore" for s in specs):
+        return ""
+    return _controller(cfg, None if controller is None else str(controller))[2]
+
+
+def controller_fingerprint(specs: Sequence[PolicySpec], cfg, controller=None) -> str:
+    """A short hash of the ADORE controller's weights ('' when no adore policy is in specs)."""
+    import hashlib
+
+    import jax
+
+    if not any(s.name == "adore" for s in specs):
+        return ""
+    h = hashlib.sha1()
+    for leaf in jax.tree_util.tree_leaves(_controller(cfg, None if controller is None else str(controller))[1]):
+        h.update(np.asarray(leaf).tobytes())
+    return h.hexdigest()[:16]
+
+
+def load_model(path=None, dtype: str = "auto"):
+    """models.loading.Model from a path/hub id (None: the default SmolLM2).
+    dtype: auto (bfloat16 on accelerators, float32 on CPU), float32 or bfloat16."""
+    import jax
+    import jax.numpy as jnp
+
+    from adore_jax.hub import resolve_model
+    from models.loading import load_model as _load
+
+    if dtype == "auto":
+        dt = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    elif dtype in ("float32", "bfloat16"):
+        dt = jnp.dtype(dtype)
+    else:
+        raise ValueError(f"dtype must be auto, float32 or bfloat16, got {dtype!r}")
+    return _load(resolve_model(path), dtype=dt)
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    """Token ids of text, without special tokens."""
+    try:
+        return list(tokenizer.encode(text, add_special_tokens=False))
+    except TypeError:
+        return list(tokenizer.encode(text))
+
+
+def chat_ids(tokenizer, text: str) -> list[int]:
+    """The user message wrapped in the tokenizer's chat template (plain text without one)."""
+    if not getattr(tokenizer, "chat_template", None):
+        return encode(tokenizer, text)
+    ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True)
+    return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+
+def book_text(text_file=None) -> tuple[str, str]:
+    """(text, description): a user text file, else the held-out book (Persuasion),
+    fetched into the project cache on first use."""
+    if text_file is not None:
+        p = Path(text_file)
+        if not p.is_file():
+            raise ValueError(f"no such text file: {p}")
+        return p.read_text(encoding="utf-8", errors="replace"), str(p)
+    from train.data import default_cache_dir, fetch_corpora
+
+    root = default_cache_dir()
+    manifest = fetch_corpora(root)
+    work = next(w for w in manifest["works"] if w["name"] == HELDOUT_BOOK)
+    return (root / work["file"]).read_text(encoding="utf-8"), f"{work['title']} (held-out book)"
+
+
+def segments(ids: Sequence[int], length: int, count: int) -> np.ndarray:
+    """[n, length] int32: up to `count` disjoint consecutive windows of ids (n >= 1)."""
+    if length < 2:
+        raise ValueError(f"length must be >= 2, got {length}")
+    n = min(count, len(ids) // length)
+    if n < 1:
+        raise ValueError(f"the text has {len(ids)} tokens, fewer than one segment of {length}")
+    return np.asarray(ids[: n * length], np.int32).reshape(n, length)
+
+
+def batches(n: int, size: int) -> list[slice]:
+    """Slices covering range(n) in pieces of at most `size`."""
+    if size < 1:
+        raise ValueError(f"batch size must be >= 1, got {size}")
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def write_json(path, obj) -> Path:
+    """Write obj as indented JSON (NaN written as null); returns the path."""
+    def clean(x):
+        if isinstance(x, float) and not math.isfinite(x):
+            return None
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return [clean(v) for v in x]
+        if isinstance(x, np.generic):
+            return clean(x.item())
+        return x
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(clean(obj), indent=2) + "\n")
+    return path
+
+
+def md_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
+    """A GitHub markdown table (floats with 4 significant digits)."""
+    fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def new_figure(width: float = 6.4, height: float = 4.2, ncols: int = 1):
+    """(figure, axes: one or a list of ncols) drawn by the Agg backend, without
+    touching pyplot's global state."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, ncols, squeeze=False)[0]
+    return fig, (axes[0] if ncols == 1 else list(axes))
+
+
+class RowCache:
+    """Finished rows of a run, one JSON file each under ROOT/.parts/KIND/, keyed by a
+    hash of the run's settings and data: a run stopped midway (a time limit, a lost
+    machine) resumes where it stopped when started again with the same settings.
+    ROOT None: a no-op."""
+
+    def __init__(self, root, kind: str, settings: dict):
+        import hashlib
+
+        blob = json.dumps(settings, sort_keys=True, default=str).encode()
+        self.dir = None if root is None else Path(root) / ".parts" / kind / hashlib.sha1(blob).hexdigest()[:16]
+
+    def _path(self, label: str, budget) -> Optional[Path]:
+        return None if self.dir is None else self.dir / f"{label}_m{budget or 'all'}.json"
+
+    def get(self, label: str, budget):
+        """The stored value of (policy label, budget), or None."""
+        p = self._path(label, budget)
+        return json.loads(p.read_text()) if p is not None and p.is_file() else None
+
+    def put(self, label: str, budget, value) -> None:
+        """Store a JSON-able value for (policy label, budget) (written atomically)."""
+        p = self._path(label, budget)
+        if p is not None:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            tmp = p.with_suffix(".tmp")
+            tmp.write_text(json.dumps(value))
+            tmp.replace(p)
+
+
+def run_key(meta: Optional[dict], **settings) -> dict:
+    """The settings that identify a run's results: model, dtype and device from meta,
+    plus the given settings."""
+    return dict({k: (meta or {}).get(k) for k in ("model", "dtype", "device")}, **settings)
+
+
+def fingerprint(*arrays) -> str:
+    """A short hash of token arrays / id lists (part of a RowCache key)."""
+    import hashlib
+
+    h = hashlib.sha1()
+    for a in arrays:
+        h.update(np.asarray(a, np.int64).tobytes())
+    return h.hexdigest()[:16]
