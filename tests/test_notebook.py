@@ -3,10 +3,8 @@
 import os
 from pathlib import Path
 
-import pytest
-
-nbformat = pytest.importorskip("nbformat")
-nbclient = pytest.importorskip("nbclient")
+import nbclient
+import nbformat
 
 ROOT = Path(__file__).resolve().parents[1]
 
