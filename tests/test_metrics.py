@@ -1,6 +1,6 @@
 """ROUGE-L, BLEU, token match rate and the pass-key task, on hand-checked pairs.
 
-When rouge-score / sacrebleu are installed, random pairs are also compared
+Random pairs are also compared
 with them (same tokenization: whitespace, no extra normalisation).
 """
 
