@@ -1,7 +1,7 @@
 """ROUGE-L, BLEU, token match rate and the pass-key task, on hand-checked pairs.
 
-Random pairs are also compared
-with them (same tokenization: whitespace, no extra normalisation).
+Random pairs are also compared with rouge-score and sacrebleu (same
+tokenization: whitespace, no extra normalisation).
 """
 
 import importlib
