@@ -138,7 +138,7 @@ def measure_row(cfg, params, row: Row, steps: int, repeats: int, kernels) -> dic
 def time_to_first_token(cfg, params, row: Row, kernels) -> float:
     """Seconds for a real prefill of `context` tokens per sequence (after compile)."""
     pol, pp, _ = build_policy(row.policy, cfg, None if row.policy == "full" else row.cache_size, rebuild=row.rebuild)
-    ec = engine.EngineConfig(max_new_tokens=2, prompt_len=row.context, chunk=min(2048, row.context), policy=pol,
+    ec = engine.EngineConfig(max_new_tokens=2, prompt_len=row.context, chunk=min(512, row.context), policy=pol,
                              attn_fn=kernels[0], cache_update=kernels[1])
     toks = jax.random.randint(jax.random.key(2), (row.batch, row.context), 0, cfg.vocab_size, jnp.int32)
     lens = jnp.full((row.batch,), row.context, jnp.int32)
@@ -211,6 +211,48 @@ def preset_rows(preset: str) -> list[Row]:
     return rows
 
 
+def grid_rows(shapes, hbm_bytes: float, itemsize: int) -> list[Row]:
+    """Contexts {2K, 8K, 16K, 32K} x batch {1, 8, 16, 64} x policies, where weights + KV
+    + history fit in 85% of device memory."""
+    rows = []
+    for shape in shapes:
+        cfg = SHAPES[shape]
+        weights = (cfg.num_layers * (cfg.hidden_size * (2 * cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
+                                     + 3 * cfg.hidden_size * cfg.intermediate_size) + 2 * cfg.vocab_size * cfg.hidden_size) * itemsize
+        for ctx in (2048, 8192, 16384, 32768):
+            for B in (1, 8, 16, 64):
+                for policy, R, k in (("full", 0, 1), ("streaming", 0, 1), ("adore", 0, 1), ("adore", 8, 1), ("adore", 8, 8)):
+                    held = ctx if policy == "full" else min(ctx, 1024)
+                    need = weights + B * (held * cfg.kv_bytes_per_token * itemsize + (ctx * 264 if policy == "adore" else 0))
+                    if need <= 0.85 * hbm_bytes:
+                        rows.append(Row(shape, policy, B, ctx, rebuild=R, rebuild_every=k))
+    return rows
+
+
+def plot_tokens_per_s(rows: list[dict], path: Path) -> None:
+    """tokens/s against context length, one line per (shape, policy, batch)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines: dict = {}
+    for r in rows:
+        if "tokens_per_s" in r and not r["variant"]:
+            lines.setdefault((r["shape"], r["name"], r["batch"]), []).append((r["context"], r["tokens_per_s"]))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for (shape, name, B), pts in sorted(lines.items()):
+        pts.sort()
+        ax.plot(*zip(*pts), marker="o", label=f"{shape} {name} B={B}")
+    ax.set(xscale="log", yscale="log", xlabel="context length (tokens)", ylabel="decode tokens/s")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x / 1024:g}K"))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def fixed_budget_rows(cfg, itemsize: int, hbm_bytes: float, context: int = 16384) -> list[Row]:
     """The largest batch each policy fits at `context` in hbm_bytes (weights + KV + history)."""
     weights = 6.74e9 * itemsize
@@ -223,7 +265,9 @@ def fixed_budget_rows(cfg, itemsize: int, hbm_bytes: float, context: int = 16384
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m eval.throughput")
-    p.add_argument("--preset", choices=("tiny", "gpu"), default="tiny")
+    p.add_argument("--preset", choices=("tiny", "gpu", "grid"), default="tiny",
+                   help="tiny: CPU smoke test; gpu: the main 7B rows; grid: contexts x batches x policies")
+    p.add_argument("--shapes", default="smollm2-135m,llama2-7b", help="grid: comma-separated shapes")
     p.add_argument("--out", default="results/throughput")
     p.add_argument("--steps", type=int, default=16, help="decode steps per timed chunk")
     p.add_argument("--repeats", type=int, default=5)
@@ -240,11 +284,17 @@ def main(argv=None) -> int:
     bw = copy_bandwidth(256 << 20 if args.preset == "tiny" else 2 << 30)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    rows = preset_rows(args.preset)
+    hbm = (jax.devices()[0].memory_stats() or {}).get("bytes_limit", 16e9)
+    rows = grid_rows(args.shapes.split(","), hbm, itemsize) if args.preset == "grid" else preset_rows(args.preset)
     if args.fixed_budget:
-        rows += fixed_budget_rows(SHAPES["llama2-7b"], itemsize, jax.devices()[0].memory_stats()["bytes_limit"])
-    results, params_by_shape = [], {}
+        rows += fixed_budget_rows(SHAPES["llama2-7b"], itemsize, hbm)
+    partial = out / "rows.jsonl"  # finished rows; a rerun of the same command skips them
+    results = [json.loads(l) for l in partial.read_text().splitlines()] if partial.exists() else []
+    done = {r["name"] + f"|{r['shape']}|{r['batch']}|{r['context']}" for r in results}
+    params_by_shape = {}
     for row in rows:
+        if row.name + f"|{row.shape}|{row.batch}|{row.context}" in done:
+            continue
         cfg = SHAPES[row.shape]
         if row.shape not in params_by_shape:
             params_by_shape.clear()
@@ -258,33 +308,39 @@ def main(argv=None) -> int:
             need = step_bytes(cfg, params, row, itemsize)
             r.update(bytes_per_step_gb=need / 1e9, roofline_ms=need / bw * 1e3)
             r["roofline_fraction"] = r["roofline_ms"] / r["step_ms"]
+        if args.ttft and "step_ms" in r and row.variant == "" and row.rebuild == 0 and row.policy != "streaming":
+            r["ttft_s"] = time_to_first_token(cfg, params, row, kernels)
         results.append({**dataclasses.asdict(row), "name": row.name, **r})
         print(json.dumps(results[-1]), flush=True)
-        if args.ttft and row.variant == "" and row.rebuild == 0 and row.policy != "streaming" and row.shape == "llama2-7b" and row.batch == 8:
-            results[-1]["ttft_s"] = time_to_first_token(cfg, params, row, kernels)
+        with open(partial, "a") as f:
+            f.write(json.dumps(results[-1]) + "\n")
     params_by_shape.clear()
     report = {"device": str(jax.devices()[0]), "copy_bandwidth_tb_s": bw / 1e12, "rows": results, "hf": hf,
               "command": "python -m eval.throughput " + " ".join(sys.argv[1:] if argv is None else argv)}
     (out / "throughput.json").write_text(json.dumps(report, indent=2))
     table = render_table(report)
     (out / "throughput.md").write_text(table)
+    plot_tokens_per_s(results, out / "tokens_per_s.png")
+    partial.unlink()
     print(table)
     return 0
 
 
 def render_table(report: dict) -> str:
     lines = [f"copy bandwidth {report['copy_bandwidth_tb_s']:.2f} TB/s on {report['device']}", "",
-             "| shape | policy | B | context | ms/step | tokens/s | roofline ms | of roofline |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| shape | policy | B | context | ms/step | tokens/s | roofline ms | of roofline | peak GB | TTFT s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
         if "error" in r:
-            lines.append(f"| {r['shape']} | {r['name']} | {r['batch']} | {r['context']} | {r['error'][:60]} | | | |")
+            lines.append(f"| {r['shape']} | {r['name']} | {r['batch']} | {r['context']} | {r['error'][:60]} | | | | | |")
             continue
+        ttft = f"{r['ttft_s']:.2f}" if "ttft_s" in r else ""
         lines.append(f"| {r['shape']} | {r['name']} | {r['batch']} | {r['context']} | {r['step_ms']:.2f} | "
-                     f"{r['tokens_per_s']:.0f} | {r['roofline_ms']:.2f} | {100 * r['roofline_fraction']:.0f}% |")
+                     f"{r['tokens_per_s']:.0f} | {r['roofline_ms']:.2f} | {100 * r['roofline_fraction']:.0f}% | "
+                     f"{r['peak_gb']:.1f} | {ttft} |")
     for h in report["hf"]:
         val = f"{h['step_ms']:.1f} | {h['batch'] * 1e3 / h['step_ms']:.0f}" if "step_ms" in h else h["error"][:60] + " |"
-        lines.append(f"| {h['shape']} | HF transformers (sdpa, eager) | {h['batch']} | {h['context']} | {val} | | |")
+        lines.append(f"| {h['shape']} | HF transformers (sdpa, eager) | {h['batch']} | {h['context']} | {val} | | | | |")
     return "\n".join(lines) + "\n"
 
 

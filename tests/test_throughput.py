@@ -2,11 +2,11 @@
 
 import json
 
-from eval.throughput import main
+from eval.throughput import Row, grid_rows, main
 
 
 def test_tiny_benchmark_writes_complete_json(tmp_path):
-    assert main(["--preset", "tiny", "--out", str(tmp_path), "--steps", "2", "--repeats", "2"]) == 0
+    assert main(["--preset", "tiny", "--out", str(tmp_path), "--steps", "2", "--repeats", "2", "--ttft"]) == 0
     report = json.loads((tmp_path / "throughput.json").read_text())
     assert report["copy_bandwidth_tb_s"] > 0
     names = [r["name"] for r in report["rows"]]
@@ -19,3 +19,12 @@ def test_tiny_benchmark_writes_complete_json(tmp_path):
     stream = next(r for r in report["rows"] if r["name"].startswith("streaming"))
     assert stream["bytes_per_step_gb"] < full["bytes_per_step_gb"]  # m = 64 of 256 tokens
     assert "| tiny | full |" in (tmp_path / "throughput.md").read_text()
+    assert full["ttft_s"] > 0 and (tmp_path / "tokens_per_s.png").stat().st_size > 1000
+    assert not (tmp_path / "rows.jsonl").exists()  # the resume file is gone once the report is whole
+
+
+def test_grid_keeps_what_fits():
+    rows = grid_rows(["llama2-7b"], 141e9, 2)
+    assert Row("llama2-7b", "full", 8, 16384) in rows
+    assert Row("llama2-7b", "full", 16, 16384) not in rows  # 16 x 8 GB of KV + 13.5 GB of weights
+    assert Row("llama2-7b", "adore", 64, 32768) in rows
