@@ -60,9 +60,20 @@ class DecodeState:
 
 
 def _run_rows(params, pp, cfg, ec: EngineConfig, cache, pstate, tokens, positions, logits_rows, decode: bool):
-    """Forward rows [B, T] and let the policy place them in the cache."""
+    """Forward rows [B, T] and let the policy place them in the cache.
+
+    When the policy adds rows only on some decode steps (ADORE rebuilding every k
+    steps), a lax.cond runs the 1-row step otherwise, so skipped rebuilds cost nothing."""
+    due = ec.policy.extra_rows_due(pstate) if decode else None
+    run = functools.partial(_run_rows_once, params, pp, cfg, ec, cache, pstate, tokens, positions, logits_rows, decode)
+    if due is None:
+        return run(True)
+    return jax.lax.cond(due, lambda: run(True), lambda: run(False))
+
+
+def _run_rows_once(params, pp, cfg, ec: EngineConfig, cache, pstate, tokens, positions, logits_rows, decode, extra):
     policy = ec.policy
-    tokens, positions, pstate = policy.select_rows(pp, pstate, cache, tokens, positions, params.embed, decode)
+    tokens, positions, pstate = policy.select_rows(pp, pstate, cache, tokens, positions, params.embed, decode, extra)
     view = cache
     if policy.two_pass:
         *_, mass = forward(params, cfg, tokens, positions, cache, ec.attn_fn, True, logits_rows)

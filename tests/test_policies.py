@@ -210,3 +210,30 @@ def test_stats_policy_needs_stats_kernel(params):
     no_stats.supports_stats = False
     with pytest.raises(ValueError, match="statistics"):
         engine.generate(params, CFG, [[1, 2]], 4, policy=make_policy("h2o", 8), attn_fn=no_stats)
+
+
+def test_rebuild_every_k_skips_rows_with_the_same_result(params, ctrl):
+    """Rebuilding every k steps (a lax.cond between a 1-row and an (R+1)-row step)
+    equals a reference that always runs the R+1 rows and masks them when not due."""
+    from adore_jax.policies import AdorePolicy
+
+    @dataclasses.dataclass(frozen=True)
+    class MaskedEvery(AdorePolicy):
+        def extra_rows_due(self, st):
+            return None
+
+        def select_rows(self, pp, st, cache, tokens, positions, embed, decode, extra=True):
+            due = st.step % self.rebuild_every == 0
+            toks, pos, st = super().select_rows(pp, st, cache, tokens, positions, embed, decode, extra)
+            if toks.shape[1] > tokens.shape[1]:
+                pos = pos.at[:, 1:].set(jnp.where(due, pos[:, 1:], -1))
+            return toks, pos, st
+
+    fast = _policy("adore", 8, ctrl, rebuild=3, rebuild_every=3)
+    ref = MaskedEvery(**{f.name: getattr(fast, f.name) for f in dataclasses.fields(fast)})
+    toks = np.asarray(prompts(50, [40, 40]))
+    a, _ = engine.score(params, CFG, toks, 6, policy=fast, policy_params=ctrl[1])
+    b, _ = engine.score(params, CFG, toks, 6, policy=ref, policy_params=ctrl[1])
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+    every1, _ = engine.score(params, CFG, toks, 6, policy=_policy("adore", 8, ctrl, rebuild=3), policy_params=ctrl[1])
+    assert np.abs(every1 - a).max() > 1e-4  # rebuilding every step is a different run

@@ -62,7 +62,12 @@ class AdorePolicy(Evicting):
             step=jnp.int32(0),
         )
 
-    def select_rows(self, pp, st: AdoreState, cache, tokens, positions, embed, decode):
+    def extra_rows_due(self, st: AdoreState):
+        if self.rebuild == 0 or self.rebuild_every == 1:
+            return None
+        return st.step % self.rebuild_every == 0
+
+    def select_rows(self, pp, st: AdoreState, cache, tokens, positions, embed, decode, extra=True):
         ctrl = self._ctrl(pp)
         B, N = st.tok.shape
         valid = positions >= 0
@@ -77,12 +82,11 @@ class AdorePolicy(Evicting):
         score = ctrl.logits(q_t, t[:, None], key, jnp.broadcast_to(hist, (B, N)))[:, 0]
         score = jnp.where(hist <= t[:, None], score, _NEG)
         st = AdoreState(tok, key, h, score, st.step + (1 if decode else 0))
-        if not decode or self.rebuild == 0:
+        if not decode or self.rebuild == 0 or not extra:
             return tokens, positions, st
         held = in_cache(cache, N)
         cache_min = jnp.min(jnp.where(held, score, jnp.inf), axis=1, keepdims=True)
-        due = (st.step - 1) % self.rebuild_every == 0
-        eligible = (hist < t[:, None]) & ~held & (score > cache_min) & due
+        eligible = (hist < t[:, None]) & ~held & (score > cache_min)
         val, idx = jax.lax.top_k(jnp.where(eligible, score, _NEG), self.rebuild)
         ok = val > _NEG
         rows_tok = jnp.where(ok, jnp.take_along_axis(tok, idx, axis=1), 0)

@@ -28,9 +28,16 @@ class Policy:
         """Initial policy state pytree (pp: the policy's params, or None)."""
         return ()
 
-    def select_rows(self, pp, state, cache, tokens, positions, embed, decode: bool):
-        """Rows to run this step: new tokens/positions [B, T0] -> rows [B, T], state."""
+    def select_rows(self, pp, state, cache, tokens, positions, embed, decode: bool, extra: bool = True):
+        """Rows to run this step: new tokens/positions [B, T0] -> rows [B, T], state.
+
+        extra: whether a decode step may add rows (ADORE's rebuild set)."""
         return tokens, positions, state
+
+    def extra_rows_due(self, state):
+        """None if every decode step has the same rows; else a traced bool: whether
+        this step adds rows (the engine then picks a 1-row or a wider step)."""
+        return None
 
     def assign_slots(self, pp, state, cache, positions, mass):
         """Slots [B, T] (-1: drop) for the rows just run, and the new state."""
