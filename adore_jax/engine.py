@@ -224,6 +224,12 @@ def pad_prompts(prompts: Sequence[Sequence[int]], length: int, pad_id: int = 0):
     return jnp.asarray(toks), jnp.asarray([len(p) for p in prompts], jnp.int32)
 
 
+def _prepare(cfg: LlamaConfig, prompts, max_new_tokens: int, engine_kw: dict):
+    """(EngineConfig, tokens [B, P], lens [B]) for these prompts."""
+    ec = plan([len(p) for p in prompts], max_new_tokens, cfg.max_position_embeddings, eos_ids=cfg.eos_token_ids, **engine_kw)
+    return (ec, *pad_prompts(prompts, ec.prompt_len, ec.pad_id))
+
+
 def _trim(row: np.ndarray, eos_ids) -> list[int]:
     """Tokens up to and including the first EOS."""
     out = []
@@ -249,8 +255,7 @@ def decode(
     policy_params: the policy's params pytree (ADORE: the controller state).
     engine_kw: EngineConfig fields (policy, attn_fn, cache_update, chunk, ...).
     Returns the final DecodeState (out [B, max_new_tokens], cache, policy state)."""
-    ec = plan([len(p) for p in prompts], max_new_tokens, cfg.max_position_embeddings, eos_ids=cfg.eos_token_ids, **engine_kw)
-    tokens, lens = pad_prompts(prompts, ec.prompt_len, ec.pad_id)
+    ec, tokens, lens = _prepare(cfg, prompts, max_new_tokens, engine_kw)
     return _generate_jit(params, policy_params, cfg, ec, tokens, lens, jax.random.key(seed), sampling.validate())
 
 
@@ -291,8 +296,7 @@ def stream(
 
     Rows that hit EOS yield `pad_id` afterwards; the first yield is the
     prefill's token (time to first token)."""
-    ec = plan([len(p) for p in prompts], max_new_tokens, cfg.max_position_embeddings, eos_ids=cfg.eos_token_ids, **engine_kw)
-    tokens, lens = pad_prompts(prompts, ec.prompt_len, ec.pad_id)
+    ec, tokens, lens = _prepare(cfg, prompts, max_new_tokens, engine_kw)
     sp = sampling.validate()
     s = _prefill_jit(params, policy_params, cfg, ec, tokens, lens, jax.random.key(seed), sp)
     done_upto = 0
