@@ -29,16 +29,27 @@ class AttentionOut:
 
 class AttentionFn(Protocol):
     def __call__(
-        self, q, k, v, cache_k, cache_v, cache_pos, q_pos, *, with_stats: bool = False
+        self, q, k, v, cache_k, cache_v, cache_pos, q_pos, *, layer=None, with_stats: bool = False
     ) -> AttentionOut: ...
 
 
-def reference_attention(q, k, v, cache_k, cache_v, cache_pos, q_pos, *, with_stats=False, scale=None):
+def layer_cache(cache_k, cache_v, layer):
+    """The [B, S, Hkv, D] cache of one layer: cache_k/v as given when layer is None,
+    else layer `layer` (int, may be traced) of stacked [L, B, S, Hkv, D] arrays."""
+    if layer is None:
+        return cache_k, cache_v
+    pick = lambda c: jax.lax.dynamic_index_in_dim(c, layer, axis=0, keepdims=False)
+    return pick(cache_k), pick(cache_v)
+
+
+def reference_attention(q, k, v, cache_k, cache_v, cache_pos, q_pos, *, layer=None, with_stats=False, scale=None):
     """Plain XLA attention.
 
     q: [B, T, Hq, D]; k, v: [B, T, Hkv, D] (new rows, after RoPE);
-    cache_k, cache_v: [B, S, Hkv, D]; cache_pos: [B, S]; q_pos: [B, T] (int32, -1 = none).
+    cache_k, cache_v: [B, S, Hkv, D], or [L, B, S, Hkv, D] with `layer` choosing one;
+    cache_pos: [B, S]; q_pos: [B, T] (int32, -1 = none).
     """
+    cache_k, cache_v = layer_cache(cache_k, cache_v, layer)
     B, T, Hq, D = q.shape
     Hkv = k.shape[2]
     G = Hq // Hkv

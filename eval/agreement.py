@@ -108,7 +108,7 @@ def run_agreement(params, cfg, tokenizer, prompts: Sequence[dict], specs: Sequen
     note = controller_note(specs, cfg, controller)  # before the runs: says what they use
     done = RowCache(resume_dir, "agreement", run_key(meta, prompts=fingerprint(*[p["ids"] for p in prompts]),
                                                      kinds=[p["kind"] for p in prompts], max_new_tokens=max_new_tokens,
-                                                     chunk=chunk, controller=controller_fingerprint(specs, cfg, controller),
+                                                     chunk=chunk, controller=controller_fingerprint(cfg, controller),
                                 rebuild_every=rebuild_every))
 
     def outputs(spec, m):

@@ -92,14 +92,14 @@ def controller_note(specs: Sequence[PolicySpec], cfg, controller=None) -> str:
     return _controller(cfg, None if controller is None else str(controller))[2]
 
 
-def controller_fingerprint(specs: Sequence[PolicySpec], cfg, controller=None) -> str:
-    """A short hash of the ADORE controller's weights ('' when no adore policy is in specs)."""
+def controller_fingerprint(cfg, controller=None) -> str:
+    """A short hash of the ADORE controller's weights. Part of every run's key, with
+    or without an adore policy, so runs of different policy lists (e.g. split over
+    devices) share one results folder."""
     import hashlib
 
     import jax
 
-    if not any(s.name == "adore" for s in specs):
-        return ""
     h = hashlib.sha1()
     for leaf in jax.tree_util.tree_leaves(_controller(cfg, None if controller is None else str(controller))[1]):
         h.update(np.asarray(leaf).tobytes())

@@ -88,7 +88,7 @@ def run_passkey(params, cfg, tokenizer, prompts: Sequence[dict], specs: Sequence
     note = controller_note(specs, cfg, controller)  # before the runs: says what they use
     done = RowCache(resume_dir, "passkey", run_key(meta, prompts=fingerprint(*[p["ids"] for p in prompts]),
                                                    keys=[p["key"] for p in prompts], max_new_tokens=max_new_tokens,
-                                                   chunk=chunk, controller=controller_fingerprint(specs, cfg, controller),
+                                                   chunk=chunk, controller=controller_fingerprint(cfg, controller),
                                 rebuild_every=rebuild_every))
     with tqdm(total=len(runs) * len(prompts), desc="passkey", unit="prompt") as bar:
         for spec, m in runs:

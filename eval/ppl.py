@@ -83,7 +83,7 @@ def run_ppl(params, cfg, tokens, specs: Sequence[PolicySpec], budgets: Sequence[
     results, full = [], None
     note = controller_note(specs, cfg, controller)  # before the runs: says what they use
     done = RowCache(resume_dir, "ppl", run_key(meta, tokens=fingerprint(tokens), prefill=prefill, chunk=chunk,
-                                               budgets=list(budgets), controller=controller_fingerprint(specs, cfg, controller),
+                                               budgets=list(budgets), controller=controller_fingerprint(cfg, controller),
                                 rebuild_every=rebuild_every))
     with tqdm(total=len(runs) * len(parts), desc="ppl", unit="batch") as bar:
         for spec, m in runs:

@@ -113,7 +113,7 @@ def run_recall(params, cfg, tokens, specs: Sequence[PolicySpec], budgets: Sequen
     results, labels = [], None
     note = controller_note(specs, cfg, controller)  # before the runs: says what they use
     done = RowCache(resume_dir, "recall", run_key(meta, tokens=fingerprint(tokens), topk=topk, queries=qs, prefill=prefill,
-                                                  chunk=chunk, controller=controller_fingerprint(specs, cfg, controller),
+                                                  chunk=chunk, controller=controller_fingerprint(cfg, controller),
                                 rebuild_every=rebuild_every))
     with tqdm(total=len(runs) * len(parts) * len(qs), desc="recall", unit="run") as bar:
         for spec, m in runs:

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from adore_jax import engine
-from adore_jax.attention import AttentionOut
+from adore_jax.attention import AttentionOut, layer_cache
 from adore_jax.cache import KVCache
 from adore_jax.policies import build_policy
 from adore_jax.sampling import SamplingParams
@@ -43,7 +43,7 @@ class Row:
     cache_size: int = 1024
     rebuild: int = 0
     rebuild_every: int = 1
-    variant: str = ""  # "" | no-attention | no-update (step breakdown)
+    variant: str = ""  # "" | no-attention | no-update (step breakdown) | sliced-cache (per-layer slice)
 
     @property
     def name(self) -> str:
@@ -66,9 +66,20 @@ def copy_bandwidth(nbytes: int = 2 << 30) -> float:
     return 2 * nbytes / float(np.median(ts))
 
 
-def _no_attention(q, k, v, cache_k, cache_v, cache_pos, q_pos, *, with_stats=False, scale=None):
+def _no_attention(q, k, v, cache_k, cache_v, cache_pos, q_pos, *, layer=None, with_stats=False, scale=None):
     """Breakdown variant: attention replaced by the query itself."""
     return AttentionOut(q)
+
+
+def _sliced_cache(attn_fn):
+    """Comparison variant: the layer's cache sliced out before the kernel call
+    (how the layer scan passed it before the kernels took the layer index)."""
+
+    def fn(q, k, v, cache_k, cache_v, cache_pos, q_pos, *, layer=None, with_stats=False, scale=None):
+        ck, cv = layer_cache(cache_k, cache_v, layer)
+        return attn_fn(q, k, v, ck, cv, cache_pos, q_pos, with_stats=with_stats, scale=scale)
+
+    return fn
 
 
 def _no_update(cache, new_k, new_v, slots, positions):
@@ -113,6 +124,8 @@ def measure_row(cfg, params, row: Row, steps: int, repeats: int, kernels) -> dic
     attn_fn, update_fn = kernels
     if row.variant == "no-attention":
         attn_fn = _no_attention
+    if row.variant == "sliced-cache":
+        attn_fn = _sliced_cache(attn_fn)
     if row.variant == "no-update":
         update_fn = _no_update
     pol, pp, _ = build_policy(row.policy, cfg, None if row.policy == "full" else row.cache_size,
@@ -149,39 +162,50 @@ def time_to_first_token(cfg, params, row: Row, kernels) -> float:
     return time.perf_counter() - t
 
 
-def hf_step_ms(cfg: LlamaConfig, batch: int, context: int, steps: int = 8) -> float:
-    """HF transformers (torch, bf16, random weights, sdpa) ms per decode step after a prefill."""
+def hf_step_ms(cfg: LlamaConfig, batch: int, context: int, steps: int = 8, static: bool = False,
+               device: str = "cuda") -> float:
+    """HF transformers (torch, random weights, sdpa, no torch.compile) ms per decode
+    step after a prefill of `context` tokens; static=True uses a StaticCache."""
     import torch
     from transformers import LlamaConfig as HFConfig
-    from transformers import LlamaForCausalLM
+    from transformers import LlamaForCausalLM, StaticCache
 
     hf_cfg = HFConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
                       num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
                       num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
                       max_position_embeddings=cfg.max_position_embeddings, tie_word_embeddings=cfg.tie_word_embeddings)
-    with torch.device("cuda"):
-        model = LlamaForCausalLM(hf_cfg).to(torch.bfloat16).eval()
-    ids = torch.randint(0, cfg.vocab_size, (batch, context), device="cuda")
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    with torch.device(device):
+        model = LlamaForCausalLM(hf_cfg).to(dtype).eval()
+    ids = torch.randint(0, cfg.vocab_size, (batch, context), device=device)
+    past = StaticCache(config=hf_cfg, max_cache_len=context + steps + 2) if static else None
     with torch.no_grad():
-        out = model(ids, use_cache=True)
+        out = model(ids, past_key_values=past, use_cache=True, cache_position=torch.arange(context, device=device))
         past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
         del out
         ts = []
         for i in range(steps + 2):
-            torch.cuda.synchronize()
+            sync()
             t = time.perf_counter()
-            out = model(nxt, past_key_values=past, use_cache=True)
+            pos = torch.tensor([context + i], device=device)
+            out = model(nxt, past_key_values=past, use_cache=True, cache_position=pos)
             nxt = out.logits[:, -1:].argmax(-1)
-            torch.cuda.synchronize()
+            sync()
             ts.append(time.perf_counter() - t)
             past = out.past_key_values
     del model, past, out
-    torch.cuda.empty_cache()
+    if device == "cuda":
+        torch.cuda.empty_cache()
     return float(np.median(ts[2:])) * 1e3
 
 
+HF_SHAPES = (("llama2-7b", 8, 16384, False), ("llama2-7b", 8, 16384, True), ("smollm2-135m", 64, 8192, False))
+
+
 def hf_reference() -> list[dict]:
-    """HF transformers step times at the main shapes (GPU only; [] elsewhere)."""
+    """HF transformers step times at the main shapes, dynamic (eager) and static
+    cache (GPU only; [] elsewhere)."""
     try:
         import torch
     except ImportError:
@@ -189,38 +213,47 @@ def hf_reference() -> list[dict]:
     if not torch.cuda.is_available():
         return []
     hf = []
-    for shape, B, ctx in (("llama2-7b", 8, 16384), ("smollm2-135m", 64, 8192)):
+    for shape, B, ctx, static in HF_SHAPES:
+        row = {"shape": shape, "batch": B, "context": ctx, "cache": "static" if static else "dynamic"}
         try:
-            hf.append({"shape": shape, "batch": B, "context": ctx, "step_ms": hf_step_ms(SHAPES[shape], B, ctx)})
+            row["step_ms"] = hf_step_ms(SHAPES[shape], B, ctx, static=static)
         except Exception as e:  # e.g. out of memory: recorded in the table
-            hf.append({"shape": shape, "batch": B, "context": ctx, "error": str(e).splitlines()[0][:200]})
-        print(json.dumps(hf[-1]), flush=True)
+            row["error"] = str(e).splitlines()[0][:200]
+        hf.append(row)
+        print(json.dumps(row), flush=True)
     return hf
 
 
 def preset_rows(preset: str) -> list[Row]:
     if preset == "tiny":
         return [Row("tiny", p, 2, 256, cache_size=64, rebuild=r) for p, r in (("full", 0), ("streaming", 0), ("adore", 0), ("adore", 4))] + [
-            Row("tiny", "full", 2, 256, variant="no-attention"), Row("tiny", "adore", 2, 256, cache_size=64, variant="no-update")]
+            Row("tiny", "full", 2, 256, variant="no-attention"), Row("tiny", "adore", 2, 256, cache_size=64, variant="no-update"),
+            Row("tiny", "full", 2, 256, variant="sliced-cache")]
     rows = [Row("smollm2-135m", "full", 64, 8192), Row("smollm2-135m", "adore", 64, 8192, rebuild=8)]
     main = dict(shape="llama2-7b", batch=8, context=16384)
     rows += [Row(policy="full", **main), Row(policy="streaming", **main), Row(policy="adore", **main),
              Row(policy="adore", rebuild=8, **main), Row(policy="adore", rebuild=8, rebuild_every=8, **main),
              Row(policy="full", variant="no-attention", **main), Row(policy="adore", rebuild=8, variant="no-attention", **main),
-             Row(policy="adore", rebuild=8, variant="no-update", **main)]
+             Row(policy="adore", rebuild=8, variant="no-update", **main),
+             Row(policy="full", variant="sliced-cache", **main), Row(policy="adore", variant="sliced-cache", **main)]
     return rows
 
 
-def grid_rows(shapes, hbm_bytes: float, itemsize: int) -> list[Row]:
-    """Contexts {2K, 8K, 16K, 32K} x batch {1, 8, 16, 64} x policies, where weights + KV
-    + history fit in 85% of device memory."""
+TTFT_MAX_BATCH = 16  # --ttft: larger batches would prefill for minutes (B=160 x 16K at 7B: ~35 PFLOP)
+GRID_CONTEXTS = (2048, 8192, 16384, 32768)
+GRID_BATCHES = (1, 8, 16, 64)
+
+
+def grid_rows(shapes, hbm_bytes: float, itemsize: int, contexts=GRID_CONTEXTS, batches=GRID_BATCHES) -> list[Row]:
+    """Contexts x batches x policies (default {2K, 8K, 16K, 32K} x {1, 8, 16, 64}),
+    where weights + KV + history fit in 85% of device memory."""
     rows = []
     for shape in shapes:
         cfg = SHAPES[shape]
         weights = (cfg.num_layers * (cfg.hidden_size * (2 * cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
                                      + 3 * cfg.hidden_size * cfg.intermediate_size) + 2 * cfg.vocab_size * cfg.hidden_size) * itemsize
-        for ctx in (2048, 8192, 16384, 32768):
-            for B in (1, 8, 16, 64):
+        for ctx in contexts:
+            for B in batches:
                 for policy, R, k in (("full", 0, 1), ("streaming", 0, 1), ("adore", 0, 1), ("adore", 8, 1), ("adore", 8, 8)):
                     held = ctx if policy == "full" else min(ctx, 1024)
                     need = weights + B * (held * cfg.kv_bytes_per_token * itemsize + (ctx * 264 if policy == "adore" else 0))
@@ -230,24 +263,32 @@ def grid_rows(shapes, hbm_bytes: float, itemsize: int) -> list[Row]:
 
 
 def plot_tokens_per_s(rows: list[dict], path: Path) -> None:
-    """tokens/s against context length, one line per (shape, policy, batch)."""
+    """tokens/s against context length: one panel per (shape, batch) with at least
+    two contexts measured, one line per policy."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lines: dict = {}
+    panels: dict = {}
     for r in rows:
         if "tokens_per_s" in r and not r["variant"]:
-            lines.setdefault((r["shape"], r["name"], r["batch"]), []).append((r["context"], r["tokens_per_s"]))
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for (shape, name, B), pts in sorted(lines.items()):
-        pts.sort()
-        ax.plot(*zip(*pts), marker="o", label=f"{shape} {name} B={B}")
-    ax.set(xscale="log", yscale="log", xlabel="context length (tokens)", ylabel="decode tokens/s")
-    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x / 1024:g}K"))
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=6, ncol=2)
+            panels.setdefault((r["shape"], r["batch"]), {}).setdefault(r["name"], []).append((r["context"], r["tokens_per_s"]))
+    keep = sorted(k for k, lines in panels.items() if len({c for pts in lines.values() for c, _ in pts}) > 1)
+    keep = keep or sorted(panels)[:1]
+    ncols = min(4, max(1, len(keep)))
+    nrows = max(1, -(-len(keep) // ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4 * ncols, 3.2 * nrows), squeeze=False)
+    for ax, key in zip(axes.flat, keep):
+        for name, pts in sorted(panels[key].items()):
+            pts.sort()
+            ax.plot(*zip(*pts), marker="o", label=name)
+        ax.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="decode tokens/s", title=f"{key[0]}, B={key[1]}")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x / 1024:g}K"))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    for ax in list(axes.flat)[len(keep):]:
+        ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -268,12 +309,14 @@ def main(argv=None) -> int:
     p.add_argument("--preset", choices=("tiny", "gpu", "grid"), default="tiny",
                    help="tiny: CPU smoke test; gpu: the main 7B rows; grid: contexts x batches x policies")
     p.add_argument("--shapes", default="smollm2-135m,llama2-7b", help="grid: comma-separated shapes")
+    p.add_argument("--contexts", default=",".join(map(str, GRID_CONTEXTS)), help="grid: comma-separated context lengths")
+    p.add_argument("--batches", default=",".join(map(str, GRID_BATCHES)), help="grid: comma-separated batch sizes")
     p.add_argument("--out", default="results/throughput")
     p.add_argument("--steps", type=int, default=16, help="decode steps per timed chunk")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--no-hf", action="store_true", help="skip the transformers reference")
     p.add_argument("--fixed-budget", action="store_true", help="also the largest batch per policy at 16K (7B)")
-    p.add_argument("--ttft", action="store_true", help="also time a real prefill (time to first token)")
+    p.add_argument("--ttft", action="store_true", help=f"also time a real prefill (time to first token), B <= {TTFT_MAX_BATCH}")
     args = p.parse_args(argv)
     from adore_jax.kernels import get_attention_fn, get_cache_update_fn
 
@@ -285,7 +328,11 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     hbm = (jax.devices()[0].memory_stats() or {}).get("bytes_limit", 16e9)
-    rows = grid_rows(args.shapes.split(","), hbm, itemsize) if args.preset == "grid" else preset_rows(args.preset)
+    if args.preset == "grid":
+        ints = lambda text: [int(x) for x in text.split(",") if x.strip()]
+        rows = grid_rows(args.shapes.split(","), hbm, itemsize, ints(args.contexts), ints(args.batches))
+    else:
+        rows = preset_rows(args.preset)
     if args.fixed_budget:
         rows += fixed_budget_rows(SHAPES["llama2-7b"], itemsize, hbm)
     partial = out / "rows.jsonl"  # finished rows; a rerun of the same command skips them
@@ -308,8 +355,12 @@ def main(argv=None) -> int:
             need = step_bytes(cfg, params, row, itemsize)
             r.update(bytes_per_step_gb=need / 1e9, roofline_ms=need / bw * 1e3)
             r["roofline_fraction"] = r["roofline_ms"] / r["step_ms"]
-        if args.ttft and "step_ms" in r and row.variant == "" and row.rebuild == 0 and row.policy != "streaming":
-            r["ttft_s"] = time_to_first_token(cfg, params, row, kernels)
+        if args.ttft and "step_ms" in r and row.variant == "" and row.rebuild == 0 and row.policy != "streaming" \
+                and row.batch <= TTFT_MAX_BATCH:
+            try:
+                r["ttft_s"] = time_to_first_token(cfg, params, row, kernels)
+            except Exception as e:  # a prefill that does not fit: the decode row stands
+                r["ttft_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
         results.append({**dataclasses.asdict(row), "name": row.name, **r})
         print(json.dumps(results[-1]), flush=True)
         with open(partial, "a") as f:
@@ -340,7 +391,8 @@ def render_table(report: dict) -> str:
                      f"{r['peak_gb']:.1f} | {ttft} |")
     for h in report["hf"]:
         val = f"{h['step_ms']:.1f} | {h['batch'] * 1e3 / h['step_ms']:.0f}" if "step_ms" in h else h["error"][:60] + " |"
-        lines.append(f"| {h['shape']} | HF transformers (sdpa, eager) | {h['batch']} | {h['context']} | {val} | | | | |")
+        lines.append(f"| {h['shape']} | HF transformers (sdpa, {h.get('cache', 'dynamic')} cache) | {h['batch']} | "
+                     f"{h['context']} | {val} | | | | |")
     return "\n".join(lines) + "\n"
 
 

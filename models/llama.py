@@ -236,14 +236,16 @@ def forward(
     x = embed_tokens(params, tokens)
 
     def layer(x, xs):
-        lp, ck, cv = xs
+        lp, li = xs
         h = rms_norm(x, lp.attn_norm, cfg.rms_norm_eps)
         q = _dense(h, lp.wq, lp.bq).reshape(B, T, Hq, D)
         k = _dense(h, lp.wk, lp.bk).reshape(B, T, Hkv, D)
         v = _dense(h, lp.wv, lp.bv).reshape(B, T, Hkv, D)
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
-        res = attn_fn(q, k, v, ck, cv, cache.pos, positions, with_stats=with_stats)
+        # the whole stacked cache goes in with the layer index: slicing it here would
+        # copy each layer's cache before a kernel call
+        res = attn_fn(q, k, v, cache.k, cache.v, cache.pos, positions, layer=li, with_stats=with_stats)
         x = x + _dense(res.out.reshape(B, T, Hq * D).astype(x.dtype), lp.wo)
         h = rms_norm(x, lp.mlp_norm, cfg.rms_norm_eps)
         gate = _dense(h, lp.w_gate).astype(jnp.float32)
@@ -252,7 +254,7 @@ def forward(
         mass = res.mass if with_stats else jnp.zeros((), jnp.float32)
         return x, (k, v, mass)
 
-    x, (new_k, new_v, mass) = jax.lax.scan(layer, x, (params.layers, cache.k, cache.v))
+    x, (new_k, new_v, mass) = jax.lax.scan(layer, x, (params.layers, jnp.arange(cfg.num_layers, dtype=jnp.int32)))
     if logits_rows is not None:
         x = jnp.take_along_axis(x, logits_rows[..., None], axis=1)
     x = rms_norm(x, params.final_norm, cfg.rms_norm_eps)

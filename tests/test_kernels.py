@@ -133,6 +133,22 @@ def test_tpu_attention_matches_reference(B, T, Hq, Hkv, D, S, dtype, cache, conf
     check_against_reference(got, args, with_stats)
 
 
+@pytest.mark.parametrize("fn,config", [(sparse_attention_gpu, GpuConfig(block_s=16, splits=2)),
+                                       (sparse_attention_tpu, TpuConfig(block_s=128, splits=2))], ids=["gpu", "tpu"])
+def test_stacked_cache_reads_only_its_layer(fn, config):
+    """Given layer=l and the stacked [L, B, S, Hkv, D] cache (every other layer
+    NaN), the kernel equals the reference on layer l alone, for each l."""
+    L, (B, T, Hq, Hkv, D, S) = 3, (2, 2, 8, 2, 64, 150)
+    for layer in range(L):
+        q, k, v, ck, cv, cpos, qpos = make_inputs(B, T, Hq, Hkv, D, S, F32)
+        nan = jnp.full((L, B, S, Hkv, D), jnp.nan, F32)
+        ck_all, cv_all = nan.at[layer].set(ck), nan.at[layer].set(cv)
+        got = run_fast(lambda q, k, v, a, b, cp, qp, li: fn(q, k, v, a, b, cp, qp, layer=li, with_stats=True,
+                                                            interpret=True, config=config),
+                       q, k, v, ck_all, cv_all, cpos, qpos, jnp.int32(layer))
+        check_against_reference(got, (q, k, v, ck, cv, cpos, qpos), True)
+
+
 @pytest.mark.parametrize("fn", [sparse_attention_gpu, sparse_attention_tpu], ids=["gpu", "tpu"])
 def test_long_chunks_fall_back_to_reference(fn):
     args = make_inputs(1, 20, 4, 2, 16, 24, F32)  # T = 20 > 16: prefill-like chunk

@@ -35,7 +35,7 @@ import optax
 import orbax.checkpoint as ocp
 from tqdm import tqdm
 
-from adore_jax.attention import NEG_INF, AttentionFn, AttentionOut, reference_attention
+from adore_jax.attention import NEG_INF, AttentionFn, AttentionOut, layer_cache, reference_attention
 from adore_jax.cache import KVCache
 from models.llama import LlamaConfig, Params, forward, init_params
 from train.config import parse_config as read_config
@@ -66,7 +66,8 @@ def topk_attention(k: int) -> AttentionFn:
     gradient. Cached: one function object per k (so jit caches hit).
     """
 
-    def attn(q, new_k, new_v, cache_k, cache_v, cache_pos, q_pos, *, with_stats=False) -> AttentionOut:
+    def attn(q, new_k, new_v, cache_k, cache_v, cache_pos, q_pos, *, layer=None, with_stats=False) -> AttentionOut:
+        cache_k, cache_v = layer_cache(cache_k, cache_v, layer)
         B, T, Hq, D = q.shape
         S, Hkv = cache_k.shape[1], new_k.shape[2]
         N = S + T

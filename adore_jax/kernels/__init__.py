@@ -73,13 +73,14 @@ class AttentionKernel:
         self._fn = fn
         functools.update_wrapper(self, fn)
 
-    def __call__(self, q, k, v, cache_k, cache_v, cache_pos, q_pos, *, with_stats: bool = False, scale=None) -> AttentionOut:
+    def __call__(self, q, k, v, cache_k, cache_v, cache_pos, q_pos, *, layer=None, with_stats: bool = False,
+                 scale=None) -> AttentionOut:
         if with_stats and not self.supports_stats:
             raise ValueError(
                 f"attention backend {self.backend!r} cannot return statistics (mass, lse); "
                 "use with_stats=False or the 'reference' backend"
             )
-        return self._fn(q, k, v, cache_k, cache_v, cache_pos, q_pos, with_stats=with_stats, scale=scale)
+        return self._fn(q, k, v, cache_k, cache_v, cache_pos, q_pos, layer=layer, with_stats=with_stats, scale=scale)
 
     def __repr__(self):
         return f"AttentionKernel({self.backend!r})"

@@ -4,7 +4,9 @@ Grid (B, Hkv, NS): one program per (sequence, KV head, split of the slots).
 Each program loads the G * T query rows of its KV head once (rows r = t*G + g,
 padded to a power of two >= 16), then streams its share of the cache K/V
 straight from the cache layout [B, S, Hkv, D] (no transpose, each K/V row read
-once), with an online softmax in fp32. The last split also takes the T new
+once), with an online softmax in fp32. Given `layer`, the kernel reads that
+layer of the stacked [L, B, S, Hkv, D] cache itself (the index is a kernel
+input), so a layer scan passes the whole cache without slicing (copying) it. The last split also takes the T new
 rows. Splits are merged with their log-sum-exp either
 
 * merge="kernel" (default): each split writes its partial (m, l, unnormalised
@@ -43,6 +45,7 @@ from adore_jax.kernels.common import (
     merge_partials,
     next_pow2,
     round_up,
+    stacked,
 )
 
 
@@ -90,7 +93,7 @@ def plan(B: int, Hkv: int, S: int, D: int, cfg: GpuConfig):
     return bs, ns, sp
 
 
-def supported(q, k, cache_k) -> bool:
+def supported(q, k) -> bool:
     B, T, Hq, D = q.shape
     Hkv = k.shape[2]
     return T <= MAX_T and (Hq // Hkv) * T <= MAX_ROWS and D == next_pow2(D) and D >= 16
@@ -108,8 +111,8 @@ def _load_shared(ref, mask, other, interpret, volatile):
 
 
 def _kernel(*refs, T, G, D, S, R, Rr, bs, Sp, NS, Tp, scale, merge, with_scores, interpret, volatile, precision):
-    q_ref, qpos_ref, ck_ref, cv_ref, cpos_ref, kn_ref, vn_ref = refs[:7]
-    rest = list(refs[7:])
+    lyr_ref, q_ref, qpos_ref, ck_ref, cv_ref, cpos_ref, kn_ref, vn_ref = refs[:8]
+    rest = list(refs[8:])
     use_counter = merge == "kernel" and NS > 1
     if use_counter:
         rest.pop(0)  # counter input (aliased to an output below)
@@ -126,6 +129,7 @@ def _kernel(*refs, T, G, D, S, R, Rr, bs, Sp, NS, Tp, scale, merge, with_scores,
     h = pl.program_id(1)
     j = pl.program_id(2)
     f32 = jnp.float32
+    lyr = lyr_ref[0]  # layer of the stacked cache blocks [L, S, D]
 
     r = jnp.arange(R, dtype=jnp.int32)
     row_ok = r < Rr
@@ -163,8 +167,8 @@ def _kernel(*refs, T, G, D, S, R, Rr, bs, Sp, NS, Tp, scale, merge, with_scores,
 
     def body(i, c):
         start = pl.multiple_of(split_start + i * bs, bs)
-        k = ck_ref[pl.ds(start, bs), :]
-        v = cv_ref[pl.ds(start, bs), :]
+        k = ck_ref[lyr, pl.ds(start, bs), :]
+        v = cv_ref[lyr, pl.ds(start, bs), :]
         kpos = cpos_ref[pl.ds(start, bs)]
         return update(c, k, v, kpos, start)
 
@@ -180,8 +184,8 @@ def _kernel(*refs, T, G, D, S, R, Rr, bs, Sp, NS, Tp, scale, merge, with_scores,
             start = tail + 0 * j  # dynamic start: the slice runs past S, the mask covers it
             ok = (tail + jnp.arange(bs, dtype=jnp.int32)) < S
             ok2 = jnp.broadcast_to(ok[:, None], (bs, D))
-            k = plgpu.load(ck_ref.at[pl.ds(start, bs), :], mask=ok2, other=0)
-            v = plgpu.load(cv_ref.at[pl.ds(start, bs), :], mask=ok2, other=0)
+            k = plgpu.load(ck_ref.at[lyr, pl.ds(start, bs), :], mask=ok2, other=0)
+            v = plgpu.load(cv_ref.at[lyr, pl.ds(start, bs), :], mask=ok2, other=0)
             kpos = plgpu.load(cpos_ref.at[pl.ds(start, bs)], mask=ok, other=-1)
             return update(c, k, v, kpos, tail)
 
@@ -251,16 +255,20 @@ def sparse_attention_gpu(
     cache_pos,
     q_pos,
     *,
+    layer=None,
     with_stats: bool = False,
     scale: Optional[float] = None,
     interpret: bool = False,
     config: GpuConfig = GpuConfig(),
 ) -> AttentionOut:
     """Same signature and outputs as `reference_attention` (GPU Pallas/Triton)."""
-    B, T, Hq, Hkv, G, D, S = check_shapes(q, k, v, cache_k, cache_v, cache_pos, q_pos)
+    B, T, Hq, Hkv, G, D, S = check_shapes(q, k, v, cache_k, cache_v, cache_pos, q_pos, layer)
     scale = D**-0.5 if scale is None else float(scale)
-    if not supported(q, k, cache_k) or S == 0:
-        return reference_attention(q, k, v, cache_k, cache_v, cache_pos, q_pos, with_stats=with_stats, scale=scale)
+    if not supported(q, k) or S == 0:
+        return reference_attention(q, k, v, cache_k, cache_v, cache_pos, q_pos, layer=layer, with_stats=with_stats,
+                                   scale=scale)
+    cache_k, cache_v, layer = stacked(cache_k, cache_v, layer)
+    L = cache_k.shape[0]
     if config.merge not in ("kernel", "xla"):
         raise ValueError(f"unknown merge {config.merge!r} (kernel, xla)")
     bs, NS, Sp = plan(B, Hkv, S, D, config)
@@ -275,15 +283,16 @@ def sparse_attention_gpu(
     f32 = jnp.float32
 
     in_specs = [
+        pl.BlockSpec((1,), lambda b, h, j: (0,)),  # layer
         pl.BlockSpec((None, T, Hq, D), lambda b, h, j: (b, 0, 0, 0)),  # q
         pl.BlockSpec((None, T), lambda b, h, j: (b, 0)),  # q_pos
-        pl.BlockSpec((None, S, None, D), lambda b, h, j: (b, 0, h, 0)),  # cache_k
-        pl.BlockSpec((None, S, None, D), lambda b, h, j: (b, 0, h, 0)),  # cache_v
+        pl.BlockSpec((L, None, S, None, D), lambda b, h, j: (0, b, 0, h, 0)),  # cache_k (all layers)
+        pl.BlockSpec((L, None, S, None, D), lambda b, h, j: (0, b, 0, h, 0)),  # cache_v
         pl.BlockSpec((None, S), lambda b, h, j: (b, 0)),  # cache_pos
         pl.BlockSpec((None, T, None, D), lambda b, h, j: (b, 0, h, 0)),  # k (new rows)
         pl.BlockSpec((None, T, None, D), lambda b, h, j: (b, 0, h, 0)),  # v (new rows)
     ]
-    args = [q, q_pos, cache_k, cache_v, cache_pos, k, v]
+    args = [layer, q, q_pos, cache_k, cache_v, cache_pos, k, v]
     out_shape, out_specs = [], []
     aliases = {}
     if use_counter:
@@ -307,7 +316,7 @@ def sparse_attention_gpu(
             pl.BlockSpec((None, None, NS, Rr), lambda b, h, j: (b, h, 0, 0)),
         ]
     if use_counter:
-        aliases[7] = len(out_shape)
+        aliases[8] = len(out_shape)
         out_shape.append(jax.ShapeDtypeStruct((B, Hkv, 1), jnp.int32))
         out_specs.append(pl.BlockSpec((None, None, 1), lambda b, h, j: (b, h, 0)))
     W = NS * Sp + Tp

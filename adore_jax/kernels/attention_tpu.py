@@ -1,6 +1,8 @@
 """Sparse decode attention over the slot cache: TPU Pallas (Mosaic).
 
-The cache [B, S, Hkv, D] is viewed (for free) as [B, S, Hkv * D], so a block
+The cache, stacked [L, B, S, Hkv, D] (a per-layer cache gets L = 1), is viewed
+(for free) as [L, B, S, Hkv * D]; the layer index is a scalar-prefetch operand
+of the block index maps, so a layer scan never slices (copies) the cache. A block
 (bs slots, hb * D lanes) holds hb KV heads of bs slots: a plain 2-D tile for
 Mosaic, and one strided DMA per block from the native layout (each K/V row is
 read once). hb is the smallest divisor of Hkv with hb * D a multiple of 128
@@ -41,6 +43,7 @@ from adore_jax.kernels.common import (
     merge_partials,
     new_rows_partial,
     round_up,
+    stacked,
 )
 
 
@@ -57,13 +60,13 @@ def head_group(Hkv: int, D: int) -> int:
     return Hkv
 
 
-def supported(q, k, cache_k) -> bool:
+def supported(q, k) -> bool:
     B, T, Hq, D = q.shape
     Hkv = k.shape[2]
     return T <= MAX_T and (Hq // Hkv) * T <= MAX_ROWS
 
 
-def _kernel(q_ref, rpos_ref, cpos_ref, ck_ref, cv_ref, o_ref, m_ref, l_ref, *sc, S, bs, nb, hb, D, scale, sanitize):
+def _kernel(lyr_ref, q_ref, rpos_ref, cpos_ref, ck_ref, cv_ref, o_ref, m_ref, l_ref, *sc, S, bs, nb, hb, D, scale, sanitize):
     j = pl.program_id(2)
     i = pl.program_id(3)
     blk = j * nb + i  # unclamped: blocks past the end are fully masked
@@ -109,6 +112,7 @@ def sparse_attention_tpu(
     cache_pos,
     q_pos,
     *,
+    layer=None,
     with_stats: bool = False,
     scale: Optional[float] = None,
     interpret=False,
@@ -119,10 +123,13 @@ def sparse_attention_tpu(
     interpret=True runs the TPU interpreter on CPU (out-of-bounds block reads
     give NaN, as garbage would on hardware).
     """
-    B, T, Hq, Hkv, G, D, S = check_shapes(q, k, v, cache_k, cache_v, cache_pos, q_pos)
+    B, T, Hq, Hkv, G, D, S = check_shapes(q, k, v, cache_k, cache_v, cache_pos, q_pos, layer)
     scale = D**-0.5 if scale is None else float(scale)
-    if not supported(q, k, cache_k) or S == 0:
-        return reference_attention(q, k, v, cache_k, cache_v, cache_pos, q_pos, with_stats=with_stats, scale=scale)
+    if not supported(q, k) or S == 0:
+        return reference_attention(q, k, v, cache_k, cache_v, cache_pos, q_pos, layer=layer, with_stats=with_stats,
+                                   scale=scale)
+    cache_k, cache_v, layer = stacked(cache_k, cache_v, layer)
+    L = cache_k.shape[0]
     if interpret is True:
         interpret = default_interpret_params()
     f32 = jnp.float32
@@ -145,19 +152,19 @@ def sparse_attention_tpu(
     qr = jnp.pad(qr, ((0, 0), (0, 0), (0, Rt - Rr), (0, 0)))
     q_pos = q_pos.astype(jnp.int32)
     rpos = jnp.pad(jnp.repeat(q_pos, G, axis=1), ((0, 0), (0, Rt - Rr)), constant_values=-1)[..., None]
-    ck = cache_k.reshape(B, S, Hkv * D)
-    cv = cache_v.reshape(B, S, Hkv * D)
+    ck = cache_k.reshape(L, B, S, Hkv * D)
+    cv = cache_v.reshape(L, B, S, Hkv * D)
     cpos = cache_pos.astype(jnp.int32).reshape(B, 1, S)
 
-    def kv_block(b, g, j, i):
-        return (b, jnp.minimum(j * nb + i, NB - 1), g)
+    def kv_block(b, g, j, i, lyr):
+        return (lyr[0], b, jnp.minimum(j * nb + i, NB - 1), g)
 
     in_specs = [
-        pl.BlockSpec((None, hb, Rt, D), lambda b, g, j, i: (b, g, 0, 0)),
-        pl.BlockSpec((None, Rt, 1), lambda b, g, j, i: (b, 0, 0)),
-        pl.BlockSpec((None, 1, bs), lambda b, g, j, i: (b, 0, jnp.minimum(j * nb + i, NB - 1))),
-        pl.BlockSpec((None, bs, hb * D), kv_block),
-        pl.BlockSpec((None, bs, hb * D), kv_block),
+        pl.BlockSpec((None, hb, Rt, D), lambda b, g, j, i, lyr: (b, g, 0, 0)),
+        pl.BlockSpec((None, Rt, 1), lambda b, g, j, i, lyr: (b, 0, 0)),
+        pl.BlockSpec((None, 1, bs), lambda b, g, j, i, lyr: (b, 0, jnp.minimum(j * nb + i, NB - 1))),
+        pl.BlockSpec((None, None, bs, hb * D), kv_block),
+        pl.BlockSpec((None, None, bs, hb * D), kv_block),
     ]
     out_shape = [
         jax.ShapeDtypeStruct((B, Hkv, NS, Rt, D), f32),
@@ -165,25 +172,25 @@ def sparse_attention_tpu(
         jax.ShapeDtypeStruct((B, Hkv, NS, Rt, 1), f32),
     ]
     out_specs = [
-        pl.BlockSpec((None, hb, None, Rt, D), lambda b, g, j, i: (b, g, j, 0, 0)),
-        pl.BlockSpec((None, hb, None, Rt, 1), lambda b, g, j, i: (b, g, j, 0, 0)),
-        pl.BlockSpec((None, hb, None, Rt, 1), lambda b, g, j, i: (b, g, j, 0, 0)),
+        pl.BlockSpec((None, hb, None, Rt, D), lambda b, g, j, i, lyr: (b, g, j, 0, 0)),
+        pl.BlockSpec((None, hb, None, Rt, 1), lambda b, g, j, i, lyr: (b, g, j, 0, 0)),
+        pl.BlockSpec((None, hb, None, Rt, 1), lambda b, g, j, i, lyr: (b, g, j, 0, 0)),
     ]
     if with_stats:
         out_shape.append(jax.ShapeDtypeStruct((B, Hkv, Rt, Spad), f32))
-        out_specs.append(pl.BlockSpec((None, hb, Rt, bs), lambda b, g, j, i: (b, g, 0, j * nb + i)))
+        out_specs.append(pl.BlockSpec((None, hb, Rt, bs), lambda b, g, j, i, lyr: (b, g, 0, j * nb + i)))
 
     kernel = functools.partial(_kernel, S=S, bs=bs, nb=nb, hb=hb, D=D, scale=scale, sanitize=sanitize)
     outs = pl.pallas_call(
         kernel,
         out_shape=out_shape,
-        grid=(B, Hkv // hb, NS, nb),
-        in_specs=in_specs,
-        out_specs=out_specs,
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=1, grid=(B, Hkv // hb, NS, nb), in_specs=in_specs, out_specs=out_specs
+        ),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
         interpret=interpret,
         name="adore_sparse_attention_tpu",
-    )(qr, rpos, cpos, ck, cv)
+    )(layer, qr, rpos, cpos, ck, cv)
     o_p, m_p, l_p = outs[:3]
     o_n, m_n, l_n, s_n = new_rows_partial(q, k, v, q_pos, scale)
     o_all = jnp.concatenate([o_p[:, :, :, :Rr], o_n], axis=2)

@@ -29,8 +29,13 @@ def round_up(a: int, b: int) -> int:
     return cdiv(a, b) * b
 
 
-def check_shapes(q, k, v, cache_k, cache_v, cache_pos, q_pos):
-    """Validate shapes; returns (B, T, Hq, Hkv, G, D, S)."""
+def check_shapes(q, k, v, cache_k, cache_v, cache_pos, q_pos, layer=None):
+    """Validate shapes (cache_k/v stacked [L, B, S, Hkv, D] when layer is given);
+    returns (B, T, Hq, Hkv, G, D, S)."""
+    if layer is not None:
+        if cache_k.ndim != 5 or cache_v.shape != cache_k.shape:
+            raise ValueError(f"with layer=, cache_k/v must be [L, B, S, Hkv, D]; got {cache_k.shape}, {cache_v.shape}")
+        cache_k, cache_v = cache_k[0], cache_v[0]
     B, T, Hq, D = q.shape
     if k.ndim != 4 or k.shape[:2] != (B, T) or k.shape[3] != D or v.shape != k.shape:
         raise ValueError(f"k/v must be [B, T, Hkv, D] = [{B}, {T}, Hkv, {D}]; got {k.shape}, {v.shape}")
@@ -101,6 +106,14 @@ def mass_from_scores(scores, lse, T: int, G: int):
     lse_r = lse.reshape(B, T, Hkv, G).transpose(0, 2, 1, 3).reshape(B, Hkv, Rr)
     p = jnp.where(scores > 0.5 * NEG_INF, jnp.exp(scores - lse_r[..., None]), 0.0)
     return jnp.sum(p.reshape(B, Hkv, T, G, K), axis=(1, 3))
+
+
+def stacked(cache_k, cache_v, layer):
+    """(cache_k, cache_v, layer [1] int32) with the caches as [L, B, S, Hkv, D]: a
+    per-layer cache gets a leading axis of 1 (free) and layer 0."""
+    if layer is None:
+        return cache_k[None], cache_v[None], jnp.zeros((1,), jnp.int32)
+    return cache_k, cache_v, jnp.asarray(layer, jnp.int32).reshape(1)
 
 
 def finish(out, lse, mass, with_stats: bool) -> AttentionOut:
