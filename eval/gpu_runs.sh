@@ -7,26 +7,27 @@ R=/tmp/runs
 mkdir -p "$R"
 LIMIT=${LIMIT:-540}  # seconds per job: the device tool allows 600 per call
 on() { local gpu=$1 log=$2; shift 2; CUDA_VISIBLE_DEVICES=$gpu timeout "$LIMIT" "$@" >"$R/$log.log" 2>&1; }
-grid() { python3 -m eval.throughput --preset grid --ttft --no-hf --steps 8 --repeats 3 "$@"; }
-quality() { python3 -m adore_jax eval "$@" --size full --out "$R/quality"; }
+GRID="python3 -m eval.throughput --preset grid --ttft --no-hf --steps 8 --repeats 3"
+EVAL="python3 -m adore_jax eval"
+Q="--size full --out $R/quality"
 
 case "${1:-}" in
 bench)  # throughput (main rows, HF, fixed budget), the grid split over three GPUs, kernels
   on 0 throughput python3 -m eval.throughput --preset gpu --fixed-budget --ttft --out "$R/throughput" &
-  on 1 grid_a grid --shapes llama2-7b --contexts 2048,8192 --out "$R/grid_a" &
-  on 2 grid_b grid --shapes llama2-7b --contexts 16384,32768 --out "$R/grid_b" &
+  on 1 grid_a $GRID --shapes llama2-7b --contexts 2048,8192 --out "$R/grid_a" &
+  on 2 grid_b $GRID --shapes llama2-7b --contexts 16384,32768 --out "$R/grid_b" &
   on 3 grid_c bash -c "python3 eval/bench_kernels.py --out $R/bench_kernels.json --deadline 200 --check-cases 5 &&
     python3 -m eval.throughput --preset grid --ttft --no-hf --steps 8 --repeats 3 --shapes smollm2-135m --out $R/grid_c" &
   ;;
 quality)  # the four evaluations of `adore eval all --size full`, split over four GPUs
-  on 0 ppl_a quality ppl --policy full,window,streaming,h2o,tova &
-  on 1 ppl_b quality ppl --policy adore,adore-r8,oracle &
-  on 2 recall quality recall &
+  on 0 ppl_a $EVAL ppl $Q --policy full,window,streaming,h2o,tova &
+  on 1 ppl_b $EVAL ppl $Q --policy adore,adore-r8,oracle &
+  on 2 recall $EVAL recall $Q &
   on 3 passkey_agreement bash -c "python3 -m adore_jax eval passkey --size full --out $R/quality &&
     python3 -m adore_jax eval agreement --size full --out $R/quality" &
   ;;
 assemble)  # every row is in .parts / rows.jsonl by now: write the reports
-  on 0 assemble_quality quality all &
+  on 0 assemble_quality $EVAL all $Q &
   mkdir -p "$R/grid"
   python3 -c "import glob, json, os
 rows = []
@@ -36,7 +37,7 @@ for d in sorted(glob.glob('$R/grid_?')):
     elif os.path.exists(d + '/rows.jsonl'):
         rows += [json.loads(l) for l in open(d + '/rows.jsonl')]
 open('$R/grid/rows.jsonl', 'w').write(''.join(json.dumps(r) + '\\n' for r in rows))"
-  on 1 assemble_grid grid --out "$R/grid" &
+  on 1 assemble_grid $GRID --out "$R/grid" &
   ;;
 *) echo "usage: bash eval/gpu_runs.sh bench|quality|assemble" >&2; exit 2 ;;
 esac
