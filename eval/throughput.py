@@ -134,18 +134,22 @@ def measure_row(cfg, params, row: Row, steps: int, repeats: int, kernels) -> dic
                              policy=pol, attn_fn=attn_fn, cache_update=update_fn)
     s = synthetic_state(params, pp, cfg, ec, row.batch, row.context, jax.random.key(0))
     sp = SamplingParams().validate()
-    s = engine._decode_chunk_jit(params, pp, cfg, ec, s, sp, steps)  # compile + warm
+    run = engine._decode_chunk_jit.lower(params, pp, cfg, ec, s, sp, steps).compile()
+    ma = run.memory_analysis()
+    s = run(params, pp, s, sp)  # warm
     jax.block_until_ready(s)
     mem = jax.devices()[0].memory_stats() or {}
     ts = []
     for _ in range(repeats):
         t = time.perf_counter()
-        s = engine._decode_chunk_jit(params, pp, cfg, ec, s, sp, steps)
+        s = run(params, pp, s, sp)
         jax.block_until_ready(s.out)
         ts.append((time.perf_counter() - t) / steps)
     step = float(np.median(ts))
-    return {"step_ms": step * 1e3, "tokens_per_s": row.batch / step, "bytes_in_use_gb": mem.get("bytes_in_use", 0) / 1e9,
-            "peak_gb": mem.get("peak_bytes_in_use", 0) / 1e9}
+    # the program's own peak: its arguments (weights, state), outputs not aliased to them, temporaries
+    peak = ma.argument_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes + ma.temp_size_in_bytes
+    return {"step_ms": step * 1e3, "tokens_per_s": row.batch / step, "peak_gb": peak / 1e9,
+            "device_bytes_in_use_gb": mem.get("bytes_in_use", 0) / 1e9}
 
 
 def time_to_first_token(cfg, params, row: Row, kernels) -> float:
@@ -339,14 +343,22 @@ def main(argv=None) -> int:
     results = [json.loads(l) for l in partial.read_text().splitlines()] if partial.exists() else []
     done = {r["name"] + f"|{r['shape']}|{r['batch']}|{r['context']}" for r in results}
     params_by_shape = {}
-    for row in rows:
+
+    def params_for(shape):
+        if shape not in params_by_shape:
+            params_by_shape.clear()
+            params_by_shape[shape] = init_params(SHAPES[shape], jax.random.key(0), dtype)
+        return params_by_shape[shape]
+
+    def save():  # the finished rows, rewritten whole (atomic)
+        tmp = partial.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in results))
+        tmp.replace(partial)
+
+    for row in rows:  # decode rows first: a prefill that runs out of memory cannot disturb them
         if row.name + f"|{row.shape}|{row.batch}|{row.context}" in done:
             continue
-        cfg = SHAPES[row.shape]
-        if row.shape not in params_by_shape:
-            params_by_shape.clear()
-            params_by_shape[row.shape] = init_params(cfg, jax.random.key(0), dtype)
-        params = params_by_shape[row.shape]
+        cfg, params = SHAPES[row.shape], params_for(row.shape)
         try:
             r = measure_row(cfg, params, row, args.steps, args.repeats, kernels)
         except Exception as e:  # out of memory at a large batch: record and go on
@@ -355,16 +367,21 @@ def main(argv=None) -> int:
             need = step_bytes(cfg, params, row, itemsize)
             r.update(bytes_per_step_gb=need / 1e9, roofline_ms=need / bw * 1e3)
             r["roofline_fraction"] = r["roofline_ms"] / r["step_ms"]
-        if args.ttft and "step_ms" in r and row.variant == "" and row.rebuild == 0 and row.policy != "streaming" \
-                and row.batch <= TTFT_MAX_BATCH:
-            try:
-                r["ttft_s"] = time_to_first_token(cfg, params, row, kernels)
-            except Exception as e:  # a prefill that does not fit: the decode row stands
-                r["ttft_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
         results.append({**dataclasses.asdict(row), "name": row.name, **r})
         print(json.dumps(results[-1]), flush=True)
-        with open(partial, "a") as f:
-            f.write(json.dumps(results[-1]) + "\n")
+        save()
+    for r in results if args.ttft else []:  # then time to first token, where asked and not yet measured
+        row = Row(**{f.name: r[f.name] for f in dataclasses.fields(Row)})
+        if "step_ms" not in r or "ttft_s" in r or "ttft_error" in r or row.variant or row.rebuild \
+                or row.policy == "streaming" or row.batch > TTFT_MAX_BATCH:
+            continue
+        try:
+            r["ttft_s"] = time_to_first_token(SHAPES[row.shape], params_for(row.shape), row, kernels)
+        except Exception as e:  # a prefill that does not fit: the decode row stands
+            r["ttft_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        print(json.dumps({"ttft": row.name, "shape": row.shape, "batch": row.batch, "context": row.context,
+                          **{k: r[k] for k in ("ttft_s", "ttft_error") if k in r}}), flush=True)
+        save()
     params_by_shape.clear()
     report = {"device": str(jax.devices()[0]), "copy_bandwidth_tb_s": bw / 1e12, "rows": results, "hf": hf,
               "command": "python -m eval.throughput " + " ".join(sys.argv[1:] if argv is None else argv)}

@@ -13,7 +13,7 @@ def test_tiny_benchmark_writes_complete_json(tmp_path):
     assert "full" in names and any(n.startswith("adore") for n in names) and any("no-attention" in n for n in names)
     for r in report["rows"]:
         assert "error" not in r, r
-        for key in ("step_ms", "tokens_per_s", "roofline_ms", "roofline_fraction", "bytes_per_step_gb"):
+        for key in ("step_ms", "tokens_per_s", "roofline_ms", "roofline_fraction", "bytes_per_step_gb", "peak_gb"):
             assert r[key] > 0, (key, r)
     full = next(r for r in report["rows"] if r["name"] == "full")
     stream = next(r for r in report["rows"] if r["name"].startswith("streaming"))

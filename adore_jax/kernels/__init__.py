@@ -8,9 +8,10 @@ Backends: "reference" (XLA: adore_jax.attention.reference_attention and
 adore_jax.cache.write_rows), "pallas_gpu" (Pallas, Triton lowering),
 "pallas_tpu" (Pallas, Mosaic TPU). With backend="auto" the environment variable
 ADORE_KERNEL_BACKEND, when set, forces one of them; an explicit backend
-argument wins over it. Kernels fall back to the reference for shapes they do
-not cover (T > 16 new rows, e.g. prefill chunks; G * T > 128; a head dim that
-is not a power of two on GPU).
+argument wins over it. Kernels fall back to XLA for shapes they do not cover
+(T > 16 new rows, e.g. prefill chunks; G * T > 128; a head dim that is not a
+power of two on GPU): `blockwise_attention`, which visits the slots in blocks
+so a long prefill chunk never holds its whole score matrix.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from adore_jax.attention import AttentionOut, reference_attention
 from adore_jax.cache import KVCache, write_rows
 from adore_jax.kernels.attention_gpu import GpuConfig, sparse_attention_gpu
 from adore_jax.kernels.attention_tpu import TpuConfig, sparse_attention_tpu
+from adore_jax.kernels.blockwise import blockwise_attention
 from adore_jax.kernels.cache_update import cache_update_gpu, cache_update_tpu
 
 ENV_VAR = "ADORE_KERNEL_BACKEND"
@@ -39,6 +41,7 @@ __all__ = [
     "GpuConfig",
     "TpuConfig",
     "AttentionKernel",
+    "blockwise_attention",
     "cache_update_gpu",
     "cache_update_tpu",
     "get_attention_fn",

@@ -34,7 +34,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from adore_jax.attention import NEG_INF, AttentionOut, reference_attention
+from adore_jax.attention import NEG_INF, AttentionOut
+from adore_jax.kernels.blockwise import blockwise_attention
 from adore_jax.kernels.common import (
     MAX_ROWS,
     MAX_T,
@@ -265,7 +266,7 @@ def sparse_attention_gpu(
     B, T, Hq, Hkv, G, D, S = check_shapes(q, k, v, cache_k, cache_v, cache_pos, q_pos, layer)
     scale = D**-0.5 if scale is None else float(scale)
     if not supported(q, k) or S == 0:
-        return reference_attention(q, k, v, cache_k, cache_v, cache_pos, q_pos, layer=layer, with_stats=with_stats,
+        return blockwise_attention(q, k, v, cache_k, cache_v, cache_pos, q_pos, layer=layer, with_stats=with_stats,
                                    scale=scale)
     cache_k, cache_v, layer = stacked(cache_k, cache_v, layer)
     L = cache_k.shape[0]

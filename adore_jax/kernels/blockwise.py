@@ -1,0 +1,103 @@
+"""Attention for long chunks (prefill) in XLA, blockwise over the cache slots.
+
+The plain reference materializes the scores [B, Hkv, G, T, S + T] in fp32: for
+a 7B model prefilling 8 x 16K tokens in chunks of 512 that is about 9 GB per
+array and layer, several arrays live at once, and the prefill runs out of
+memory. Here the slots are visited in blocks with an online softmax (running
+max, sum, output in fp32), so the scores of one block [B, Hkv, G, T, block]
+are all that lives. Statistics (mass per key, lse) take a second pass over the
+blocks once the lse is known. Same signature, outputs and conventions as
+`reference_attention`; tests compare the two.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+
+from adore_jax.attention import NEG_INF, AttentionOut, reference_attention
+
+BLOCK = 1024  # slots per block
+
+
+def _slots(cache, layer, start, size):
+    """Slots [start, start + size) of one layer's cache: [B, size, Hkv, D]."""
+    if layer is None:
+        return jax.lax.dynamic_slice_in_dim(cache, start, size, axis=1)
+    L, B, S, H, D = cache.shape
+    return jax.lax.dynamic_slice(cache, (layer, 0, start, 0, 0), (1, B, size, H, D))[0]
+
+
+def blockwise_attention(
+    q, k, v, cache_k, cache_v, cache_pos, q_pos, *, layer=None, with_stats: bool = False,
+    scale: Optional[float] = None, block: int = BLOCK,
+) -> AttentionOut:
+    """`reference_attention` computed over blocks of `block` cache slots.
+
+    q: [B, T, Hq, D]; k, v: [B, T, Hkv, D]; cache_k, cache_v: [B, S, Hkv, D] (or
+    [L, B, S, Hkv, D] with `layer`); cache_pos: [B, S]; q_pos: [B, T].
+    """
+    S = cache_k.shape[-3]
+    if S <= block:
+        return reference_attention(q, k, v, cache_k, cache_v, cache_pos, q_pos, layer=layer, with_stats=with_stats,
+                                   scale=scale)
+    B, T, Hq, D = q.shape
+    Hkv = k.shape[2]
+    G = Hq // Hkv
+    scale = D**-0.5 if scale is None else scale
+    f32 = jnp.float32
+    qg = q.reshape(B, T, Hkv, G, D)
+    q_pos = q_pos.astype(jnp.int32)
+    cache_pos = cache_pos.astype(jnp.int32)
+
+    def scores(keys, kpos):
+        """Masked scaled scores [B, Hkv, G, T, n] and the mask [B, 1, 1, T, n]."""
+        s = jnp.einsum("bthgd,bshd->bhgts", qg, keys, preferred_element_type=f32) * scale
+        allowed = ((kpos[:, None, :] >= 0) & (kpos[:, None, :] <= q_pos[:, :, None]))[:, None, None]
+        return jnp.where(allowed, s, NEG_INF), allowed
+
+    def absorb(carry, keys, vals, kpos):
+        m, l, o = carry
+        s, allowed = scores(keys, kpos)
+        m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+        alpha = jnp.exp(m - m_new)
+        p = jnp.where(allowed, jnp.exp(s - m_new[..., None]), 0.0)
+        pv = jnp.einsum("bhgts,bshd->bhgtd", p.astype(vals.dtype), vals, preferred_element_type=f32)
+        return m_new, alpha * l + jnp.sum(p, axis=-1), alpha[..., None] * o + pv
+
+    nb, tail = divmod(S, block)
+
+    def body(carry, i):
+        start = i * block
+        kpos = jax.lax.dynamic_slice_in_dim(cache_pos, start, block, axis=1)
+        return absorb(carry, _slots(cache_k, layer, start, block), _slots(cache_v, layer, start, block), kpos), None
+
+    carry = (jnp.full((B, Hkv, G, T), NEG_INF, f32), jnp.zeros((B, Hkv, G, T), f32), jnp.zeros((B, Hkv, G, T, D), f32))
+    carry = jax.lax.scan(body, carry, jnp.arange(nb))[0]
+    if tail:
+        carry = absorb(carry, _slots(cache_k, layer, nb * block, tail), _slots(cache_v, layer, nb * block, tail),
+                       cache_pos[:, nb * block:])
+    m, l, o = absorb(carry, k, v, q_pos)  # the T new rows
+    lc = jnp.maximum(l, 1e-30)
+    out = (o / lc[..., None]).transpose(0, 3, 1, 2, 4).reshape(B, T, Hq, D).astype(q.dtype)
+    lse = m + jnp.log(lc)  # [B, Hkv, G, T]
+    if not with_stats:
+        return AttentionOut(out)
+
+    def mass(keys, kpos):
+        s, allowed = scores(keys, kpos)
+        return jnp.sum(jnp.where(allowed, jnp.exp(s - lse[..., None]), 0.0), axis=(1, 2))  # [B, T, n]
+
+    def mass_block(_, i):
+        start = i * block
+        return None, mass(_slots(cache_k, layer, start, block), jax.lax.dynamic_slice_in_dim(cache_pos, start, block, axis=1))
+
+    parts = jax.lax.scan(mass_block, None, jnp.arange(nb))[1]  # [nb, B, T, block]
+    parts = [parts.transpose(1, 2, 0, 3).reshape(B, T, nb * block)]
+    if tail:
+        parts.append(mass(_slots(cache_k, layer, nb * block, tail), cache_pos[:, nb * block:]))
+    parts.append(mass(k, q_pos))
+    lse = lse.transpose(0, 3, 1, 2).reshape(B, T, Hq)
+    return AttentionOut(out, jnp.concatenate(parts, axis=-1), lse)
