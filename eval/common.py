@@ -10,6 +10,7 @@ import dataclasses
 import functools
 import json
 import math
+import re
 from pathlib import Path
 from typing import Iterable, Optional, Sequence
 
@@ -25,6 +26,7 @@ class PolicySpec:
     label: str  # as written in tables and plots
     name: str  # adore_jax.policies name
     rebuild: int = 0  # adore: R rebuilt tokens per step
+    sinks: Optional[int] = None  # adore: protected first tokens (None: the policy default)
 
 
 def split_values(values: Optional[Iterable[str]], cast=str) -> list:
@@ -41,13 +43,16 @@ def split_values(values: Optional[Iterable[str]], cast=str) -> list:
 
 
 def parse_policy(label: str) -> PolicySpec:
-    """A PolicySpec from `full`, `window`, ..., `adore` or `adore-rN`."""
+    """A PolicySpec from `full`, `window`, ..., `adore`, or `adore-rN`, `adore-sK`,
+    `adore-rN-sK` (N rebuilt tokens per step, K protected sink tokens)."""
     if label in POLICIES:
         return PolicySpec(label, label, 0)
-    if label.startswith("adore-r") and label[7:].isdigit():
-        r = int(label[7:])
-        return PolicySpec(label if r else "adore", "adore", r)
-    raise ValueError(f"unknown policy {label!r}; choose from {', '.join(POLICIES)} or adore-rN (N rebuilt tokens)")
+    m = re.fullmatch(r"adore(?:-r(\d+))?(?:-s(\d+))?", label)
+    if m:
+        r, k = int(m.group(1) or 0), None if m.group(2) is None else int(m.group(2))
+        return PolicySpec(label if (r or k is not None) else "adore", "adore", r, k)
+    raise ValueError(f"unknown policy {label!r}; choose from {', '.join(POLICIES)}, or adore-rN, adore-sK, "
+                     "adore-rN-sK (N rebuilt tokens, K sink tokens)")
 
 
 def parse_policies(values: Iterable[str]) -> list[PolicySpec]:
@@ -81,7 +86,8 @@ def build(spec: PolicySpec, cfg, budget: int, controller=None, rebuild_every: in
     if spec.name != "adore":
         return build_policy(spec.name, cfg, None if spec.name == "full" else budget)
     gd, state, note = _controller(cfg, None if controller is None else str(controller))
-    policy = make_policy("adore", budget, rebuild=spec.rebuild, rebuild_every=rebuild_every, controller_graphdef=gd)
+    policy = make_policy("adore", budget, rebuild=spec.rebuild, rebuild_every=rebuild_every, sinks=spec.sinks,
+                         controller_graphdef=gd)
     return policy, state, note
 
 

@@ -67,7 +67,7 @@ def add_parsers(sub, func) -> None:
         p.add_argument("--model", default=None, help="checkpoint dir, .gguf file or hub id (default: SmolLM2-135M-Instruct)")
         p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto")
         p.add_argument("--size", choices=tuple(PRESETS), default="small", help="preset sizes (small: CPU minutes)")
-        p.add_argument("--policy", action="append", help=f"policies, comma-separated or repeated (default {ALL_POLICIES}; adore-rN: R = N)")
+        p.add_argument("--policy", action="append", help=f"policies, comma-separated or repeated (default {ALL_POLICIES}; adore-rN-sK: R = N, K sinks)")
         p.add_argument("--cache-size", action="append", help="budgets m, comma-separated or repeated")
         p.add_argument("--controller", default=None, help="adore: controller checkpoint folder")
         p.add_argument("--rebuild-every", type=int, default=1, help="adore: rebuild on every k-th step")

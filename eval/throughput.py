@@ -21,6 +21,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -31,7 +32,7 @@ from adore_jax.attention import AttentionOut, layer_cache
 from adore_jax.cache import KVCache
 from adore_jax.policies import build_policy
 from adore_jax.sampling import SamplingParams
-from models.llama import LlamaConfig, init_params
+from models.llama import LlamaConfig, init_params, unstack_layers
 from models.shapes import SHAPES
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +44,7 @@ class Row:
     cache_size: int = 1024
     rebuild: int = 0
     rebuild_every: int = 1
-    variant: str = ""  # "" | no-attention | no-update (step breakdown) | sliced-cache (per-layer slice)
+    variant: str = ""  # "" | no-attention | no-update (step breakdown) | sliced-cache | unstacked (layers)
 
     @property
     def name(self) -> str:
@@ -120,7 +121,8 @@ def step_bytes(cfg: LlamaConfig, params, row: Row, itemsize: int) -> int:
     return weights + row.batch * (kv * cfg.kv_bytes_per_token * itemsize + hist)
 
 
-def measure_row(cfg, params, row: Row, steps: int, repeats: int, kernels) -> dict:
+def measure_row(cfg, params, row: Row, steps: int, repeats: int, kernels, hlo_dir: Optional[Path] = None) -> dict:
+    """Time one row; hlo_dir: also write the compiled (optimized) program's HLO text there."""
     attn_fn, update_fn = kernels
     if row.variant == "no-attention":
         attn_fn = _no_attention
@@ -128,6 +130,8 @@ def measure_row(cfg, params, row: Row, steps: int, repeats: int, kernels) -> dic
         attn_fn = _sliced_cache(attn_fn)
     if row.variant == "no-update":
         update_fn = _no_update
+    if row.variant == "unstacked":  # per-layer weight buffers, layers unrolled (a second copy of the weights)
+        params = unstack_layers(params)
     pol, pp, _ = build_policy(row.policy, cfg, None if row.policy == "full" else row.cache_size,
                               rebuild=row.rebuild, rebuild_every=row.rebuild_every)
     ec = engine.EngineConfig(max_new_tokens=steps * (repeats + 2) + 2, prompt_len=row.context, chunk=512,
@@ -136,6 +140,10 @@ def measure_row(cfg, params, row: Row, steps: int, repeats: int, kernels) -> dic
     sp = SamplingParams().validate()
     run = engine._decode_chunk_jit.lower(params, pp, cfg, ec, s, sp, steps).compile()
     ma = run.memory_analysis()
+    if hlo_dir is not None:
+        hlo_dir.mkdir(parents=True, exist_ok=True)
+        name = f"{row.shape}_{row.name}_B{row.batch}_{row.context}".replace(" ", "_").replace("/", "-")
+        (hlo_dir / f"{name}.hlo.txt").write_text(run.as_text())
     s = run(params, pp, s, sp)  # warm
     jax.block_until_ready(s)
     mem = jax.devices()[0].memory_stats() or {}
@@ -232,14 +240,15 @@ def preset_rows(preset: str) -> list[Row]:
     if preset == "tiny":
         return [Row("tiny", p, 2, 256, cache_size=64, rebuild=r) for p, r in (("full", 0), ("streaming", 0), ("adore", 0), ("adore", 4))] + [
             Row("tiny", "full", 2, 256, variant="no-attention"), Row("tiny", "adore", 2, 256, cache_size=64, variant="no-update"),
-            Row("tiny", "full", 2, 256, variant="sliced-cache")]
+            Row("tiny", "full", 2, 256, variant="sliced-cache"), Row("tiny", "adore", 2, 256, cache_size=64, variant="unstacked")]
     rows = [Row("smollm2-135m", "full", 64, 8192), Row("smollm2-135m", "adore", 64, 8192, rebuild=8)]
     main = dict(shape="llama2-7b", batch=8, context=16384)
     rows += [Row(policy="full", **main), Row(policy="streaming", **main), Row(policy="adore", **main),
              Row(policy="adore", rebuild=8, **main), Row(policy="adore", rebuild=8, rebuild_every=8, **main),
              Row(policy="full", variant="no-attention", **main), Row(policy="adore", rebuild=8, variant="no-attention", **main),
              Row(policy="adore", rebuild=8, variant="no-update", **main),
-             Row(policy="full", variant="sliced-cache", **main), Row(policy="adore", variant="sliced-cache", **main)]
+             Row(policy="full", variant="sliced-cache", **main), Row(policy="adore", variant="sliced-cache", **main),
+             Row(policy="full", variant="unstacked", **main), Row(policy="adore", variant="unstacked", **main)]
     return rows
 
 
@@ -320,6 +329,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--no-hf", action="store_true", help="skip the transformers reference")
     p.add_argument("--fixed-budget", action="store_true", help="also the largest batch per policy at 16K (7B)")
+    p.add_argument("--hlo", action="store_true", help="also write each row's optimized HLO to OUT/hlo/")
     p.add_argument("--ttft", action="store_true", help=f"also time a real prefill (time to first token), B <= {TTFT_MAX_BATCH}")
     args = p.parse_args(argv)
     from adore_jax.kernels import get_attention_fn, get_cache_update_fn
@@ -360,7 +370,7 @@ def main(argv=None) -> int:
             continue
         cfg, params = SHAPES[row.shape], params_for(row.shape)
         try:
-            r = measure_row(cfg, params, row, args.steps, args.repeats, kernels)
+            r = measure_row(cfg, params, row, args.steps, args.repeats, kernels, out / "hlo" if args.hlo else None)
         except Exception as e:  # out of memory at a large batch: record and go on
             r = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
         if "step_ms" in r:

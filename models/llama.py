@@ -88,7 +88,7 @@ class LayerParams:
 @dataclasses.dataclass
 class Params:
     embed: jax.Array  # [V, E]
-    layers: LayerParams  # stacked [L, ...]
+    layers: LayerParams  # stacked [L, ...]; or a tuple of per-layer LayerParams (unstack_layers)
     final_norm: jax.Array  # [E]
     lm_head: Optional[jax.Array] = None  # [E, V]; None when tied to embed
 
@@ -157,6 +157,16 @@ def init_params(cfg: LlamaConfig, key: jax.Array, dtype=jnp.float32, scale: floa
         final_norm=jnp.ones((E,), dtype),
         lm_head=None if cfg.tie_word_embeddings else rnd(keys[-1], (E, V)),
     )
+
+
+def unstack_layers(params: Params) -> Params:
+    """Params whose layers are a tuple of L per-layer LayerParams, each weight its
+    own buffer; `forward` then unrolls the layers instead of scanning them. Meant
+    for decode on GPU, where a scan hands each matmul a slice of the stacked
+    weights that XLA may copy first. Copies the weights: keep one of the two forms."""
+    L = jax.tree_util.tree_leaves(params.layers)[0].shape[0]
+    layers = tuple(jax.tree_util.tree_map(lambda w: w[i], params.layers) for i in range(L))
+    return dataclasses.replace(params, layers=layers)
 
 
 def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
@@ -254,7 +264,14 @@ def forward(
         mass = res.mass if with_stats else jnp.zeros((), jnp.float32)
         return x, (k, v, mass)
 
-    x, (new_k, new_v, mass) = jax.lax.scan(layer, x, (params.layers, jnp.arange(cfg.num_layers, dtype=jnp.int32)))
+    if isinstance(params.layers, tuple):  # unstacked: one traced layer after another
+        outs = []
+        for i, lp in enumerate(params.layers):
+            x, o = layer(x, (lp, i))
+            outs.append(o)
+        new_k, new_v, mass = (jnp.stack(t) for t in zip(*outs))
+    else:
+        x, (new_k, new_v, mass) = jax.lax.scan(layer, x, (params.layers, jnp.arange(cfg.num_layers, dtype=jnp.int32)))
     if logits_rows is not None:
         x = jnp.take_along_axis(x, logits_rows[..., None], axis=1)
     x = rms_norm(x, params.final_norm, cfg.rms_norm_eps)

@@ -34,6 +34,23 @@ def test_chunked_prefill_equals_one_chunk(params):
     assert len(whole[0]) > 0
 
 
+def test_unstacked_layers_equal_the_scan(params):
+    """Per-layer weight buffers (unrolled layers) give the scan's log-probs and tokens,
+    for full attention and for ADORE with rebuilt rows."""
+    from adore_jax.policies import build_policy
+    from models.llama import unstack_layers
+
+    flat = unstack_layers(params)
+    assert isinstance(flat.layers, tuple) and len(flat.layers) == CFG.num_layers
+    prompts = _prompts(6, [13, 5])
+    assert engine.generate(flat, CFG, prompts, 12) == engine.generate(params, CFG, prompts, 12)
+    toks = np.array(_prompts(7, [40, 40]))
+    pol, pp, _ = build_policy("adore", CFG, 16, rebuild=2)
+    want, _ = engine.score(params, CFG, toks, 4, pp, policy=pol)
+    got, _ = engine.score(flat, CFG, toks, 4, pp, policy=pol)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
 def test_stream_equals_generate(params):
     prompts = _prompts(3, [5, 11])
     ref = engine.generate(params, CFG, prompts, 20)

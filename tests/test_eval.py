@@ -12,7 +12,7 @@ import pytest
 
 from adore_jax.cache import KVCache
 from eval import agreement, passkey_eval, ppl, recall
-from eval.common import parse_budgets, parse_policies, segments
+from eval.common import build, parse_budgets, parse_policies, segments
 from models.llama import forward
 from tiny_model import CFG, tiny_params
 
@@ -125,8 +125,13 @@ def test_agreement_full_vs_full_is_exact(params, tokens, tmp_path):
 
 def test_parsing_and_bad_input():
     assert [s.label for s in parse_policies(["full,adore-r0", "adore-r8", "full"])] == ["full", "adore", "adore-r8"]
+    spec = parse_policies(["adore-r8-s4"])[0]
+    assert (spec.name, spec.rebuild, spec.sinks) == ("adore", 8, 4)
+    assert parse_policies(["adore-s0"])[0].sinks == 0 and parse_policies(["adore"])[0].sinks is None
+    policy, _, _ = build(spec, CFG, 32)
+    assert policy.sinks == 4 and policy.rebuild == 8
     assert parse_budgets(["128,64", "64"]) == [64, 128]
-    for bad, fn in ((["lru"], parse_policies), (["0"], parse_budgets), (["x"], parse_budgets)):
+    for bad, fn in ((["lru"], parse_policies), (["adore-s"], parse_policies), (["0"], parse_budgets), (["x"], parse_budgets)):
         with pytest.raises(ValueError):
             fn(bad)
     with pytest.raises(ValueError, match="fewer than one segment"):

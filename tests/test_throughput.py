@@ -6,7 +6,7 @@ from eval.throughput import Row, grid_rows, main
 
 
 def test_tiny_benchmark_writes_complete_json(tmp_path):
-    assert main(["--preset", "tiny", "--out", str(tmp_path), "--steps", "2", "--repeats", "2", "--ttft"]) == 0
+    assert main(["--preset", "tiny", "--out", str(tmp_path), "--steps", "2", "--repeats", "2", "--ttft", "--hlo"]) == 0
     report = json.loads((tmp_path / "throughput.json").read_text())
     assert report["copy_bandwidth_tb_s"] > 0
     names = [r["name"] for r in report["rows"]]
@@ -20,6 +20,7 @@ def test_tiny_benchmark_writes_complete_json(tmp_path):
     assert stream["bytes_per_step_gb"] < full["bytes_per_step_gb"]  # m = 64 of 256 tokens
     assert "| tiny | full |" in (tmp_path / "throughput.md").read_text()
     assert full["ttft_s"] > 0 and (tmp_path / "tokens_per_s.png").stat().st_size > 1000
+    assert len(list((tmp_path / "hlo").glob("*.hlo.txt"))) == len(report["rows"])  # --hlo: one program per row
     assert not (tmp_path / "rows.jsonl").exists()  # the resume file is gone once the report is whole
 
 
