@@ -5,7 +5,9 @@ For token t with GRU state g_t and each earlier token i with feature c_i:
 One score per (t, i) is shared by every layer and head. Buckets are log-spaced
 in the distance t - i (0, 1, 2-3, 4-7, ...), so recency can be learned as well
 as content. Inputs are the backbone's token embeddings [E] (known before the
-forward pass).
+forward pass), or, for a controller with `feature_layer` l, the RMS-normalized
+residual stream entering layer l (known after the forward pass: its scores lag
+one step when choosing the rows to rebuild).
 
 The decode loop stores k_i = W_k c_i per token in the history, so scoring a
 step costs one [N, d_c] matrix-vector product.
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -31,11 +34,25 @@ def distance_bucket(dist: jax.Array, num_buckets: int = NUM_BUCKETS) -> jax.Arra
     return jnp.minimum(b, num_buckets - 1)
 
 
-class Controller(nnx.Module):
-    """GRU controller. d_in: backbone embedding size; d_c: feature size."""
+def feature_layer(feature: str) -> Optional[int]:
+    """The controller input named by `feature`: "embedding" -> None, "hidden:l" -> l."""
+    if feature == "embedding":
+        return None
+    name, _, layer = feature.partition(":")
+    if name != "hidden" or not layer.isdigit():
+        raise ValueError(f"controller feature must be embedding or hidden:<layer>, got {feature!r}")
+    return int(layer)
 
-    def __init__(self, d_in: int, d_c: int = 64, num_buckets: int = NUM_BUCKETS, *, rngs: nnx.Rngs):
+
+class Controller(nnx.Module):
+    """GRU controller. d_in: backbone embedding size; d_c: feature size;
+    feature_layer: None (inputs are token embeddings) or l (the normalized
+    residual stream entering backbone layer l)."""
+
+    def __init__(self, d_in: int, d_c: int = 64, num_buckets: int = NUM_BUCKETS, feature_layer: Optional[int] = None,
+                 *, rngs: nnx.Rngs):
         self.d_c = d_c
+        self.feature_layer = feature_layer
         self.proj = nnx.Linear(d_in, d_c, rngs=rngs)
         self.gru = nnx.GRUCell(d_c, d_c, rngs=rngs)
         self.wq = nnx.Linear(d_c, d_c, use_bias=False, rngs=rngs)
@@ -75,9 +92,9 @@ class Controller(nnx.Module):
         return s + self.bucket_bias[...][bucket] + self.b0[...]
 
 
-def new_controller(d_in: int, d_c: int = 64, seed: int = 0) -> Controller:
+def new_controller(d_in: int, d_c: int = 64, seed: int = 0, feature_layer: Optional[int] = None) -> Controller:
     """A randomly initialized controller (until a trained one is loaded)."""
-    return Controller(d_in, d_c, rngs=nnx.Rngs(seed))
+    return Controller(d_in, d_c, feature_layer=feature_layer, rngs=nnx.Rngs(seed))
 
 
 def recency_controller(d_in: int, d_c: int = 64) -> Controller:
@@ -103,8 +120,9 @@ def save_controller(path, ctrl: Controller, meta: dict) -> None:
     _, state = nnx.split(ctrl)
     with ocp.StandardCheckpointer() as ckpt:
         ckpt.save(path / "params", nnx.to_pure_dict(state), force=True)
-    shape = dict(d_in=ctrl.proj.in_features, d_c=ctrl.d_c, num_buckets=int(ctrl.bucket_bias.shape[0]))
-    (path / "controller.json").write_text(json.dumps({**shape, **meta}, indent=2))
+    shape = dict(d_in=ctrl.proj.in_features, d_c=ctrl.d_c, num_buckets=int(ctrl.bucket_bias.shape[0]),
+                 feature="embedding" if ctrl.feature_layer is None else f"hidden:{ctrl.feature_layer}")
+    (path / "controller.json").write_text(json.dumps({**meta, **shape}, indent=2))
 
 
 def load_controller(path) -> tuple[Controller, dict]:
@@ -116,7 +134,8 @@ def load_controller(path) -> tuple[Controller, dict]:
         raise ValueError(f"not a controller checkpoint: {path} ({e})") from None
     # A concrete target places the params on this process's default device,
     # whatever topology the checkpoint was written on.
-    gd, state = nnx.split(Controller(meta["d_in"], meta["d_c"], meta["num_buckets"], rngs=nnx.Rngs(0)))
+    layer = feature_layer(meta.get("feature", "embedding"))
+    gd, state = nnx.split(Controller(meta["d_in"], meta["d_c"], meta["num_buckets"], layer, rngs=nnx.Rngs(0)))
     with ocp.StandardCheckpointer() as ckpt:
         restored = ckpt.restore(path / "params", nnx.to_pure_dict(state))
     nnx.replace_by_pure_dict(state, restored)

@@ -76,13 +76,13 @@ def _run_rows_once(params, pp, cfg, ec: EngineConfig, cache, pstate, tokens, pos
     tokens, positions, pstate = policy.select_rows(pp, pstate, cache, tokens, positions, params.embed, decode, extra)
     view = cache
     if policy.two_pass:
-        *_, mass = forward(params, cfg, tokens, positions, cache, ec.attn_fn, True, logits_rows)
+        mass = forward(params, cfg, tokens, positions, cache, ec.attn_fn, True, logits_rows).mass
         view = policy.restrict(pstate, cache, positions, mass)
     stats = policy.needs_stats and not policy.two_pass
-    logits, nk, nv, mass = forward(params, cfg, tokens, positions, view, ec.attn_fn, stats, logits_rows)
-    slots, pstate = policy.assign_slots(pp, pstate, cache, positions, mass)
-    cache = ec.cache_update(cache, nk, nv, slots, positions)
-    return logits, cache, pstate
+    out = forward(params, cfg, tokens, positions, view, ec.attn_fn, stats, logits_rows, policy.feature_layer)
+    slots, pstate = policy.assign_slots(pp, pstate, cache, positions, out.mass, out.feature)
+    cache = ec.cache_update(cache, out.new_k, out.new_v, slots, positions)
+    return out.logits, cache, pstate
 
 
 def _prefill_logits(params, pp, cfg: LlamaConfig, ec: EngineConfig, tokens, lens):

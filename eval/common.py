@@ -85,9 +85,11 @@ def build(spec: PolicySpec, cfg, budget: int, controller=None, rebuild_every: in
 
     if spec.name != "adore":
         return build_policy(spec.name, cfg, None if spec.name == "full" else budget)
+    from flax import nnx
+
     gd, state, note = _controller(cfg, None if controller is None else str(controller))
     policy = make_policy("adore", budget, rebuild=spec.rebuild, rebuild_every=rebuild_every, sinks=spec.sinks,
-                         controller_graphdef=gd)
+                         controller_graphdef=gd, feature_layer=nnx.merge(gd, state).feature_layer)
     return policy, state, note
 
 

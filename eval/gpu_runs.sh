@@ -26,14 +26,16 @@ quality)  # the four evaluations of `adore eval all --size full`, split over fou
   on 3 passkey_agreement bash -c "python3 -m adore_jax eval passkey --size full --out $R/quality &&
     python3 -m adore_jax eval agreement --size full --out $R/quality" &
   ;;
-followup)  # session 3: throughput with per-row HLO and unstacked layers, the 7B grid, ADORE with sinks, fp32 agreement
+followup)  # session 3: throughput (HLO, unstacked layers), the grid, a hidden-state controller, ADORE with sinks, fp32 agreement
   [ -d .carry/parts/quality_parts ] && mkdir -p "$R/quality" && cp -rn .carry/parts/quality_parts/. "$R/quality/.parts/"
   on 0 throughput python3 -m eval.throughput --preset gpu --fixed-budget --ttft --hlo --out "$R/throughput" &
-  on 1 grid_a $GRID --shapes llama2-7b --contexts 2048,8192 --out "$R/grid_a" &
-  on 2 grid_b $GRID --shapes llama2-7b --contexts 16384,32768 --out "$R/grid_b" &
-  on 3 quality_more bash -c "$EVAL ppl $Q --policy full,streaming,h2o,tova,adore,adore-r8,adore-s4,adore-r8-s4 &&
-    $EVAL agreement --size full --dtype float32 --out $R/quality_fp32 &&
+  on 1 grid_a bash -c "$GRID --shapes llama2-7b --contexts 2048,8192 --out $R/grid_a &&
     $GRID --shapes smollm2-135m --out $R/grid_c" &
+  on 2 grid_b bash -c "$GRID --shapes llama2-7b --contexts 16384,32768 --out $R/grid_b &&
+    $EVAL agreement --size full --dtype float32 --out $R/quality_fp32" &
+  on 3 hidden bash -c "python3 -m train.variants --final hidden:8/bce --final-steps 600 --out $R/ctrl_h8 &&
+    $EVAL ppl --size full --policy full,streaming,adore,adore-r8 --controller $R/ctrl_h8/controller --out $R/quality_h8 &&
+    $EVAL ppl $Q --policy full,window,streaming,h2o,tova,adore,adore-r8,oracle,adore-s4,adore-r8-s4" &
   ;;
 assemble)  # every row is in .parts / rows.jsonl by now: write the reports
   on 0 assemble_quality $EVAL all $Q &

@@ -32,7 +32,7 @@ def _oracle_view(params, cfg, policy, cache, tok, pos):
     """Positions [B, S] of the slots the oracle lets query (tok, pos) [B, 1] attend to."""
     from models.llama import forward
 
-    *_, mass = forward(params, cfg, tok, pos, cache, with_stats=True, logits_rows=jnp.zeros_like(pos))
+    mass = forward(params, cfg, tok, pos, cache, with_stats=True, logits_rows=jnp.zeros_like(pos)).mass
     return policy.restrict(None, cache, pos, mass).pos
 
 

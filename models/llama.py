@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -220,6 +220,14 @@ def embed_tokens(params: Params, tokens: jax.Array) -> jax.Array:
     return jnp.take(params.embed, tokens, axis=0)
 
 
+class ForwardOut(NamedTuple):
+    logits: jax.Array  # [B, T or R, V] fp32
+    new_k: jax.Array  # [L, B, T, Hkv, D]: the rows' keys (after RoPE), to write into the cache
+    new_v: jax.Array  # [L, B, T, Hkv, D]
+    mass: Optional[jax.Array]  # [B, T, S+T] fp32, summed over query heads, averaged over layers (with_stats)
+    feature: Optional[jax.Array]  # [B, T, E] fp32: normalized residual entering layer feature_layer
+
+
 def forward(
     params: Params,
     cfg: LlamaConfig,
@@ -229,24 +237,33 @@ def forward(
     attn_fn: AttentionFn = reference_attention,
     with_stats: bool = False,
     logits_rows: Optional[jax.Array] = None,
-):
+    feature_layer: Optional[int] = None,
+) -> ForwardOut:
     """Run T new tokens per sequence against the cache.
 
     tokens, positions: [B, T] int32; a position of -1 marks a padding row (it
     attends to nothing, nothing attends to it). A row at position p attends to
     cache slots and new rows whose position is in [0, p].
     logits_rows: optional [B, R] row indices; logits are computed only there.
-
-    Returns (logits [B, T or R, V] fp32, new_k [L, B, T, Hkv, D], new_v,
-    mass [B, T, S+T] fp32 summed over query heads and averaged over layers, or None).
+    feature_layer: optional l in [0, L]; also return the RMS-normalized (unit
+    weight) residual stream entering layer l (l = L: after the last layer), the
+    input of a hidden-state ADORE controller.
     """
     B, T = tokens.shape
     Hq, Hkv, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    L = cfg.num_layers
+    if feature_layer is not None and not 0 <= feature_layer <= L:
+        raise ValueError(f"feature_layer must be in [0, {L}], got {feature_layer}")
     inv_freq = rope_inv_freq(cfg)
     x = embed_tokens(params, tokens)
+    unit = jnp.ones((cfg.hidden_size,), x.dtype)
+    normalized = lambda x: rms_norm(x, unit, cfg.rms_norm_eps).astype(jnp.float32)
 
-    def layer(x, xs):
+    def layer(carry, xs):
+        x, feat = carry
         lp, li = xs
+        if feature_layer is not None and feature_layer < L:
+            feat = jnp.where(li == feature_layer, normalized(x), feat)
         h = rms_norm(x, lp.attn_norm, cfg.rms_norm_eps)
         q = _dense(h, lp.wq, lp.bq).reshape(B, T, Hq, D)
         k = _dense(h, lp.wk, lp.bk).reshape(B, T, Hkv, D)
@@ -262,20 +279,25 @@ def forward(
         up = _dense(h, lp.w_up).astype(jnp.float32)
         x = x + _dense((jax.nn.silu(gate) * up).astype(x.dtype), lp.w_down)
         mass = res.mass if with_stats else jnp.zeros((), jnp.float32)
-        return x, (k, v, mass)
+        return (x, feat), (k, v, mass)
 
+    carry = (x, jnp.zeros((B, T, cfg.hidden_size) if feature_layer is not None else (), jnp.float32))
     if isinstance(params.layers, tuple):  # unstacked: one traced layer after another
         outs = []
         for i, lp in enumerate(params.layers):
-            x, o = layer(x, (lp, i))
+            carry, o = layer(carry, (lp, i))
             outs.append(o)
         new_k, new_v, mass = (jnp.stack(t) for t in zip(*outs))
     else:
-        x, (new_k, new_v, mass) = jax.lax.scan(layer, x, (params.layers, jnp.arange(cfg.num_layers, dtype=jnp.int32)))
+        carry, (new_k, new_v, mass) = jax.lax.scan(layer, carry, (params.layers, jnp.arange(L, dtype=jnp.int32)))
+    x, feat = carry
+    if feature_layer == L:
+        feat = normalized(x)
     if logits_rows is not None:
         x = jnp.take_along_axis(x, logits_rows[..., None], axis=1)
     x = rms_norm(x, params.final_norm, cfg.rms_norm_eps)
     head = params.embed.T if params.lm_head is None else params.lm_head
     logits = jnp.einsum("bte,ev->btv", x, head, preferred_element_type=jnp.float32)
-    return logits, new_k, new_v, (mass.mean(0) if with_stats else None)
+    return ForwardOut(logits, new_k, new_v, mass.mean(0) if with_stats else None,
+                      feat if feature_layer is not None else None)
 

@@ -39,7 +39,7 @@ def _tokens(vocab: int) -> np.ndarray:
 
 
 def _run(cfg, params, tokens, positions, cache):
-    logits, new_k, new_v, _ = _forward(params, cfg, jnp.asarray(tokens), jnp.asarray(positions), cache)
+    logits, new_k, new_v, *_ = _forward(params, cfg, jnp.asarray(tokens), jnp.asarray(positions), cache)
     return np.asarray(logits), new_k, new_v
 
 

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from adore_jax import engine
 from adore_jax.cache import KVCache, write_rows
@@ -30,13 +31,15 @@ def _policy(name, m, ctrl, **kw):
     return make_policy(name, m, controller_graphdef=ctrl[0], **kw)
 
 
-@pytest.mark.parametrize("name", [p for p in POLICIES if p != "full"])
+@pytest.mark.parametrize("name", [p for p in POLICIES if p != "full"] + ["adore-hidden"])
 def test_large_budget_equals_full(params, ctrl, name):
     """m >= total length: teacher-forced log-probs equal full attention's to 1e-5
     (fp32), and greedy text is identical."""
     toks = np.asarray(prompts(11, [40, 40]))
     ref, _ = engine.score(params, CFG, toks, 9)
-    kw = dict(rebuild=3) if name == "adore" else {}
+    kw = dict(rebuild=3) if name.startswith("adore") else {}
+    if name == "adore-hidden":  # a controller reading the hidden state entering layer 1
+        name, ctrl, kw = "adore", tiny_controller(feature_layer=1), dict(kw, feature_layer=1)
     pol = _policy(name, 64, ctrl, **kw)
     got, _ = engine.score(params, CFG, toks, 9, policy=pol, policy_params=ctrl[1], chunk=4)
     np.testing.assert_allclose(got, ref, atol=1e-5, rtol=0)
@@ -44,10 +47,12 @@ def test_large_budget_equals_full(params, ctrl, name):
     assert engine.generate(params, CFG, ps, 20, policy=pol, policy_params=ctrl[1]) == engine.generate(params, CFG, ps, 20)
 
 
-@pytest.mark.parametrize("name", ["window", "streaming", "h2o", "tova", "adore"])
+@pytest.mark.parametrize("name", ["window", "streaming", "h2o", "tova", "adore", "adore-hidden"])
 def test_cache_never_exceeds_budget(params, ctrl, name):
     m = 8
-    kw = dict(rebuild=2) if name == "adore" else {}
+    kw = dict(rebuild=2) if name.startswith("adore") else {}
+    if name == "adore-hidden":
+        name, ctrl, kw = "adore", tiny_controller(feature_layer=2), dict(kw, feature_layer=2)
     toks = np.asarray(prompts(13, [30, 30]))
     _, cache = engine.score(params, CFG, toks, 20, policy=_policy(name, m, ctrl, **kw), policy_params=ctrl[1], chunk=8)
     assert cache.pos.shape[1] == m
@@ -142,7 +147,7 @@ def _reference_rows_kv(params, cache, tokens, positions):
         for i, q in enumerate(done):
             k, v = out[q]
             view = write_rows(view, k[:, None, None], v[:, None, None], jnp.array([[S + i]]), jnp.array([[q]]))
-        _, nk, nv, _ = forward(params, CFG, jnp.array([[tok]]), jnp.array([[p]]), view)
+        _, nk, nv, *_ = forward(params, CFG, jnp.array([[tok]]), jnp.array([[p]]), view)
         out[p] = (nk[:, 0, 0], nv[:, 0, 0])
     return out
 
@@ -159,7 +164,7 @@ def test_rebuilt_kv_equals_plain_recomputation(params, ctrl):
             continue
         rebuilt_seen += 1
         assert not set(rows_pos[1:][rows_pos[1:] >= 0]) & set(np.asarray(s.cache.pos)[0].tolist())  # only released tokens
-        _, nk, nv, _ = forward(params, CFG, rows_tok, jnp.asarray(rows_pos[None]), s.cache)
+        _, nk, nv, *_ = forward(params, CFG, rows_tok, jnp.asarray(rows_pos[None]), s.cache)
         ref = _reference_rows_kv(params, s.cache, np.asarray(rows_tok)[0], rows_pos)
         for r, pos in enumerate(rows_pos):
             if pos >= 0:
@@ -237,3 +242,22 @@ def test_rebuild_every_k_skips_rows_with_the_same_result(params, ctrl):
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
     every1, _ = engine.score(params, CFG, toks, 6, policy=_policy("adore", 8, ctrl, rebuild=3), policy_params=ctrl[1])
     assert np.abs(every1 - a).max() > 1e-4  # rebuilding every step is a different run
+
+
+def test_hidden_controller_keys_match_training_features(params):
+    """A hidden-state controller in decode (nothing evicted) stores, for every
+    token, the key the same controller gives over train.controller.features of a
+    plain full-attention forward: the decode path feeds it the same inputs."""
+    from train.controller import features
+
+    gd, state = tiny_controller(feature_layer=1)
+    ps = prompts(21, [11, 11])
+    pol = _policy("adore", 64, (gd, state), rebuild=2, feature_layer=1)
+    s = engine.decode(params, CFG, ps, 9, policy=pol, policy_params=state, chunk=4)
+    seq = np.concatenate([np.asarray(ps), np.asarray(s.out)[:, :8]], axis=1)  # the 19 tokens fed
+    x = features(params, CFG, jnp.asarray(seq), "hidden:1")
+    ctrl = nnx.merge(gd, state)
+    _, _, want = ctrl.scan(ctrl.init_state(2), x, jnp.ones(seq.shape, bool))
+    np.testing.assert_allclose(np.asarray(s.policy_state.key[:, :19]), np.asarray(want), atol=2e-5)
+    with pytest.raises(ValueError, match="feature_layer"):  # a policy built without the controller's input
+        engine.decode(params, CFG, ps, 2, policy=_policy("adore", 64, (gd, state)), policy_params=state)

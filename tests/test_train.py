@@ -127,3 +127,18 @@ def test_config_file_and_overrides(tmp_path):
         parse_config(["--config", str(cfg)])
     with pytest.raises(ValueError, match="multiple of block"):
         parse_config(["--seq-len", "100"])
+
+
+def test_hidden_feature_controller_round_trip(tmp_path):
+    """A controller trained on hidden:1 features is saved as such, loads with its
+    feature_layer, and build_policy makes an ADORE policy that reads that layer."""
+    from adore_jax.controller import load_controller, save_controller
+    from adore_jax.policies import build_policy
+
+    job = _job(tmp_path, feature="hidden:1")
+    trained, _ = train(dataclasses.replace(job, tc=dataclasses.replace(job.tc, steps=2)), progress=False)
+    save_controller(tmp_path / "controller", trained, {"backbone": "tiny"})  # as `adore train-controller` does
+    ctrl, meta = load_controller(tmp_path / "controller")
+    assert ctrl.feature_layer == 1 and meta["feature"] == "hidden:1"
+    policy, _, _ = build_policy("adore", CFG, 16, controller=tmp_path / "controller")
+    assert policy.feature_layer == 1

@@ -17,9 +17,10 @@ def tiny_params(seed: int = 0):
     return init_params(CFG, jax.random.key(seed), scale=0.3)
 
 
-def tiny_controller(seed: int = 0, d_c: int = 16):
-    """(graphdef, state) of a random controller for CFG's embeddings."""
-    return nnx.split(new_controller(CFG.hidden_size, d_c, seed=seed))
+def tiny_controller(seed: int = 0, d_c: int = 16, feature_layer=None):
+    """(graphdef, state) of a random controller for CFG (embeddings, or the hidden
+    state entering layer feature_layer)."""
+    return nnx.split(new_controller(CFG.hidden_size, d_c, seed=seed, feature_layer=feature_layer))
 
 
 def prompts(seed, lens, vocab=120):

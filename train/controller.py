@@ -36,7 +36,7 @@ from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 from adore_jax.cache import KVCache
-from adore_jax.controller import Controller, model_signature, save_controller
+from adore_jax.controller import Controller, feature_layer, model_signature, save_controller
 from models.llama import LlamaConfig, Params, forward
 from train.labels import attention_block, full_cache
 from train.config import parse_config as read_config
@@ -295,7 +295,7 @@ def train(job: Job, stop_after: Optional[int] = None, progress: bool = True) -> 
     out = Path(tc.out).absolute()
     out.mkdir(parents=True, exist_ok=True)
     d_in = job.cfg.hidden_size
-    ctrl = Controller(d_in, tc.d_c, rngs=nnx.Rngs(tc.seed))
+    ctrl = Controller(d_in, tc.d_c, feature_layer=feature_layer(tc.feature), rngs=nnx.Rngs(tc.seed))
     gd, state = nnx.split(ctrl)
     opt = make_optimizer(tc)
     opt_state = opt.init(state)

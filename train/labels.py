@@ -27,7 +27,7 @@ def full_cache(params: Params, cfg: LlamaConfig, tokens: jax.Array) -> KVCache:
     B, n = tokens.shape
     pos = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (B, n))
     empty = KVCache.empty(cfg.num_layers, B, n, cfg.num_kv_heads, cfg.head_dim, params.embed.dtype)
-    _, k, v, _ = forward(params, cfg, tokens, pos, empty, logits_rows=jnp.zeros((B, 1), jnp.int32))
+    _, k, v, *_ = forward(params, cfg, tokens, pos, empty, logits_rows=jnp.zeros((B, 1), jnp.int32))
     return write_rows(empty, k, v, pos, pos)
 
 
@@ -39,7 +39,7 @@ def attention_block(params: Params, cfg: LlamaConfig, tokens, cache: KVCache, st
     pos = jnp.broadcast_to(rows, (B, block))
     toks = jax.lax.dynamic_slice_in_dim(tokens, start, block, axis=1)
     view = dataclasses.replace(cache, pos=jnp.where(cache.pos < start, cache.pos, -1))
-    _, _, _, mass = forward(params, cfg, toks, pos, view, with_stats=True, logits_rows=jnp.zeros((B, 1), jnp.int32))
+    mass = forward(params, cfg, toks, pos, view, with_stats=True, logits_rows=jnp.zeros((B, 1), jnp.int32)).mass
     mass = mass / cfg.num_heads  # [B, block, n + block]: summed over heads -> mean
     dense = jnp.where(jnp.arange(n) < start, mass[:, :, :n], 0.0)
     own = jax.lax.dynamic_update_slice_in_dim(jnp.zeros((B, block, n), mass.dtype), mass[:, :, n:], start, axis=2)

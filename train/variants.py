@@ -5,8 +5,9 @@
 Trains every (feature, loss) variant of DESIGN.md for --steps steps on the same
 data and seed, evaluates all on held-out Persuasion sequences, writes
 variants.json and variants.md (recall@m, precision@m, AUC), then trains the
-best variant that the decode engine supports (feature "embedding") for
---final-steps steps and writes it to OUT/controller with a model card.
+best variant (by held-out recall@256) for --final-steps steps and writes it to
+OUT/controller with a model card. --final FEATURE/LOSS skips the variants and
+trains that one. The decode engine reads either input (embedding or hidden:l).
 With --compare-devices it also times the same step on one device and on all
 devices (data parallel) and reports the ratio.
 """
@@ -76,6 +77,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", default="results/controller")
     p.add_argument("--compare-devices", action="store_true", help="also time 1 device vs all (data parallel)")
     p.add_argument("--compare-only", action="store_true", help="only the device comparison")
+    p.add_argument("--final", default=None, help="FEATURE/LOSS (e.g. hidden:8/bce): skip the variants, train this one")
     args = p.parse_args(argv)
     base = TrainConfig(seq_len=args.seq_len, batch_size=args.batch_size, eval_batches=args.eval_batches,
                        eval_every=10**6, save_every=10**6, out=args.out)
@@ -89,6 +91,9 @@ def main(argv=None) -> int:
             (out / "devices.json").write_text(json.dumps(report, indent=2))
             return 0
     results = {}
+    if args.final is not None:
+        feature, _, loss = args.final.partition("/")
+        return _final(base, feature, loss, args, argv, out, results)
     for feat, loss in VARIANTS:
         tc = dataclasses.replace(base, feature=feat, loss=loss, steps=args.steps, out=str(out / f"{feat.replace(':', '')}-{loss}"))
         t0 = time.perf_counter()
@@ -102,17 +107,23 @@ def main(argv=None) -> int:
     report["variants"] = results
     (out / "variants.json").write_text(json.dumps(report, indent=2))
     (out / "variants.md").write_text(_table(results) + "\n")
-    key = max((k for k in results["embedding/bce"] if k.startswith("recall@")), key=lambda k: min(int(k[7:]), 256))
-    best_loss = max(("bce", "listwise"), key=lambda l: results[f"embedding/{l}"][key])
-    tc = dataclasses.replace(base, feature="embedding", loss=best_loss, steps=args.final_steps, eval_every=500,
-                             out=str(out / "final"))
+    best = max((f"{f}/{l}" for f, l in VARIANTS), key=lambda v: results[v]["recall@256"])
+    feature, _, loss = best.partition("/")
+    return _final(base, feature, loss, args, argv, out, results)
+
+
+def _final(base: TrainConfig, feature: str, loss: str, args, argv, out: Path, results: dict) -> int:
+    """Train (feature, loss) for --final-steps and write OUT/controller with its model card."""
+    tc = dataclasses.replace(base, feature=feature, loss=loss, steps=args.final_steps, eval_every=500,
+                             out=str(out / "final")).validate()
     job = load_job(tc)
     ctrl, metrics = train(job)
     final = out / "controller"
-    save_controller(final, ctrl, {"backbone": model_signature(job.cfg), "feature": "embedding", "loss": best_loss, "metrics": metrics})
+    save_controller(final, ctrl, {"backbone": model_signature(job.cfg), "loss": loss, "metrics": metrics})
     write_model_card(final, tc, job, metrics, "python -m train.variants " + " ".join(sys.argv[1:] if argv is None else argv))
-    print(_table(results))
-    print("final", best_loss, json.dumps(metrics))
+    if results:
+        print(_table(results))
+    print("final", feature, loss, json.dumps(metrics))
     return 0
 
 

@@ -24,6 +24,7 @@ def make_policy(
     rebuild: int = 0,
     rebuild_every: int = 1,
     controller_graphdef: Any = None,
+    feature_layer: Optional[int] = None,
 ) -> Policy:
     """Build a policy. cache_size m (slots) is required except for `full`.
 
@@ -62,7 +63,8 @@ def make_policy(
         raise ValueError(f"rebuild-every must be >= 1, got {rebuild_every}")
     if controller_graphdef is None:
         raise ValueError("the adore policy needs a controller")
-    return AdorePolicy(**common, rebuild=rebuild, rebuild_every=rebuild_every, graphdef=controller_graphdef)
+    return AdorePolicy(**common, rebuild=rebuild, rebuild_every=rebuild_every, graphdef=controller_graphdef,
+                       feature_layer=feature_layer)
 
 
 def build_policy(name: str, cfg, cache_size: Optional[int] = None, *, controller=None, **kw):
@@ -71,10 +73,13 @@ def build_policy(name: str, cfg, cache_size: Optional[int] = None, *, controller
     packaged one for this backbone, else random; `note` says which)."""
     if name != "adore":
         return make_policy(name, cache_size, **kw), None, ""
+    from flax import nnx
+
     from adore_jax.controller import default_controller
 
     gd, state, note = default_controller(cfg, controller)
-    return make_policy(name, cache_size, controller_graphdef=gd, **kw), state, note
+    layer = nnx.merge(gd, state).feature_layer
+    return make_policy(name, cache_size, controller_graphdef=gd, feature_layer=layer, **kw), state, note
 
 
 __all__ = [

@@ -10,12 +10,16 @@ Each decode step (DESIGN.md):
    protected, ties toward recency), writing kept rows into freed slots.
 Prefill chunks run the controller over the chunk and cut back to m by the
 scores of the chunk's last token.
+
+A controller reading a hidden layer (feature_layer l) gets its input from the
+forward pass, so steps 1 runs after step 3: the rebuild set of step t is chosen
+with the scores of step t - 1 (the lag), and the top-m cut uses step t's scores.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
@@ -48,9 +52,14 @@ class AdorePolicy(Evicting):
     rebuild: int = 0  # R: rebuilt rows per step
     rebuild_every: int = 1  # k: rebuild on every k-th decode step
     graphdef: Any = None  # nnx GraphDef of the controller; its state is `pp`
+    feature_layer: Optional[int] = None  # the controller's input: None embeddings, l the hidden state entering layer l
 
     def _ctrl(self, pp):
-        return nnx.merge(self.graphdef, pp)
+        ctrl = nnx.merge(self.graphdef, pp)
+        if ctrl.feature_layer != self.feature_layer:
+            raise ValueError(f"the controller reads feature_layer={ctrl.feature_layer}, the policy was built for "
+                             f"{self.feature_layer}: pass the controller's feature_layer to make_policy")
+        return ctrl
 
     def init(self, pp, batch, max_total):
         ctrl = self._ctrl(pp)
@@ -67,23 +76,36 @@ class AdorePolicy(Evicting):
             return None
         return st.step % self.rebuild_every == 0
 
-    def select_rows(self, pp, st: AdoreState, cache, tokens, positions, embed, decode, extra=True):
+    def _observe(self, pp, st: AdoreState, x, positions, new) -> AdoreState:
+        """Feed the rows marked `new` [B, T] (features x [B, T, E]) to the controller:
+        their keys join the history, and the last one's query scores it."""
         ctrl = self._ctrl(pp)
         B, N = st.tok.shape
-        valid = positions >= 0
-        h, q, k = ctrl.scan(st.h, jnp.take(embed, tokens, axis=0), valid)
-        b = jnp.arange(B)[:, None]
-        at = jnp.where(valid, positions, N)
-        tok = st.tok.at[b, at].set(tokens, mode="drop")
-        key = st.key.at[b, at].set(k, mode="drop")
-        t = last_position(positions)
-        q_t = jnp.take_along_axis(q, jnp.argmax(positions, axis=1)[:, None, None], axis=1)  # [B, 1, d_c]
+        h, q, k = ctrl.scan(st.h, x, new)
+        at = jnp.where(new, positions, N)
+        key = st.key.at[jnp.arange(B)[:, None], at].set(k, mode="drop")
+        pos = jnp.where(new, positions, -1)
+        t = last_position(pos)
+        q_t = jnp.take_along_axis(q, jnp.argmax(pos, axis=1)[:, None, None], axis=1)  # [B, 1, d_c]
         hist = jnp.arange(N, dtype=jnp.int32)[None]
         score = ctrl.logits(q_t, t[:, None], key, jnp.broadcast_to(hist, (B, N)))[:, 0]
         score = jnp.where(hist <= t[:, None], score, _NEG)
-        st = AdoreState(tok, key, h, score, st.step + (1 if decode else 0))
+        score = jnp.where(t[:, None] >= 0, score, st.score)  # a sequence with no new row keeps its scores
+        return dataclasses.replace(st, key=key, h=h, score=score)
+
+    def select_rows(self, pp, st: AdoreState, cache, tokens, positions, embed, decode, extra=True):
+        B, N = st.tok.shape
+        valid = positions >= 0
+        tok = st.tok.at[jnp.arange(B)[:, None], jnp.where(valid, positions, N)].set(tokens, mode="drop")
+        st = dataclasses.replace(st, tok=tok, step=st.step + (1 if decode else 0))
+        if self.feature_layer is None:  # embeddings: score before the forward pass
+            st = self._observe(pp, st, jnp.take(embed, tokens, axis=0), positions, valid)
         if not decode or self.rebuild == 0 or not extra:
             return tokens, positions, st
+        # hidden features: st.score is still the previous step's (the lag)
+        t = last_position(positions)
+        hist = jnp.arange(N, dtype=jnp.int32)[None]
+        score = st.score
         held = in_cache(cache, N)
         cache_min = jnp.min(jnp.where(held, score, jnp.inf), axis=1, keepdims=True)
         eligible = (hist < t[:, None]) & ~held & (score > cache_min)
@@ -92,6 +114,14 @@ class AdorePolicy(Evicting):
         rows_tok = jnp.where(ok, jnp.take_along_axis(tok, idx, axis=1), 0)
         rows_pos = jnp.where(ok, idx, -1).astype(jnp.int32)
         return jnp.concatenate([tokens, rows_tok], 1), jnp.concatenate([positions, rows_pos], 1), st
+
+    def assign_slots(self, pp, st: AdoreState, cache, positions, mass, feature=None):
+        if self.feature_layer is not None:  # hidden features: score now that the forward pass made them
+            hist = jnp.arange(st.score.shape[1], dtype=jnp.int32)[None]
+            seen = jnp.max(jnp.where(st.score > _NEG, hist, -1), axis=1)  # last position fed to the controller
+            new = (positions >= 0) & (positions > seen[:, None])  # not the rebuilt rows
+            st = self._observe(pp, st, feature, positions, new)
+        return super().assign_slots(pp, st, cache, positions, mass)
 
     def scores(self, pp, st: AdoreState, cache, positions, mass):
         c = jnp.take_along_axis(st.score, jnp.maximum(cache.pos, 0), axis=1)

@@ -19,6 +19,7 @@ class Policy:
 
     needs_stats: bool = False  # forward must return attention mass per key
     two_pass: bool = False  # run a full-attention pass first, then `restrict`
+    feature_layer = None  # forward must return the residual entering this layer (`feature` of assign_slots)
 
     def num_slots(self, max_total: int) -> int:
         """Cache slots for sequences of at most max_total tokens."""
@@ -39,8 +40,10 @@ class Policy:
         this step adds rows (the engine then picks a 1-row or a wider step)."""
         return None
 
-    def assign_slots(self, pp, state, cache, positions, mass):
-        """Slots [B, T] (-1: drop) for the rows just run, and the new state."""
+    def assign_slots(self, pp, state, cache, positions, mass, feature=None):
+        """Slots [B, T] (-1: drop) for the rows just run, and the new state.
+
+        mass: [B, T, S+T] when needs_stats; feature: [B, T, E] when feature_layer is set."""
         raise NotImplementedError
 
 
@@ -93,7 +96,7 @@ class Evicting(Policy):
         """Scores of the cache slots [B, S] and new rows [B, T]; and the new state."""
         raise NotImplementedError
 
-    def assign_slots(self, pp, state, cache, positions, mass):
+    def assign_slots(self, pp, state, cache, positions, mass, feature=None):
         c_score, r_score, state = self.scores(pp, state, cache, positions, mass)
         t = last_position(positions)
         prot = self.protected(jnp.concatenate([cache.pos, positions], axis=1), t)

@@ -89,5 +89,5 @@ class OraclePolicy(Evicting):
         keep = (s >= thresh) & (jnp.cumsum(s >= thresh, axis=1) <= m)
         return dataclasses.replace(cache, pos=jnp.where(keep, cache.pos, -1))
 
-    def assign_slots(self, pp, state, cache, positions, mass):
+    def assign_slots(self, pp, state, cache, positions, mass, feature=None):
         return jnp.where(positions >= 0, positions, -1), state

@@ -14,7 +14,7 @@ class FullPolicy(Policy):
     def num_slots(self, max_total: int) -> int:
         return max_total
 
-    def assign_slots(self, pp, state, cache, positions, mass):
+    def assign_slots(self, pp, state, cache, positions, mass, feature=None):
         return jnp.where(positions >= 0, positions, -1), state
 
 
