@@ -1,6 +1,6 @@
 # The GPU runs behind docs/THROUGHPUT.md, docs/KERNELS.md and docs/RESULTS.md, on a
 # machine of 4 GPUs (nvidia-h200-x4): independent jobs, one per GPU, each resumable.
-# Source eval/gpu_setup.sh first; then `bash eval/gpu_runs.sh bench|quality|followup|assemble`.
+# Source eval/gpu_setup.sh first; then `bash eval/gpu_runs.sh bench|quality|followup1|followup2|assemble`.
 # Results go to /tmp/runs (kept while the machine stays warm) and are copied to $OUT.
 set -u
 R=/tmp/runs
@@ -26,13 +26,19 @@ quality)  # the four evaluations of `adore eval all --size full`, split over fou
   on 3 passkey_agreement bash -c "python3 -m adore_jax eval passkey --size full --out $R/quality &&
     python3 -m adore_jax eval agreement --size full --out $R/quality" &
   ;;
-followup)  # session 3: throughput (HLO, unstacked layers), the grid, a hidden-state controller, ADORE with sinks, fp32 agreement
-  [ -d .carry/parts/quality_parts ] && mkdir -p "$R/quality" && cp -rn .carry/parts/quality_parts/. "$R/quality/.parts/"
+followup1)  # session 3, first call (no real model yet): throughput (HLO, unstacked layers), the 7B grid, kernels
   on 0 throughput python3 -m eval.throughput --preset gpu --fixed-budget --ttft --hlo --out "$R/throughput" &
-  on 1 grid_a bash -c "$GRID --shapes llama2-7b --contexts 2048,8192 --out $R/grid_a &&
+  on 1 grid_a $GRID --shapes llama2-7b --contexts 2048,8192 --out "$R/grid_a" &
+  on 2 grid_b $GRID --shapes llama2-7b --contexts 16384,32768 --out "$R/grid_b" &
+  on 3 kernels python3 eval/bench_kernels.py --out "$R/bench_kernels.json" --deadline 480 --check-cases 5 &
+  ;;
+followup2)  # session 3, with the model: a hidden-state controller, ADORE with sinks, fp32 agreement, what is left
+  [ -d .carry/parts/quality_parts ] && mkdir -p "$R/quality" && cp -rn .carry/parts/quality_parts/. "$R/quality/.parts/"
+  on 0 rest bash -c "python3 -m eval.throughput --preset gpu --fixed-budget --ttft --hlo --out $R/throughput &&
     $GRID --shapes smollm2-135m --out $R/grid_c" &
-  on 2 grid_b bash -c "$GRID --shapes llama2-7b --contexts 16384,32768 --out $R/grid_b &&
-    $EVAL agreement --size full --dtype float32 --out $R/quality_fp32" &
+  on 1 grid_a bash -c "$GRID --shapes llama2-7b --contexts 2048,8192 --out $R/grid_a &&
+    $GRID --shapes llama2-7b --contexts 16384,32768 --out $R/grid_b" &
+  on 2 agreement $EVAL agreement --size full --dtype float32 --out "$R/quality_fp32" &
   on 3 hidden bash -c "python3 -m train.variants --final hidden:8/bce --final-steps 600 --out $R/ctrl_h8 &&
     $EVAL ppl --size full --policy full,streaming,adore,adore-r8 --controller $R/ctrl_h8/controller --out $R/quality_h8 &&
     $EVAL ppl $Q --policy full,window,streaming,h2o,tova,adore,adore-r8,oracle,adore-s4,adore-r8-s4" &
@@ -50,7 +56,7 @@ for d in sorted(glob.glob('$R/grid_?')):
 open('$R/grid/rows.jsonl', 'w').write(''.join(json.dumps(r) + '\\n' for r in rows))"
   on 1 assemble_grid $GRID --out "$R/grid" &
   ;;
-*) echo "usage: bash eval/gpu_runs.sh bench|quality|followup|assemble" >&2; exit 2 ;;
+*) echo "usage: bash eval/gpu_runs.sh bench|quality|followup1|followup2|assemble" >&2; exit 2 ;;
 esac
 wait
 mkdir -p "$OUT" && cp -r "$R"/. "$OUT"/
