@@ -12,7 +12,7 @@ Prefill chunks run the controller over the chunk and cut back to m by the
 scores of the chunk's last token.
 
 A controller reading a hidden layer (feature_layer l) gets its input from the
-forward pass, so steps 1 runs after step 3: the rebuild set of step t is chosen
+forward pass, so step 1 runs after step 3: the rebuild set of step t is chosen
 with the scores of step t - 1 (the lag), and the top-m cut uses step t's scores.
 """
 
@@ -102,7 +102,7 @@ class AdorePolicy(Evicting):
             st = self._observe(pp, st, jnp.take(embed, tokens, axis=0), positions, valid)
         if not decode or self.rebuild == 0 or not extra:
             return tokens, positions, st
-        # hidden features: st.score is still the previous step's (the lag)
+        # the rebuild set, by st.score: this step's (embeddings) or the previous step's (hidden features)
         t = last_position(positions)
         hist = jnp.arange(N, dtype=jnp.int32)[None]
         score = st.score
