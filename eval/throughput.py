@@ -121,8 +121,10 @@ def step_bytes(cfg: LlamaConfig, params, row: Row, itemsize: int) -> int:
     return weights + row.batch * (kv * cfg.kv_bytes_per_token * itemsize + hist)
 
 
-def measure_row(cfg, params, row: Row, steps: int, repeats: int, kernels, hlo_dir: Optional[Path] = None) -> dict:
-    """Time one row; hlo_dir: also write the compiled (optimized) program's HLO text there."""
+def _program(cfg, params, row: Row, steps: int, repeats: int, kernels):
+    """(compiled decode chunk of `steps` steps, policy params, its input state) for a
+    row. params may be abstract (jax.ShapeDtypeStruct leaves): then so is the state,
+    and nothing is allocated."""
     attn_fn, update_fn = kernels
     if row.variant == "no-attention":
         attn_fn = _no_attention
@@ -130,16 +132,30 @@ def measure_row(cfg, params, row: Row, steps: int, repeats: int, kernels, hlo_di
         attn_fn = _sliced_cache(attn_fn)
     if row.variant == "no-update":
         update_fn = _no_update
-    if row.variant == "unstacked":  # per-layer weight buffers, layers unrolled (a second copy of the weights)
-        params = unstack_layers(params)
     pol, pp, _ = build_policy(row.policy, cfg, None if row.policy == "full" else row.cache_size,
                               rebuild=row.rebuild, rebuild_every=row.rebuild_every)
     ec = engine.EngineConfig(max_new_tokens=steps * (repeats + 2) + 2, prompt_len=row.context, chunk=512,
                              policy=pol, attn_fn=attn_fn, cache_update=update_fn)
-    s = synthetic_state(params, pp, cfg, ec, row.batch, row.context, jax.random.key(0))
-    sp = SamplingParams().validate()
-    run = engine._decode_chunk_jit.lower(params, pp, cfg, ec, s, sp, steps).compile()
+    state = lambda p: synthetic_state(p, pp, cfg, ec, row.batch, row.context, jax.random.key(0))
+    abstract = isinstance(jax.tree_util.tree_leaves(params)[0], jax.ShapeDtypeStruct)
+    s = jax.eval_shape(state, params) if abstract else state(params)
+    run = engine._decode_chunk_jit.lower(params, pp, cfg, ec, s, SamplingParams().validate(), steps).compile()
+    return run, pp, s
+
+
+def program_peak_bytes(run) -> int:
+    """A compiled program's own peak: its arguments (weights, state), outputs not
+    aliased to them, and temporaries."""
     ma = run.memory_analysis()
+    return ma.argument_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes + ma.temp_size_in_bytes
+
+
+def measure_row(cfg, params, row: Row, steps: int, repeats: int, kernels, hlo_dir: Optional[Path] = None) -> dict:
+    """Time one row; hlo_dir: also write the compiled (optimized) program's HLO text there."""
+    if row.variant == "unstacked":  # per-layer weight buffers, layers unrolled (a second copy of the weights)
+        params = unstack_layers(params)
+    run, pp, s = _program(cfg, params, row, steps, repeats, kernels)
+    sp = SamplingParams().validate()
     if hlo_dir is not None:
         hlo_dir.mkdir(parents=True, exist_ok=True)
         name = f"{row.shape}_{row.name}_B{row.batch}_{row.context}".replace(" ", "_").replace("/", "-")
@@ -154,9 +170,7 @@ def measure_row(cfg, params, row: Row, steps: int, repeats: int, kernels, hlo_di
         jax.block_until_ready(s.out)
         ts.append((time.perf_counter() - t) / steps)
     step = float(np.median(ts))
-    # the program's own peak: its arguments (weights, state), outputs not aliased to them, temporaries
-    peak = ma.argument_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes + ma.temp_size_in_bytes
-    return {"step_ms": step * 1e3, "tokens_per_s": row.batch / step, "peak_gb": peak / 1e9,
+    return {"step_ms": step * 1e3, "tokens_per_s": row.batch / step, "peak_gb": program_peak_bytes(run) / 1e9,
             "device_bytes_in_use_gb": mem.get("bytes_in_use", 0) / 1e9}
 
 
@@ -307,14 +321,28 @@ def plot_tokens_per_s(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def fixed_budget_rows(cfg, itemsize: int, hbm_bytes: float, context: int = 16384) -> list[Row]:
-    """The largest batch each policy fits at `context` in hbm_bytes (weights + KV + history)."""
-    weights = 6.74e9 * itemsize
-    per_full = context * cfg.kv_bytes_per_token * itemsize
-    per_adore = 1024 * cfg.kv_bytes_per_token * itemsize + context * (64 * 4 + 8)
-    free = hbm_bytes * 0.9 - weights
-    return [Row("llama2-7b", "full", int(free // per_full), context),
-            Row("llama2-7b", "adore", int(free // per_adore) // 8 * 8, context)]
+def fixed_budget_rows(cfg, dtype, limit_bytes: float, steps: int, repeats: int, kernels,
+                      context: int = 16384, shape: str = "llama2-7b") -> list[Row]:
+    """The largest batch each policy (full; adore m=1024 R=0) fits at `context`: from
+    the bytes of weights + KV + history, then lowered until the compiled decode
+    program's peak (abstract inputs, nothing allocated) is within 95% of limit_bytes."""
+    itemsize = jnp.dtype(dtype).itemsize
+    params = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0), dtype))
+    weights = sum(x.size for x in jax.tree_util.tree_leaves(params)) * itemsize
+    per_seq = {"full": context * cfg.kv_bytes_per_token * itemsize,
+               "adore": 1024 * cfg.kv_bytes_per_token * itemsize + context * (64 * 4 + 8)}
+    rows = []
+    for policy, step in (("full", 1), ("adore", 8)):
+        batch = int((0.9 * limit_bytes - weights) // per_seq[policy]) // step * step
+        while batch > 0:
+            row = Row(shape, policy, batch, context)
+            run = _program(cfg, params, row, steps, repeats, kernels)[0]
+            if program_peak_bytes(run) <= 0.95 * limit_bytes:
+                break
+            batch = int(batch * 0.95) // step * step
+        if batch > 0:
+            rows.append(Row(shape, policy, batch, context))
+    return rows
 
 
 def main(argv=None) -> int:
@@ -348,7 +376,7 @@ def main(argv=None) -> int:
     else:
         rows = preset_rows(args.preset)
     if args.fixed_budget:
-        rows += fixed_budget_rows(SHAPES["llama2-7b"], itemsize, hbm)
+        rows += fixed_budget_rows(SHAPES["llama2-7b"], dtype, hbm, args.steps, args.repeats, kernels)
     partial = out / "rows.jsonl"  # finished rows; a rerun of the same command skips them
     results = [json.loads(l) for l in partial.read_text().splitlines()] if partial.exists() else []
     done = {r["name"] + f"|{r['shape']}|{r['batch']}|{r['context']}" for r in results}

@@ -2,6 +2,7 @@
 
 import json
 
+from adore_jax.kernels import get_attention_fn, get_cache_update_fn
 from eval.throughput import Row, grid_rows, main
 
 
@@ -29,3 +30,26 @@ def test_grid_keeps_what_fits():
     assert Row("llama2-7b", "full", 8, 16384) in rows
     assert Row("llama2-7b", "full", 16, 16384) not in rows  # 16 x 8 GB of KV + 13.5 GB of weights
     assert Row("llama2-7b", "adore", 64, 32768) in rows
+
+
+def test_fixed_budget_batches_fit_their_compiled_programs():
+    """The fixed-budget rows' batches are checked against the compiled decode
+    program's peak (abstract inputs): each fits in 95% of the limit."""
+    import jax
+    import jax.numpy as jnp
+
+    from eval.throughput import _program, fixed_budget_rows, program_peak_bytes
+    from models.llama import init_params
+    from models.shapes import SHAPES
+
+    cfg, ctx = SHAPES["tiny"], 4096
+    ref = (get_attention_fn("reference"), get_cache_update_fn("reference"))
+    params = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0), jnp.float32))
+    one = program_peak_bytes(_program(cfg, params, Row("tiny", "full", 1, ctx), 2, 1, ref)[0])
+    limit = 6 * one  # room for a few sequences of full attention
+    rows = fixed_budget_rows(cfg, jnp.float32, limit, 2, 1, ref, context=ctx, shape="tiny")
+    assert [r.policy for r in rows] == ["full", "adore"]
+    for r in rows:
+        assert r.batch >= 1
+        assert program_peak_bytes(_program(cfg, params, r, 2, 1, ref)[0]) <= 0.95 * limit
+    assert rows[1].batch > rows[0].batch  # 1024 slots against 4096 tokens of KV per sequence
