@@ -154,6 +154,7 @@ def default_controller(cfg, path=None):
         if ctrl.proj.in_features != cfg.hidden_size:
             raise ValueError(f"controller {path} expects embeddings of size {ctrl.proj.in_features}, model has {cfg.hidden_size}")
         gd, state = nnx.split(ctrl)
-        return gd, state, f"controller {path}"
+        source = "" if ctrl.feature_layer is None else f" (input: the hidden state entering layer {ctrl.feature_layer})"
+        return gd, state, f"controller {path}{source}"
     gd, state = nnx.split(new_controller(cfg.hidden_size))
     return gd, state, "randomly initialized controller (none trained for this model)"
