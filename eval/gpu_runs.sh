@@ -27,7 +27,8 @@ quality)  # the four evaluations of `adore eval all --size full`, split over fou
     python3 -m adore_jax eval agreement --size full --out $R/quality" &
   ;;
 followup1)  # session 3, first call (no real model yet): throughput (HLO, unstacked layers), the 7B grid, kernels
-  on 0 throughput python3 -m eval.throughput --preset gpu --fixed-budget --ttft --hlo --out "$R/throughput" &
+  on 0 throughput bash -c "python3 -m eval.throughput --preset gpu --fixed-budget --ttft --hlo --out $R/throughput;
+    python3 -m eval.hlo_copies $R/throughput/hlo/*.hlo.txt > $R/hlo_copies.txt" &
   on 1 grid_a $GRID --shapes llama2-7b --contexts 2048,8192 --out "$R/grid_a" &
   on 2 grid_b $GRID --shapes llama2-7b --contexts 16384,32768 --out "$R/grid_b" &
   on 3 kernels python3 eval/bench_kernels.py --out "$R/bench_kernels.json" --deadline 480 --check-cases 5 &
@@ -35,6 +36,7 @@ followup1)  # session 3, first call (no real model yet): throughput (HLO, unstac
 followup2)  # session 3, with the model: a hidden-state controller, ADORE with sinks, fp32 agreement, what is left
   [ -d .carry/parts/quality_parts ] && mkdir -p "$R/quality" && cp -rn .carry/parts/quality_parts/. "$R/quality/.parts/"
   on 0 rest bash -c "python3 -m eval.throughput --preset gpu --fixed-budget --ttft --hlo --out $R/throughput &&
+    python3 -m eval.hlo_copies $R/throughput/hlo/*.hlo.txt > $R/hlo_copies.txt;
     $GRID --shapes smollm2-135m --out $R/grid_c" &
   on 1 grid_a bash -c "$GRID --shapes llama2-7b --contexts 2048,8192 --out $R/grid_a &&
     $GRID --shapes llama2-7b --contexts 16384,32768 --out $R/grid_b" &
