@@ -255,6 +255,9 @@ def preset_rows(preset: str) -> list[Row]:
         return [Row("tiny", p, 2, 256, cache_size=64, rebuild=r) for p, r in (("full", 0), ("streaming", 0), ("adore", 0), ("adore", 4))] + [
             Row("tiny", "full", 2, 256, variant="no-attention"), Row("tiny", "adore", 2, 256, cache_size=64, variant="no-update"),
             Row("tiny", "full", 2, 256, variant="sliced-cache"), Row("tiny", "adore", 2, 256, cache_size=64, variant="unstacked")]
+    if preset == "cpu":  # the scan over stacked layers against per-layer weight buffers, at a CPU size
+        small = dict(shape="smollm2-135m", batch=4, context=2048)
+        return [Row(policy=p, variant=v, **small) for p in ("full", "adore") for v in ("", "unstacked")]
     rows = [Row("smollm2-135m", "full", 64, 8192), Row("smollm2-135m", "adore", 64, 8192, rebuild=8)]
     main = dict(shape="llama2-7b", batch=8, context=16384)
     rows += [Row(policy="full", **main), Row(policy="streaming", **main), Row(policy="adore", **main),
@@ -347,8 +350,9 @@ def fixed_budget_rows(cfg, dtype, limit_bytes: float, steps: int, repeats: int, 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m eval.throughput")
-    p.add_argument("--preset", choices=("tiny", "gpu", "grid"), default="tiny",
-                   help="tiny: CPU smoke test; gpu: the main 7B rows; grid: contexts x batches x policies")
+    p.add_argument("--preset", choices=("tiny", "cpu", "gpu", "grid"), default="tiny",
+                   help="tiny: smoke test; cpu: SmolLM2 shape, stacked vs unstacked layers; gpu: the main 7B rows; "
+                        "grid: contexts x batches x policies")
     p.add_argument("--shapes", default="smollm2-135m,llama2-7b", help="grid: comma-separated shapes")
     p.add_argument("--contexts", default=",".join(map(str, GRID_CONTEXTS)), help="grid: comma-separated context lengths")
     p.add_argument("--batches", default=",".join(map(str, GRID_BATCHES)), help="grid: comma-separated batch sizes")
@@ -366,7 +370,7 @@ def main(argv=None) -> int:
     kernels = (get_attention_fn(), get_cache_update_fn())
     dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
     itemsize = jnp.dtype(dtype).itemsize
-    bw = copy_bandwidth(256 << 20 if args.preset == "tiny" else 2 << 30)
+    bw = copy_bandwidth(256 << 20 if args.preset in ("tiny", "cpu") else 2 << 30)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     hbm = (jax.devices()[0].memory_stats() or {}).get("bytes_limit", 16e9)
