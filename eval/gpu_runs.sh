@@ -35,11 +35,12 @@ followup1)  # session 3, first call (no real model yet): throughput (HLO, unstac
   ;;
 followup2)  # session 3, with the model: a hidden-state controller, ADORE with sinks, fp32 agreement, what is left
   [ -d .carry/parts/quality_parts ] && mkdir -p "$R/quality" && cp -rn .carry/parts/quality_parts/. "$R/quality/.parts/"
-  on 0 rest bash -c "python3 -m eval.throughput --preset gpu --fixed-budget --ttft --hlo --out $R/throughput &&
+  # a finished benchmark has its throughput.json (and no rows.jsonl left to resume): skip it
+  on 0 rest bash -c "[ -f $R/throughput/throughput.json ] || python3 -m eval.throughput --preset gpu --fixed-budget --ttft --hlo --out $R/throughput;
     python3 -m eval.hlo_copies $R/throughput/hlo/*.hlo.txt > $R/hlo_copies.txt;
-    $GRID --shapes smollm2-135m --out $R/grid_c" &
-  on 1 grid_a bash -c "$GRID --shapes llama2-7b --contexts 2048,8192 --out $R/grid_a &&
-    $GRID --shapes llama2-7b --contexts 16384,32768 --out $R/grid_b" &
+    [ -f $R/grid_c/throughput.json ] || $GRID --shapes smollm2-135m --out $R/grid_c" &
+  on 1 grid_a bash -c "[ -f $R/grid_a/throughput.json ] || $GRID --shapes llama2-7b --contexts 2048,8192 --out $R/grid_a;
+    [ -f $R/grid_b/throughput.json ] || $GRID --shapes llama2-7b --contexts 16384,32768 --out $R/grid_b" &
   on 2 agreement $EVAL agreement --size full --dtype float32 --out "$R/quality_fp32" &
   on 3 hidden bash -c "python3 -m train.variants --final hidden:8/bce --final-steps 600 --out $R/ctrl_h8 &&
     $EVAL ppl --size full --policy full,streaming,adore,adore-r8 --controller $R/ctrl_h8/controller --out $R/quality_h8 &&
