@@ -37,6 +37,7 @@ def _parse(text: str) -> dict[str, list[tuple[bool, str, str, str, str, str]]]:
     comps: dict = {}
     current = None
     for line in text.splitlines():
+        line = re.sub(r"/\*.*?\*/", "", line)  # /*index=5*/ comments inside tuple types
         if current is None:
             m = _HEADER.match(line)
             if m and "=" not in line.split("{")[0]:
@@ -64,8 +65,8 @@ def copies(text: str) -> list[Copy]:
         return next((op for op in COPYING if op in ops), None) if root == "bitcast" else None
 
     roots = {c: root_copying(ins) for c, ins in comps.items()}
-    fused = {m.group(1) for ins in comps.values() for *_, op, rest in ins if op == "fusion"
-             for m in [_CALLS.search(rest)] if m}
+    # fusion bodies (from every fusion line, multi-output ones included, whose type is a tuple)
+    fused = {m.group(1) for line in text.splitlines() if " fusion(" in line for m in [_CALLS.search(line)] if m}
     out = []
     for comp, ins in comps.items():
         if comp in fused:
