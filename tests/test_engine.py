@@ -107,3 +107,18 @@ def test_invalid_sampling(sp):
 def test_too_long_prompt(params):
     with pytest.raises(ValueError, match="maximum length"):
         engine.generate(params, CFG, [[1] * 250], 10)
+
+
+def test_feature_layer_bad_values(params):
+    from adore_jax.cache import KVCache
+    from adore_jax.controller import feature_layer
+    from models.llama import forward
+
+    assert feature_layer("embedding") is None and feature_layer("hidden:8") == 8
+    for bad in ("hidden", "hidden:x", "layer:3"):
+        with pytest.raises(ValueError, match="embedding or hidden:<layer>"):
+            feature_layer(bad)
+    empty = KVCache.empty(CFG.num_layers, 1, 0, CFG.num_kv_heads, CFG.head_dim, np.float32)
+    tok = np.zeros((1, 1), np.int32)
+    with pytest.raises(ValueError, match=r"feature_layer must be in \[0, 2\]"):
+        forward(params, CFG, tok, tok, empty, feature_layer=3)

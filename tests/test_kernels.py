@@ -335,3 +335,22 @@ def test_engine_same_tokens_with_kernels(backend):
     for pol in (make_policy("full"), make_policy("adore", 8, rebuild=2, controller_graphdef=ctrl[0])):
         ref = engine.generate(params, CFG, ps, 10, policy=pol, policy_params=ctrl[1])
         assert engine.generate(params, CFG, ps, 10, policy=pol, policy_params=ctrl[1], **kernels) == ref
+
+
+def test_gpu_kernel_lowers_for_cuda_with_stacked_cache():
+    """The Triton lowering accepts the stacked cache and a traced layer index
+    (lowered for the cuda platform on the CPU, no GPU needed)."""
+    L, B, T, Hq, Hkv, D, S = 3, 2, 1, 8, 2, 64, 1000
+    shapes = [((B, T, Hq, D), BF16), ((B, T, Hkv, D), BF16), ((B, T, Hkv, D), BF16), ((L, B, S, Hkv, D), BF16),
+              ((L, B, S, Hkv, D), BF16), ((B, S), jnp.int32), ((B, T), jnp.int32), ((), jnp.int32)]
+    args = [jax.ShapeDtypeStruct(s, d) for s, d in shapes]
+    fn = lambda q, k, v, a, b, cp, qp, li: sparse_attention_gpu(q, k, v, a, b, cp, qp, layer=li, with_stats=True).out
+    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "adore_sparse_attention" in text
+
+
+def test_stacked_cache_shape_errors():
+    q, k, v, ck, cv, cpos, qpos = make_inputs(1, 1, 4, 2, 16, 8, F32)
+    for fn in (sparse_attention_gpu, sparse_attention_tpu):
+        with pytest.raises(ValueError, match=r"with layer=, cache_k/v must be \[L, B, S, Hkv, D\]"):
+            fn(q, k, v, ck, cv, cpos, qpos, layer=0, interpret=True)  # a per-layer cache given with a layer
