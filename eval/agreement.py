@@ -10,14 +10,13 @@ BLEU-4 against the full-attention outputs.
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 from tqdm import tqdm
 
 from eval.common import (PolicySpec, RowCache, batches, build, chat_ids, controller_fingerprint, controller_note,
-                         fingerprint, md_table, run_key, write_json)
+                         fingerprint, md_table, run_key, write_outputs)
 from eval.metrics import corpus_bleu, rouge_l, token_match_rate
 
 CHAT_PROMPTS = (
@@ -153,9 +152,6 @@ def agreement_table(res: dict) -> str:
 
 def write_agreement(res: dict, out_dir) -> dict:
     """Write agreement.json and agreement.md into out_dir; returns {kind: path}."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     md = (f"Agreement with full attention (greedy, {res['max_new_tokens']} new tokens; prompts {res['prompts']}, "
           f"{res['prompt_tokens'][0]}-{res['prompt_tokens'][1]} tokens):\n\n{agreement_table(res)}\n")
-    (out / "agreement.md").write_text(md)
-    return dict(json=write_json(out / "agreement.json", res), md=out / "agreement.md")
+    return write_outputs(out_dir, "agreement", res, md)

@@ -200,6 +200,19 @@ def write_json(path, obj) -> Path:
     return path
 
 
+def write_outputs(out_dir, kind: str, res: dict, md: str, plot=None) -> dict:
+    """Write KIND.json (res), KIND.md (md) and, given plot(res, path), KIND.png into
+    out_dir; returns {"json"|"md"|"png": path}."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = dict(json=write_json(out / f"{kind}.json", res), md=out / f"{kind}.md")
+    paths["md"].write_text(md)
+    if plot is not None:
+        paths["png"] = out / f"{kind}.png"
+        plot(res, paths["png"])
+    return paths
+
+
 def md_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
     """A GitHub markdown table (floats with 4 significant digits)."""
     fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)

@@ -11,14 +11,13 @@ every policy and budget sees the same prompts. Prompts are prefilled in chunks
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 from tqdm import tqdm
 
 from eval.common import (PolicySpec, RowCache, batches, build, controller_fingerprint, chat_ids, controller_note, fingerprint, md_table,
-                         new_figure, run_key, write_json)
+                         new_figure, run_key, write_outputs)
 from eval.passkey import make_passkey_prompt, score_passkey
 
 
@@ -156,10 +155,6 @@ def plot_passkey(res: dict, path=None):
 
 def write_passkey(res: dict, out_dir) -> dict:
     """Write passkey.json, passkey.md and passkey.png (heat maps) into out_dir."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     md = (f"Pass-key accuracy (mean over depths {res['depths']}), prompts of {res['prompt_tokens'][0]}-"
           f"{res['prompt_tokens'][1]} tokens, {res['trials']} trials per depth:\n\n{passkey_table(res)}\n")
-    (out / "passkey.md").write_text(md)
-    plot_passkey(res, out / "passkey.png")
-    return dict(json=write_json(out / "passkey.json", res), md=out / "passkey.md", png=out / "passkey.png")
+    return write_outputs(out_dir, "passkey", res, md, plot_passkey)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
@@ -20,7 +19,7 @@ from matplotlib.ticker import ScalarFormatter
 from tqdm import tqdm
 
 from eval.common import (PolicySpec, RowCache, batches, build, controller_fingerprint, controller_note, fingerprint, md_table, new_figure,
-                         run_key, write_json)
+                         run_key, write_outputs)
 
 
 def streaming_nll(params, cfg, tokens, policy=None, policy_params=None, prefill: int = 1, chunk: int = 512) -> np.ndarray:
@@ -141,11 +140,7 @@ def plot_ppl(res: dict, path=None):
 
 def write_ppl(res: dict, out_dir) -> dict:
     """Write ppl.json, ppl.md (tables) and ppl.png into out_dir; returns {kind: path}."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     md = (f"Streaming perplexity on {res.get('text', 'the given tokens')}, L = {res['length']}, "
           f"{res['segments']} segments, prefill {res['prefill']}.\n\nAll scored tokens:\n\n{ppl_table(res)}\n\n"
           f"Positions >= m only (cache full):\n\n{ppl_table(res, 'ppl_after_budget')}\n")
-    (out / "ppl.md").write_text(md)
-    plot_ppl(res, out / "ppl.png")
-    return dict(json=write_json(out / "ppl.json", res), md=out / "ppl.md", png=out / "ppl.png")
+    return write_outputs(out_dir, "ppl", res, md, plot_ppl)

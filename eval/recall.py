@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 import math
 import time
-from pathlib import Path
 from typing import Optional, Sequence
 
 import jax
@@ -24,7 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from eval.common import (PolicySpec, RowCache, batches, build, controller_fingerprint, controller_note, fingerprint, md_table, new_figure,
-                         run_key, write_json)
+                         run_key, write_outputs)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
@@ -168,11 +167,7 @@ def plot_recall(res: dict, path=None):
 
 def write_recall(res: dict, out_dir) -> dict:
     """Write recall.json, recall.md and recall.png into out_dir; returns {kind: path}."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     md = (f"Top-{res['topk']} recall on {res.get('text', 'the given tokens')}, n = {res['length']}, "
           f"{res['segments']} segments, query positions {res['queries']}.\n\nRecall:\n\n{recall_table(res)}\n\n"
           f"Precision:\n\n{recall_table(res, 'precision')}\n")
-    (out / "recall.md").write_text(md)
-    plot_recall(res, out / "recall.png")
-    return dict(json=write_json(out / "recall.json", res), md=out / "recall.md", png=out / "recall.png")
+    return write_outputs(out_dir, "recall", res, md, plot_recall)
