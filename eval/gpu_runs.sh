@@ -30,8 +30,12 @@ followup1)  # session 3, first call (no real model yet): throughput (HLO, unstac
   on 0 throughput bash -c "python3 -m eval.throughput --preset gpu --fixed-budget --ttft --hlo --out $R/throughput;
     python3 -m eval.hlo_copies $R/throughput/hlo/*.hlo.txt > $R/hlo_copies.txt" &
   on 1 grid_a $GRID --shapes llama2-7b --contexts 2048,8192 --out "$R/grid_a" &
-  on 2 grid_b $GRID --shapes llama2-7b --contexts 16384,32768 --out "$R/grid_b" &
-  on 3 kernels python3 eval/bench_kernels.py --out "$R/bench_kernels.json" --deadline 480 --check-cases 5 &
+  # XLA's dynamic-slice fusion (off by default): do the scan's weight slices still get copied?
+  on 2 grid_b bash -c "XLA_FLAGS=--xla_gpu_enable_dynamic_slice_fusion=true python3 -m eval.throughput --preset grid \
+      --no-hf --steps 8 --repeats 3 --shapes llama2-7b --contexts 16384 --batches 8 --hlo --out $R/dsf;
+    python3 -m eval.hlo_copies $R/dsf/hlo/*.hlo.txt > $R/hlo_copies_dsf.txt;
+    $GRID --shapes llama2-7b --contexts 16384,32768 --out $R/grid_b" &
+  on 3 kernels python3 eval/bench_kernels.py --out "$R/bench_kernels.json" --deadline 500 --check-cases 5 &
   ;;
 followup2)  # session 3, with the model: a hidden-state controller, ADORE with sinks, fp32 agreement, what is left
   [ -d .carry/parts/quality_parts ] && mkdir -p "$R/quality" && cp -rn .carry/parts/quality_parts/. "$R/quality/.parts/"

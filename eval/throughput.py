@@ -366,13 +366,20 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     from adore_jax.kernels import get_attention_fn, get_cache_update_fn
 
-    hf = [] if args.no_hf else hf_reference()  # first: torch frees its memory before JAX takes the GPU
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    hf_done = out / "hf.json"  # a resumed run keeps the reference rows it has
+    if args.no_hf:
+        hf = []
+    elif hf_done.exists():
+        hf = json.loads(hf_done.read_text())
+    else:
+        hf = hf_reference()  # first: torch frees its memory before JAX takes the GPU
+        hf_done.write_text(json.dumps(hf))
     kernels = (get_attention_fn(), get_cache_update_fn())
     dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
     itemsize = jnp.dtype(dtype).itemsize
     bw = copy_bandwidth(256 << 20 if args.preset in ("tiny", "cpu") else 2 << 30)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     hbm = (jax.devices()[0].memory_stats() or {}).get("bytes_limit", 16e9)
     if args.preset == "grid":
         ints = lambda text: [int(x) for x in text.split(",") if x.strip()]
@@ -432,6 +439,7 @@ def main(argv=None) -> int:
     (out / "throughput.md").write_text(table)
     plot_tokens_per_s(results, out / "tokens_per_s.png")
     partial.unlink()
+    hf_done.unlink(missing_ok=True)
     print(table)
     return 0
 
