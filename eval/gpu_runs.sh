@@ -1,6 +1,6 @@
 # The GPU runs behind docs/THROUGHPUT.md, docs/KERNELS.md and docs/RESULTS.md, on a
-# machine of 4 GPUs (nvidia-h200-x4): independent jobs, one per GPU, each resumable.
-# Source eval/gpu_setup.sh first; then `bash eval/gpu_runs.sh bench|quality|followup1|followup2|assemble`.
+# machine of 2 or 4 GPUs (nvidia-h200-x2/x4): independent jobs, one per GPU, each resumable.
+# Source eval/gpu_setup.sh first; then `bash eval/gpu_runs.sh CASE` (the cases below).
 # Results go to /tmp/runs (kept while the machine stays warm) and are copied to $OUT.
 set -u
 R=/tmp/runs
@@ -26,44 +26,31 @@ quality)  # the four evaluations of `adore eval all --size full`, split over fou
   on 3 passkey_agreement bash -c "python3 -m adore_jax eval passkey --size full --out $R/quality &&
     python3 -m adore_jax eval agreement --size full --out $R/quality" &
   ;;
-followup1)  # session 3, first call (no real model yet): throughput (HLO, unstacked layers), the 7B grid, kernels
+throughput)  # session 3, two GPUs: the main rows (HLO, unstacked layers, fixed budget, TTFT); dynamic-slice fusion, kernels
   on 0 throughput bash -c "python3 -m eval.throughput --preset gpu --fixed-budget --ttft --hlo --out $R/throughput;
     python3 -m eval.hlo_copies $R/throughput/hlo/*.hlo.txt > $R/hlo_copies.txt" &
-  on 1 grid_a $GRID --shapes llama2-7b --contexts 2048,8192 --out "$R/grid_a" &
   # XLA's dynamic-slice fusion (off by default): do the scan's weight slices still get copied?
-  on 2 grid_b bash -c "XLA_FLAGS=--xla_gpu_enable_dynamic_slice_fusion=true python3 -m eval.throughput --preset grid \
+  on 1 kernels bash -c "XLA_FLAGS=--xla_gpu_enable_dynamic_slice_fusion=true python3 -m eval.throughput --preset grid \
       --no-hf --steps 8 --repeats 3 --shapes llama2-7b --contexts 16384 --batches 8 --hlo --out $R/dsf;
     python3 -m eval.hlo_copies $R/dsf/hlo/*.hlo.txt > $R/hlo_copies_dsf.txt;
-    $GRID --shapes llama2-7b --contexts 16384,32768 --out $R/grid_b" &
-  on 3 kernels python3 eval/bench_kernels.py --out "$R/bench_kernels.json" --deadline 500 --check-cases 5 &
+    python3 eval/bench_kernels.py --out $R/bench_kernels.json --deadline 330 --check-cases 5" &
   ;;
-followup2)  # session 3, with the model: a hidden-state controller, ADORE with sinks, fp32 agreement, what is left
+grid)  # two GPUs: what is left of the main rows, then the 7B grid (resumable: run again until done)
+  on 0 grid_a bash -c "[ -f $R/throughput/throughput.json ] || python3 -m eval.throughput --preset gpu --fixed-budget --ttft --hlo --out $R/throughput;
+    [ -f $R/grid_a/throughput.json ] || $GRID --shapes llama2-7b --contexts 2048,8192 --out $R/grid_a" &
+  on 1 grid_b bash -c "[ -f $R/grid_b/throughput.json ] || $GRID --shapes llama2-7b --contexts 16384,32768 --out $R/grid_b" &
+  ;;
+quality2)  # with the model (carry .carry/p2, .carry/parts): a hidden-state controller, ADORE with sinks, fp32 agreement
   [ -d .carry/parts/quality_parts ] && mkdir -p "$R/quality" && cp -rn .carry/parts/quality_parts/. "$R/quality/.parts/"
-  # a finished benchmark has its throughput.json (and no rows.jsonl left to resume): skip it
-  on 0 rest bash -c "[ -f $R/throughput/throughput.json ] || python3 -m eval.throughput --preset gpu --fixed-budget --ttft --hlo --out $R/throughput;
-    python3 -m eval.hlo_copies $R/throughput/hlo/*.hlo.txt > $R/hlo_copies.txt;
-    [ -f $R/grid_c/throughput.json ] || $GRID --shapes smollm2-135m --out $R/grid_c" &
-  on 1 grid_a bash -c "[ -f $R/grid_a/throughput.json ] || $GRID --shapes llama2-7b --contexts 2048,8192 --out $R/grid_a;
-    [ -f $R/grid_b/throughput.json ] || $GRID --shapes llama2-7b --contexts 16384,32768 --out $R/grid_b" &
-  on 2 agreement $EVAL agreement --size full --dtype float32 --out "$R/quality_fp32" &
-  on 3 hidden bash -c "python3 -m train.variants --final hidden:8/bce --final-steps 600 --out $R/ctrl_h8 &&
+  on 0 agreement $EVAL agreement --size full --dtype float32 --out "$R/quality_fp32" &
+  on 1 hidden bash -c "python3 -m train.variants --final hidden:8/bce --final-steps 600 --out $R/ctrl_h8 &&
     $EVAL ppl --size full --policy full,streaming,adore,adore-r8 --controller $R/ctrl_h8/controller --out $R/quality_h8 &&
     $EVAL ppl $Q --policy full,window,streaming,h2o,tova,adore,adore-r8,oracle,adore-s4,adore-r8-s4" &
   ;;
-assemble)  # every row is in .parts / rows.jsonl by now: write the reports
+assemble)  # every quality row is in .parts by now: write the reports (grid rows are assembled off the GPU)
   on 0 assemble_quality $EVAL all $Q &
-  mkdir -p "$R/grid"
-  python3 -c "import glob, json, os
-rows = []
-for d in sorted(glob.glob('$R/grid_?')):
-    if os.path.exists(d + '/throughput.json'):
-        rows += json.load(open(d + '/throughput.json'))['rows']
-    elif os.path.exists(d + '/rows.jsonl'):
-        rows += [json.loads(l) for l in open(d + '/rows.jsonl')]
-open('$R/grid/rows.jsonl', 'w').write(''.join(json.dumps(r) + '\\n' for r in rows))"
-  on 1 assemble_grid $GRID --out "$R/grid" &
   ;;
-*) echo "usage: bash eval/gpu_runs.sh bench|quality|followup1|followup2|assemble" >&2; exit 2 ;;
+*) echo "usage: bash eval/gpu_runs.sh bench|quality|throughput|grid|quality2|assemble" >&2; exit 2 ;;
 esac
 wait
 mkdir -p "$OUT" && cp -r "$R"/. "$OUT"/
