@@ -41,6 +41,7 @@ import numpy as np
 from adore_jax.attention import reference_attention
 from adore_jax.cache import KVCache, write_rows
 from adore_jax.kernels import GpuConfig, cache_update_gpu, sparse_attention_gpu
+from eval.bandwidth import copy_bandwidth as measured_copy_bandwidth
 
 SHAPES = [(8, 32, 8, 128), (32, 9, 3, 64), (8, 32, 32, 128)]  # (B, Hq, Hkv, D)
 SLOTS = [1024, 4096, 8192]
@@ -178,38 +179,10 @@ def cache_only_reference(q, ck, cv):
 
 
 def copy_bandwidth(results, smoke):
-    n = (1 << 20) if smoke else (1 << 30)  # elements of bf16: 2 GiB per array
-    sets = [(rand(jax.random.PRNGKey(100 + i), (n,)),) for i in range(2 if smoke else 3)]
-    t, ts = bench(lambda x: -x, sets)
-    xla_bw = 2 * n * 2 / t
-    res = {"xla_elementwise_copy_TBps": xla_bw / 1e12, "bytes_per_op": 4 * n, "xla_times_s": ts}
-    del sets
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            src = torch.randn(n, device="cuda", dtype=torch.bfloat16)
-            dst = torch.empty_like(src)
-            for _ in range(3):
-                dst.copy_(src)
-            tt = []
-            for _ in range(7):
-                e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                e0.record()
-                for _ in range(10):
-                    dst.copy_(src)
-                e1.record()
-                torch.cuda.synchronize()
-                tt.append(e0.elapsed_time(e1) / 1e3 / 10)
-            res["torch_copy_TBps"] = 2 * n * 2 / statistics.median(tt) / 1e12
-            del src, dst
-            torch.cuda.empty_cache()
-    except Exception as e:  # torch missing or no CUDA: the XLA copy stands alone
-        res["torch_error"] = repr(e)[:200]
-    res["copy_TBps"] = max(v for k, v in res.items() if k.endswith("copy_TBps"))
-    results["copy"] = res
-    log("copy bandwidth", {k: v for k, v in res.items() if "TBps" in k})
-    return res["copy_TBps"]
+    bw = measured_copy_bandwidth((2 << 20) if smoke else (2 << 30))
+    results["copy"] = {f"{k}_copy_TBps": v / 1e12 for k, v in bw.items()}
+    log("copy bandwidth", results["copy"])
+    return bw["best"] / 1e12
 
 
 def rel_err(a, b):

@@ -8,6 +8,7 @@ mkdir -p "$R"
 LIMIT=${LIMIT:-540}  # seconds per job: the device tool allows 600 per call
 on() { local gpu=$1 log=$2; shift 2; CUDA_VISIBLE_DEVICES=$gpu timeout "$LIMIT" "$@" >"$R/$log.log" 2>&1; }
 GRID="python3 -m eval.throughput --preset grid --ttft --no-hf --steps 8 --repeats 3"
+GRID_DECODE="python3 -m eval.throughput --preset grid --no-hf --steps 8 --repeats 3"  # decode rows only (TTFT: GRID)
 EVAL="python3 -m adore_jax eval"
 Q="--size full --out $R/quality"
 
@@ -26,19 +27,16 @@ quality)  # the four evaluations of `adore eval all --size full`, split over fou
   on 3 passkey_agreement bash -c "python3 -m adore_jax eval passkey --size full --out $R/quality &&
     python3 -m adore_jax eval agreement --size full --out $R/quality" &
   ;;
-throughput)  # session 3, two GPUs: the main rows (HLO, unstacked layers, fixed budget, TTFT); dynamic-slice fusion, kernels
+throughput)  # session 3, two GPUs: the main rows (HLO, both layer layouts, fixed budget, TTFT); the 7B grid at B = 8, 64
   on 0 throughput bash -c "python3 -m eval.throughput --preset gpu --fixed-budget --ttft --hlo --out $R/throughput;
     python3 -m eval.hlo_copies $R/throughput/hlo/*.hlo.txt > $R/hlo_copies.txt" &
-  # XLA's dynamic-slice fusion (off by default): do the scan's weight slices still get copied?
-  on 1 kernels bash -c "XLA_FLAGS=--xla_gpu_enable_dynamic_slice_fusion=true python3 -m eval.throughput --preset grid \
-      --no-hf --steps 8 --repeats 3 --shapes llama2-7b --contexts 16384 --batches 8 --hlo --out $R/dsf;
-    python3 -m eval.hlo_copies $R/dsf/hlo/*.hlo.txt > $R/hlo_copies_dsf.txt;
-    python3 eval/bench_kernels.py --out $R/bench_kernels.json --deadline 330 --check-cases 5" &
+  on 1 grid_a $GRID_DECODE --shapes llama2-7b --batches 8,64 --out "$R/grid_a" &
   ;;
-grid)  # two GPUs: what is left of the main rows, then the 7B grid (resumable: run again until done)
-  on 0 grid_a bash -c "[ -f $R/throughput/throughput.json ] || python3 -m eval.throughput --preset gpu --fixed-budget --ttft --hlo --out $R/throughput;
-    [ -f $R/grid_a/throughput.json ] || $GRID --shapes llama2-7b --contexts 2048,8192 --out $R/grid_a" &
-  on 1 grid_b bash -c "[ -f $R/grid_b/throughput.json ] || $GRID --shapes llama2-7b --contexts 16384,32768 --out $R/grid_b" &
+grid)  # two GPUs: what is left of the main rows, then the rest of the 7B grid (resumable: run again until done)
+  on 0 grid_b bash -c "[ -f $R/throughput/throughput.json ] || python3 -m eval.throughput --preset gpu --fixed-budget --ttft --hlo --out $R/throughput;
+    [ -f $R/grid_a/throughput.json ] || $GRID_DECODE --shapes llama2-7b --batches 8,64 --out $R/grid_a;
+    $GRID_DECODE --shapes llama2-7b --batches 1,16 --contexts 2048,8192 --out $R/grid_b" &
+  on 1 grid_c $GRID_DECODE --shapes llama2-7b --batches 1,16 --contexts 16384,32768 --out "$R/grid_c" &
   ;;
 quality2)  # with the model (carry .carry/p2, .carry/parts): a hidden-state controller, ADORE with sinks, fp32 agreement
   [ -d .carry/parts/quality_parts ] && mkdir -p "$R/quality" && cp -rn .carry/parts/quality_parts/. "$R/quality/.parts/"

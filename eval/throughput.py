@@ -32,7 +32,8 @@ from adore_jax.attention import AttentionOut, layer_cache
 from adore_jax.cache import KVCache
 from adore_jax.policies import build_policy
 from adore_jax.sampling import SamplingParams
-from models.llama import LlamaConfig, init_params, unstack_layers
+from eval.bandwidth import copy_bandwidth
+from models.llama import LAYOUTS, LlamaConfig, default_layout, init_params, with_layout
 from models.shapes import SHAPES
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +45,7 @@ class Row:
     cache_size: int = 1024
     rebuild: int = 0
     rebuild_every: int = 1
-    variant: str = ""  # "" | no-attention | no-update (step breakdown) | sliced-cache | unstacked (layers)
+    variant: str = ""  # "" | no-attention | no-update (step breakdown) | sliced-cache | stacked | unstacked (layers)
 
     @property
     def name(self) -> str:
@@ -52,19 +53,6 @@ class Row:
         if self.policy == "adore":
             p += f" R={self.rebuild}" + (f"/{self.rebuild_every}" if self.rebuild_every > 1 else "")
         return p + (f" [{self.variant}]" if self.variant else "")
-
-
-def copy_bandwidth(nbytes: int = 2 << 30) -> float:
-    """Device copy bandwidth in bytes/s (bytes read + written), median of 10."""
-    x = jax.random.normal(jax.random.key(0), (nbytes // 4,), jnp.float32)
-    f = jax.jit(lambda x: x * 1.0001)
-    f(x).block_until_ready()
-    ts = []
-    for _ in range(10):
-        t = time.perf_counter()
-        f(x).block_until_ready()
-        ts.append(time.perf_counter() - t)
-    return 2 * nbytes / float(np.median(ts))
 
 
 def _no_attention(q, k, v, cache_k, cache_v, cache_pos, q_pos, *, layer=None, with_stats=False, scale=None):
@@ -152,8 +140,8 @@ def program_peak_bytes(run) -> int:
 
 def measure_row(cfg, params, row: Row, steps: int, repeats: int, kernels, hlo_dir: Optional[Path] = None) -> dict:
     """Time one row; hlo_dir: also write the compiled (optimized) program's HLO text there."""
-    if row.variant == "unstacked":  # per-layer weight buffers, layers unrolled (a second copy of the weights)
-        params = unstack_layers(params)
+    if row.variant in LAYOUTS:  # the other layer layout than the default (a second copy of the weights, for this row)
+        params = with_layout(params, row.variant)
     run, pp, s = _program(cfg, params, row, steps, repeats, kernels)
     sp = SamplingParams().validate()
     if hlo_dir is not None:
@@ -174,14 +162,20 @@ def measure_row(cfg, params, row: Row, steps: int, repeats: int, kernels, hlo_di
             "device_bytes_in_use_gb": mem.get("bytes_in_use", 0) / 1e9}
 
 
-def time_to_first_token(cfg, params, row: Row, kernels) -> float:
-    """Seconds for a real prefill of `context` tokens per sequence (after compile)."""
+def time_to_first_token(cfg, params, row: Row, kernels, hlo_dir: Optional[Path] = None) -> float:
+    """Seconds for a real prefill of `context` tokens per sequence (after compile);
+    hlo_dir: also write the compiled prefill's HLO text there (before running it)."""
     pol, pp, _ = build_policy(row.policy, cfg, None if row.policy == "full" else row.cache_size, rebuild=row.rebuild)
     ec = engine.EngineConfig(max_new_tokens=2, prompt_len=row.context, chunk=min(512, row.context), policy=pol,
                              attn_fn=kernels[0], cache_update=kernels[1])
     toks = jax.random.randint(jax.random.key(2), (row.batch, row.context), 0, cfg.vocab_size, jnp.int32)
     lens = jnp.full((row.batch,), row.context, jnp.int32)
-    run = lambda: engine._prefill_jit(params, pp, cfg, ec, toks, lens, jax.random.key(0), SamplingParams().validate())
+    args = (params, pp, cfg, ec, toks, lens, jax.random.key(0), SamplingParams().validate())
+    if hlo_dir is not None:
+        hlo_dir.mkdir(parents=True, exist_ok=True)
+        name = f"prefill_{row.shape}_{row.name}_B{row.batch}_{row.context}".replace(" ", "_").replace("/", "-")
+        (hlo_dir / f"{name}.hlo.txt").write_text(engine._prefill_jit.lower(*args).compile().as_text())
+    run = lambda: engine._prefill_jit(*args)
     jax.block_until_ready(run())
     t = time.perf_counter()
     jax.block_until_ready(run())
@@ -254,10 +248,11 @@ def preset_rows(preset: str) -> list[Row]:
     if preset == "tiny":
         return [Row("tiny", p, 2, 256, cache_size=64, rebuild=r) for p, r in (("full", 0), ("streaming", 0), ("adore", 0), ("adore", 4))] + [
             Row("tiny", "full", 2, 256, variant="no-attention"), Row("tiny", "adore", 2, 256, cache_size=64, variant="no-update"),
-            Row("tiny", "full", 2, 256, variant="sliced-cache"), Row("tiny", "adore", 2, 256, cache_size=64, variant="unstacked")]
+            Row("tiny", "full", 2, 256, variant="sliced-cache"), Row("tiny", "adore", 2, 256, cache_size=64, variant="unstacked"),
+            Row("tiny", "adore", 2, 256, cache_size=64, variant="stacked")]
     if preset == "cpu":  # the scan over stacked layers against per-layer weight buffers, at a CPU size
         small = dict(shape="smollm2-135m", batch=4, context=2048)
-        return [Row(policy=p, variant=v, **small) for p in ("full", "adore") for v in ("", "unstacked")]
+        return [Row(policy=p, variant=v, **small) for p in ("full", "adore") for v in LAYOUTS]
     rows = [Row("smollm2-135m", "full", 64, 8192), Row("smollm2-135m", "adore", 64, 8192, rebuild=8)]
     main = dict(shape="llama2-7b", batch=8, context=16384)
     rows += [Row(policy="full", **main), Row(policy="streaming", **main), Row(policy="adore", **main),
@@ -265,7 +260,7 @@ def preset_rows(preset: str) -> list[Row]:
              Row(policy="full", variant="no-attention", **main), Row(policy="adore", rebuild=8, variant="no-attention", **main),
              Row(policy="adore", rebuild=8, variant="no-update", **main),
              Row(policy="full", variant="sliced-cache", **main), Row(policy="adore", variant="sliced-cache", **main),
-             Row(policy="full", variant="unstacked", **main), Row(policy="adore", variant="unstacked", **main)]
+             Row(policy="full", variant="stacked", **main), Row(policy="adore", variant="stacked", **main)]
     return rows
 
 
@@ -330,7 +325,7 @@ def fixed_budget_rows(cfg, dtype, limit_bytes: float, steps: int, repeats: int, 
     the bytes of weights + KV + history, then lowered until the compiled decode
     program's peak (abstract inputs, nothing allocated) is within 95% of limit_bytes."""
     itemsize = jnp.dtype(dtype).itemsize
-    params = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0), dtype))
+    params = jax.eval_shape(lambda: with_layout(init_params(cfg, jax.random.key(0), dtype)))
     weights = sum(x.size for x in jax.tree_util.tree_leaves(params)) * itemsize
     per_seq = {"full": context * cfg.kv_bytes_per_token * itemsize,
                "adore": 1024 * cfg.kv_bytes_per_token * itemsize + context * (64 * 4 + 8)}
@@ -379,7 +374,8 @@ def main(argv=None) -> int:
     kernels = (get_attention_fn(), get_cache_update_fn())
     dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
     itemsize = jnp.dtype(dtype).itemsize
-    bw = copy_bandwidth(256 << 20 if args.preset in ("tiny", "cpu") else 2 << 30)
+    copy_bw = copy_bandwidth(256 << 20 if args.preset in ("tiny", "cpu") else 2 << 30)
+    bw = copy_bw["best"]
     hbm = (jax.devices()[0].memory_stats() or {}).get("bytes_limit", 16e9)
     if args.preset == "grid":
         ints = lambda text: [int(x) for x in text.split(",") if x.strip()]
@@ -396,7 +392,7 @@ def main(argv=None) -> int:
     def params_for(shape):
         if shape not in params_by_shape:
             params_by_shape.clear()
-            params_by_shape[shape] = init_params(SHAPES[shape], jax.random.key(0), dtype)
+            params_by_shape[shape] = with_layout(init_params(SHAPES[shape], jax.random.key(0), dtype))  # default layout
         return params_by_shape[shape]
 
     def save():  # the finished rows, rewritten whole (atomic)
@@ -416,7 +412,8 @@ def main(argv=None) -> int:
             need = step_bytes(cfg, params, row, itemsize)
             r.update(bytes_per_step_gb=need / 1e9, roofline_ms=need / bw * 1e3)
             r["roofline_fraction"] = r["roofline_ms"] / r["step_ms"]
-        results.append({**dataclasses.asdict(row), "name": row.name, **r})
+        layers = row.variant if row.variant in LAYOUTS else default_layout()
+        results.append({**dataclasses.asdict(row), "name": row.name, "layers": layers, **r})
         print(json.dumps(results[-1]), flush=True)
         save()
     for r in results if args.ttft else []:  # then time to first token, where asked and not yet measured
@@ -425,14 +422,17 @@ def main(argv=None) -> int:
                 or row.policy == "streaming" or row.batch > TTFT_MAX_BATCH:
             continue
         try:
-            r["ttft_s"] = time_to_first_token(SHAPES[row.shape], params_for(row.shape), row, kernels)
+            r["ttft_s"] = time_to_first_token(SHAPES[row.shape], params_for(row.shape), row, kernels,
+                                              out / "hlo" if args.hlo else None)
         except Exception as e:  # a prefill that does not fit: the decode row stands
             r["ttft_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
         print(json.dumps({"ttft": row.name, "shape": row.shape, "batch": row.batch, "context": row.context,
                           **{k: r[k] for k in ("ttft_s", "ttft_error") if k in r}}), flush=True)
         save()
     params_by_shape.clear()
-    report = {"device": str(jax.devices()[0]), "copy_bandwidth_tb_s": bw / 1e12, "rows": results, "hf": hf,
+    report = {"device": str(jax.devices()[0]), "copy_bandwidth_tb_s": bw / 1e12,
+              "copy_bandwidth_by_method_tb_s": {k: v / 1e12 for k, v in copy_bw.items()}, "default_layout": default_layout(),
+              "rows": results, "hf": hf,
               "command": "python -m eval.throughput " + " ".join(sys.argv[1:] if argv is None else argv)}
     (out / "throughput.json").write_text(json.dumps(report, indent=2))
     table = render_table(report)
@@ -445,7 +445,8 @@ def main(argv=None) -> int:
 
 
 def render_table(report: dict) -> str:
-    lines = [f"copy bandwidth {report['copy_bandwidth_tb_s']:.2f} TB/s on {report['device']}", "",
+    lines = [f"copy bandwidth {report['copy_bandwidth_tb_s']:.2f} TB/s (the best of XLA and torch copies) on {report['device']}; "
+             f"layers {report.get('default_layout', 'stacked')} unless the row says otherwise", "",
              "| shape | policy | B | context | ms/step | tokens/s | roofline ms | of roofline | peak GB | TTFT s |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from models.llama import LayerParams, LlamaConfig, Params, RopeScaling, config_from_hf
+from models.llama import LayerParams, LlamaConfig, Params, RopeScaling, config_from_hf, with_layout
 
 CHAT_EOS_TOKENS = ("<|im_end|>", "<|eot_id|>")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
@@ -91,8 +91,15 @@ def param_partition_specs(cfg: LlamaConfig, params: Params, axis: str = "model",
     return Params(embed=P(), layers=layers, final_norm=P(), lm_head=lm_head)
 
 
-def _place(cfg: LlamaConfig, params: Params, mesh: Optional[Mesh], axis: str = "model") -> Params:
-    """device_put host arrays, sharded over mesh[axis] when a mesh is given."""
+def _place(cfg: LlamaConfig, params: Params, mesh: Optional[Mesh], layers: str = "auto", axis: str = "model") -> Params:
+    """device_put host arrays, sharded over mesh[axis] when a mesh is given; layers:
+    "stacked", "unstacked" or "auto" (models.llama.default_layout; stacked with a mesh)."""
+    if mesh is not None and layers == "unstacked":
+        raise ModelLoadError("unstacked layers are not sharded: load with layers='stacked' (or 'auto') and a mesh")
+    try:
+        params = with_layout(params, "stacked" if mesh is not None else layers)  # host numpy: views, no copy
+    except ValueError as e:
+        raise ModelLoadError(str(e)) from None
     if mesh is None:
         return jax.device_put(params)
     specs = param_partition_specs(cfg, params, axis, mesh.shape[axis])
@@ -197,7 +204,8 @@ def _safetensors_files(path: Path) -> dict[str, Path]:
     )
 
 
-def load_hf_dir(path: str | os.PathLike, dtype=jnp.float32, mesh: Optional[Mesh] = None) -> tuple[LlamaConfig, Params]:
+def load_hf_dir(path: str | os.PathLike, dtype=jnp.float32, mesh: Optional[Mesh] = None,
+                layers: str = "auto") -> tuple[LlamaConfig, Params]:
     """Load a Hugging Face Llama/Mistral/Qwen2 checkpoint directory -> (cfg, device params)."""
     from safetensors import SafetensorError, safe_open
 
@@ -226,7 +234,7 @@ def load_hf_dir(path: str | os.PathLike, dtype=jnp.float32, mesh: Optional[Mesh]
         raise ModelLoadError(f"could not read the safetensors in {path} (corrupt or truncated file?): {_reason(e)}") from None
     finally:
         opened.clear()
-    return cfg, _place(cfg, params, mesh)
+    return cfg, _place(cfg, params, mesh, layers)
 
 
 # ---------------------------------------------------------------- GGUF files
@@ -313,7 +321,8 @@ def gguf_config(reader, file: Path | str = "GGUF file") -> LlamaConfig:
         raise ModelLoadError(f"{file}: GGUF metadata is incomplete ({_reason(e)})") from None
 
 
-def load_gguf(file: str | os.PathLike, dtype=jnp.float32, mesh: Optional[Mesh] = None) -> tuple[LlamaConfig, Params]:
+def load_gguf(file: str | os.PathLike, dtype=jnp.float32, mesh: Optional[Mesh] = None,
+              layers: str = "auto") -> tuple[LlamaConfig, Params]:
     """Load a llama.cpp GGUF file (dequantized to dtype) -> (cfg, device params) in HF layout."""
     from gguf.quants import dequantize
 
@@ -337,7 +346,7 @@ def load_gguf(file: str | os.PathLike, dtype=jnp.float32, mesh: Optional[Mesh] =
         return w
 
     params = _build_params(cfg, get, GGUF_NAMES, dtype)
-    return cfg, _place(cfg, params, mesh)
+    return cfg, _place(cfg, params, mesh, layers)
 
 
 # ---------------------------------------------------------------- tokenizers
@@ -427,8 +436,12 @@ def _download_hub(repo_id: str) -> Path:
         ) from None
 
 
-def load_model(spec: str | os.PathLike, dtype=jnp.float32, mesh: Optional[Mesh] = None) -> Model:
-    """Load a model from a checkpoint directory, a .gguf file or a Hub id ("org/name")."""
+def load_model(spec: str | os.PathLike, dtype=jnp.float32, mesh: Optional[Mesh] = None, layers: str = "auto") -> Model:
+    """Load a model from a checkpoint directory, a .gguf file or a Hub id ("org/name").
+
+    layers: how the layer weights are held: "stacked" [L, ...] (scanned), "unstacked"
+    (a buffer per layer, unrolled: faster decode on GPU) or "auto" (unstacked on GPU
+    without a mesh, else stacked). Training passes "stacked"."""
     p = Path(spec).expanduser()
     if not p.exists():
         s = str(spec)
@@ -437,11 +450,11 @@ def load_model(spec: str | os.PathLike, dtype=jnp.float32, mesh: Optional[Mesh] 
         else:
             raise ModelLoadError(f"no such model file or directory: {s}")
     if p.is_dir():
-        cfg, params = load_hf_dir(p, dtype, mesh)
+        cfg, params = load_hf_dir(p, dtype, mesh, layers)
         has_tok = any((p / f).is_file() for f in TOKENIZER_FILES)
         tokenizer = load_tokenizer(p) if has_tok else None
     elif p.suffix == ".gguf":
-        cfg, params = load_gguf(p, dtype, mesh)
+        cfg, params = load_gguf(p, dtype, mesh, layers)
         tokenizer = load_tokenizer(p)
     else:
         raise ModelLoadError(f"{p} is neither a checkpoint directory nor a .gguf file")

@@ -51,6 +51,24 @@ def test_unstacked_layers_equal_the_scan(params):
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 
+def test_layer_layouts_round_trip(params):
+    """stack_layers undoes unstack_layers (device and host arrays); "auto" is stacked
+    on the CPU; an unknown layout is a ValueError."""
+    import jax
+    import pytest
+
+    from models.llama import default_layout, stack_layers, unstack_layers, with_layout
+
+    same = lambda a, b: jax.tree_util.tree_all(jax.tree_util.tree_map(lambda x, y: bool((np.asarray(x) == np.asarray(y)).all()), a, b))
+    assert same(stack_layers(unstack_layers(params)), params)
+    host = jax.tree_util.tree_map(np.asarray, params)
+    assert isinstance(unstack_layers(host).layers[1].wq, np.ndarray) and same(stack_layers(unstack_layers(host)), host)
+    assert default_layout() == "stacked" and with_layout(params) is params
+    assert isinstance(with_layout(params, "unstacked").layers, tuple)
+    with pytest.raises(ValueError, match="layout"):
+        with_layout(params, "sideways")
+
+
 def test_stream_equals_generate(params):
     prompts = _prompts(3, [5, 11])
     ref = engine.generate(params, CFG, prompts, 20)

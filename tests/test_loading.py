@@ -136,6 +136,30 @@ def test_tiny_model_without_tokenizer(tiny_hf_checkpoints):
     assert m.tokenizer is None and m.cfg.attention_bias and m.params.layers.bq.shape == (2, 64)
 
 
+def test_load_model_layer_layouts(tiny_hf_checkpoints):
+    """layers= picks the layout (auto: stacked on the CPU); the same logits either way;
+    a bad value or unstacked layers with a mesh is a ModelLoadError."""
+    import numpy as np
+
+    from models.llama import forward
+
+    path = str(tiny_hf_checkpoints["qwen2_bias"])
+    stacked, flat = load_model(path), load_model(path, layers="unstacked")
+    assert not isinstance(stacked.params.layers, tuple) and len(flat.params.layers) == stacked.cfg.num_layers
+    from adore_jax.cache import KVCache
+
+    toks = jnp.arange(6, dtype=jnp.int32)[None]
+    cfg = stacked.cfg
+    cache = KVCache.empty(cfg.num_layers, 1, 8, cfg.num_kv_heads, cfg.head_dim, jnp.float32)
+    logits = lambda m: forward(m.params, m.cfg, toks, toks, cache).logits
+    np.testing.assert_allclose(logits(flat), logits(stacked), atol=1e-5)
+    with pytest.raises(ModelLoadError, match="layout"):
+        load_model(path, layers="sideways")
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("model",))
+    with pytest.raises(ModelLoadError, match="not sharded"):
+        load_model(path, mesh=mesh, layers="unstacked")
+
+
 def test_partition_specs():
     cfg = LlamaConfig(vocab_size=100, hidden_size=576, intermediate_size=1536, num_layers=2,
                       num_heads=9, num_kv_heads=3, head_dim=64, tie_word_embeddings=False)

@@ -21,7 +21,11 @@ def test_tiny_benchmark_writes_complete_json(tmp_path):
     assert stream["bytes_per_step_gb"] < full["bytes_per_step_gb"]  # m = 64 of 256 tokens
     assert "| tiny | full |" in (tmp_path / "throughput.md").read_text()
     assert full["ttft_s"] > 0 and (tmp_path / "tokens_per_s.png").stat().st_size > 1000
-    assert len(list((tmp_path / "hlo").glob("*.hlo.txt"))) == len(report["rows"])  # --hlo: one program per row
+    hlo = list((tmp_path / "hlo").glob("*.hlo.txt"))  # --hlo: one decode program per row, one prefill per TTFT
+    assert len([h for h in hlo if not h.name.startswith("prefill_")]) == len(report["rows"])
+    assert len([h for h in hlo if h.name.startswith("prefill_")]) == sum("ttft_s" in r for r in report["rows"])
+    assert {r["layers"] for r in report["rows"]} == {"stacked", "unstacked"}  # the default (CPU: stacked) and the variant
+    assert report["copy_bandwidth_by_method_tb_s"]["best"] == report["copy_bandwidth_tb_s"]
     assert not (tmp_path / "rows.jsonl").exists()  # the resume file is gone once the report is whole
 
 

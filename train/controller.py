@@ -345,7 +345,7 @@ def load_job(tc: TrainConfig) -> Job:
 
     if tc.distributed:
         jax.distributed.initialize()
-    model = load_model(resolve_model(tc.model or None), dtype=resolve_dtype(tc.dtype))
+    model = load_model(resolve_model(tc.model or None), dtype=resolve_dtype(tc.dtype), layers="stacked")
     mesh = make_mesh(tc.data_parallel, tc.fsdp)
     params = jax.device_put(model.params, fsdp_specs(model.params, mesh))
     data_dir = load_or_build_packed(tc.data_dir or None, model.tokenizer, tc.seq_len)

@@ -284,7 +284,7 @@ def load_job(fc: FinetuneConfig) -> Job:
     from models.loading import load_model, resolve_dtype
     from train.data import load_or_build_packed
 
-    model = load_model(resolve_model(fc.model or None), dtype=resolve_dtype(fc.dtype))
+    model = load_model(resolve_model(fc.model or None), dtype=resolve_dtype(fc.dtype), layers="stacked")
     data_dir = load_or_build_packed(fc.data_dir or None, model.tokenizer, fc.seq_len)
     train_rows, heldout_rows = (np.load(Path(data_dir) / f"{s}.npy", mmap_mode="r") for s in ("train", "heldout"))
     if len(train_rows) < fc.batch_size:
