@@ -309,7 +309,10 @@ def plot_tokens_per_s(rows: list[dict], path: Path) -> None:
             pts.sort()
             ax.plot(*zip(*pts), marker="o", label=name)
         ax.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="decode tokens/s", title=f"{key[0]}, B={key[1]}")
+        ctxs = sorted({c for pts in panels[key].values() for c, _ in pts})
+        ax.set_xticks(ctxs)
         ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x / 1024:g}K"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.grid(alpha=0.3)
         ax.legend(fontsize=6)
     for ax in list(axes.flat)[len(keep):]:
