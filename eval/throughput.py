@@ -131,6 +131,10 @@ def _program(cfg, params, row: Row, steps: int, repeats: int, kernels):
     return run, pp, s
 
 
+def _file_name(row: Row) -> str:
+    return f"{row.shape}_{row.name}_B{row.batch}_{row.context}".replace(" ", "_").replace("/", "-")
+
+
 def program_peak_bytes(run) -> int:
     """A compiled program's own peak: its arguments (weights, state), outputs not
     aliased to them, and temporaries."""
@@ -146,8 +150,7 @@ def measure_row(cfg, params, row: Row, steps: int, repeats: int, kernels, hlo_di
     sp = SamplingParams().validate()
     if hlo_dir is not None:
         hlo_dir.mkdir(parents=True, exist_ok=True)
-        name = f"{row.shape}_{row.name}_B{row.batch}_{row.context}".replace(" ", "_").replace("/", "-")
-        (hlo_dir / f"{name}.hlo.txt").write_text(run.as_text())
+        (hlo_dir / f"{_file_name(row)}.hlo.txt").write_text(run.as_text())
     s = run(params, pp, s, sp)  # warm
     jax.block_until_ready(s)
     mem = jax.devices()[0].memory_stats() or {}
@@ -159,26 +162,26 @@ def measure_row(cfg, params, row: Row, steps: int, repeats: int, kernels, hlo_di
         ts.append((time.perf_counter() - t) / steps)
     step = float(np.median(ts))
     return {"step_ms": step * 1e3, "tokens_per_s": row.batch / step, "peak_gb": program_peak_bytes(run) / 1e9,
+            "program_temp_gb": run.memory_analysis().temp_size_in_bytes / 1e9,
             "device_bytes_in_use_gb": mem.get("bytes_in_use", 0) / 1e9}
 
 
-def time_to_first_token(cfg, params, row: Row, kernels, hlo_dir: Optional[Path] = None) -> float:
-    """Seconds for a real prefill of `context` tokens per sequence (after compile);
-    hlo_dir: also write the compiled prefill's HLO text there (before running it)."""
+def prefill_program(cfg, params, row: Row, kernels):
+    """(compiled prefill of `context` tokens per sequence, its arguments) for a row."""
     pol, pp, _ = build_policy(row.policy, cfg, None if row.policy == "full" else row.cache_size, rebuild=row.rebuild)
     ec = engine.EngineConfig(max_new_tokens=2, prompt_len=row.context, chunk=min(512, row.context), policy=pol,
                              attn_fn=kernels[0], cache_update=kernels[1])
     toks = jax.random.randint(jax.random.key(2), (row.batch, row.context), 0, cfg.vocab_size, jnp.int32)
     lens = jnp.full((row.batch,), row.context, jnp.int32)
-    args = (params, pp, cfg, ec, toks, lens, jax.random.key(0), SamplingParams().validate())
-    if hlo_dir is not None:
-        hlo_dir.mkdir(parents=True, exist_ok=True)
-        name = f"prefill_{row.shape}_{row.name}_B{row.batch}_{row.context}".replace(" ", "_").replace("/", "-")
-        (hlo_dir / f"{name}.hlo.txt").write_text(engine._prefill_jit.lower(*args).compile().as_text())
-    run = lambda: engine._prefill_jit(*args)
-    jax.block_until_ready(run())
+    run = engine._prefill_jit.lower(params, pp, cfg, ec, toks, lens, jax.random.key(0), SamplingParams().validate()).compile()
+    return run, (params, pp, toks, lens, jax.random.key(0), SamplingParams().validate())
+
+
+def time_to_first_token(run, args) -> float:
+    """Seconds for one run of a compiled prefill (after a first run)."""
+    jax.block_until_ready(run(*args))
     t = time.perf_counter()
-    jax.block_until_ready(run())
+    jax.block_until_ready(run(*args))
     return time.perf_counter() - t
 
 
@@ -425,12 +428,16 @@ def main(argv=None) -> int:
                 or row.policy == "streaming" or row.batch > TTFT_MAX_BATCH:
             continue
         try:
-            r["ttft_s"] = time_to_first_token(SHAPES[row.shape], params_for(row.shape), row, kernels,
-                                              out / "hlo" if args.hlo else None)
+            run, run_args = prefill_program(SHAPES[row.shape], params_for(row.shape), row, kernels)
+            r["prefill_temp_gb"] = run.memory_analysis().temp_size_in_bytes / 1e9  # known even if it cannot run
+            if args.hlo:
+                (out / "hlo").mkdir(parents=True, exist_ok=True)
+                (out / "hlo" / f"prefill_{_file_name(row)}.hlo.txt").write_text(run.as_text())
+            r["ttft_s"] = time_to_first_token(run, run_args)
         except Exception as e:  # a prefill that does not fit: the decode row stands
             r["ttft_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
         print(json.dumps({"ttft": row.name, "shape": row.shape, "batch": row.batch, "context": row.context,
-                          **{k: r[k] for k in ("ttft_s", "ttft_error") if k in r}}), flush=True)
+                          **{k: r[k] for k in ("ttft_s", "ttft_error", "prefill_temp_gb") if k in r}}), flush=True)
         save()
     params_by_shape.clear()
     report = {"device": str(jax.devices()[0]), "copy_bandwidth_tb_s": bw / 1e12,

@@ -21,6 +21,7 @@ def test_tiny_benchmark_writes_complete_json(tmp_path):
     assert stream["bytes_per_step_gb"] < full["bytes_per_step_gb"]  # m = 64 of 256 tokens
     assert "| tiny | full |" in (tmp_path / "throughput.md").read_text()
     assert full["ttft_s"] > 0 and (tmp_path / "tokens_per_s.png").stat().st_size > 1000
+    assert full["prefill_temp_gb"] > 0 and all(r["program_temp_gb"] >= 0 for r in report["rows"])  # compiled sizes
     hlo = list((tmp_path / "hlo").glob("*.hlo.txt"))  # --hlo: one decode program per row, one prefill per TTFT
     assert len([h for h in hlo if not h.name.startswith("prefill_")]) == len(report["rows"])
     assert len([h for h in hlo if h.name.startswith("prefill_")]) == sum("ttft_s" in r for r in report["rows"])
