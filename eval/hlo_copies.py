@@ -5,8 +5,9 @@
 Reads the HLO text of compiled programs (`eval.throughput --hlo` writes them)
 and lists, per computation that is not a fusion body (the entry, while bodies,
 conditionals), every instruction that materializes a buffer by copying: `copy`,
-`dynamic-slice`, and fusions whose root is one of them (possibly bitcast). Inside a decode loop
-these are the bytes written besides the real work; each is also read once.
+`dynamic-slice`, `transpose`, and fusions whose root is one of them (possibly
+bitcast). Inside a decode loop these are the bytes written besides the real work;
+each is also read once.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 
 ITEMSIZE = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
             "s64": 8, "u64": 8, "f64": 8}
-COPYING = ("copy", "dynamic-slice")
+COPYING = ("copy", "dynamic-slice", "transpose")  # transpose: XLA:GPU materializes layout changes as transpose fusions
 _HEADER = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
 _INSTR = re.compile(r"^\s*(ROOT\s+)?%?([\w.\-]+)\s*=\s*(\w+)\[([\d,]*)\][^\s]*\s+([\w\-]+)\((.*)$")
 _CALLS = re.compile(r"calls=%?([\w.\-]+)")
@@ -57,8 +58,11 @@ def copies(text: str) -> list[Copy]:
     """Every materializing copy or slice in the program's non-fused computations, largest first."""
     comps = _parse(text)
     def root_copying(ins):
-        """The copying op a fused computation ends in (through bitcasts), or None."""
+        """The copying op a fused computation ends in (through bitcasts), or None;
+        None for a fusion that computes a product (its output is real work)."""
         ops = {op for *_, op, _ in ins}
+        if ops & {"dot", "convolution"}:
+            return None
         root = next((op for root, _, _, _, op, _ in ins if root), "")
         if root in COPYING:
             return root

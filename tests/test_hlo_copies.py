@@ -29,3 +29,42 @@ def test_scan_materializes_each_layers_weights_unstacked_does_not(tmp_path, caps
     path.write_text(_decode_step_hlo(params))
     assert main([str(path)]) == 0 and "dynamic-slice" in capsys.readouterr().out
     assert main([str(tmp_path / "missing.txt")]) == 2
+
+
+GPU_STYLE = """
+%fused_transpose (param_0: bf16[2,8,4,16]) -> bf16[2,4,8,16] {
+  %param_0 = bf16[2,8,4,16]{3,2,1,0} parameter(0)
+  ROOT %transpose.1 = bf16[2,4,8,16]{3,2,1,0} transpose(%param_0), dimensions={0,2,1,3}
+}
+
+%fused_add (param_0.1: f32[4], param_1: f32[4]) -> f32[4] {
+  %param_0.1 = f32[4]{0} parameter(0)
+  %param_1 = f32[4]{0} parameter(1)
+  ROOT %add.1 = f32[4]{0} add(%param_0.1, %param_1)
+}
+
+%gemm_fusion_dot (param_0.2: f32[4,4], param_1.2: f32[4,4]) -> f32[4,4] {
+  %param_0.2 = f32[4,4]{1,0} parameter(0)
+  %param_1.2 = f32[4,4]{1,0} parameter(1)
+  %dot.1 = f32[4,4]{1,0} dot(%param_0.2, %param_1.2), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  ROOT %transpose.2 = f32[4,4]{1,0} transpose(%dot.1), dimensions={1,0}
+}
+
+ENTRY %main.1 (cache: bf16[2,8,4,16], x: f32[4], w: f32[4,4]) -> (bf16[2,4,8,16], f32[4], f32[4,4]) {
+  %cache = bf16[2,8,4,16]{3,2,1,0} parameter(0)
+  %x = f32[4]{0} parameter(1)
+  %w = f32[4,4]{1,0} parameter(2)
+  %wrapped_transpose = bf16[2,4,8,16]{3,2,1,0} fusion(%cache), kind=kInput, calls=%fused_transpose
+  %loop_add_fusion = f32[4]{0} fusion(%x, %x), kind=kLoop, calls=%fused_add
+  %gemm = f32[4,4]{1,0} fusion(%w, %w), kind=kCustom, calls=%gemm_fusion_dot
+  ROOT %tuple = (bf16[2,4,8,16]{3,2,1,0}, f32[4]{0}, f32[4,4]{1,0}) tuple(%wrapped_transpose, %loop_add_fusion, %gemm)
+}
+"""
+
+
+def test_transpose_fusions_count_as_copies():
+    """XLA:GPU writes a layout change as a fusion whose root is a transpose: it is
+    listed with its bytes; an elementwise fusion and a matmul with a transposed
+    output are not."""
+    found = copies(GPU_STYLE)
+    assert [(c.op, c.shape, c.nbytes) for c in found] == [("fusion(transpose)", "bf16[2,4,8,16]", 2 * 4 * 8 * 16 * 2)]
