@@ -325,6 +325,17 @@ def plot_tokens_per_s(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+FIXED_BUDGET_STEPS = {"full": 1, "adore": 8}  # the fixed-budget policies and their batch granularity
+
+
+def smaller_fixed_budget_row(row: Row) -> Optional[Row]:
+    """The next batch to try after `row` ran out of memory at run time (80% of it,
+    in the policy's steps), or None when there is none."""
+    step = FIXED_BUDGET_STEPS[row.policy]
+    batch = int(row.batch * 0.8) // step * step
+    return dataclasses.replace(row, batch=batch) if 0 < batch < row.batch else None
+
+
 def fixed_budget_rows(cfg, dtype, limit_bytes: float, steps: int, repeats: int, kernels,
                       context: int = 16384, shape: str = "llama2-7b") -> list[Row]:
     """The largest batch each policy (full; adore m=1024 R=0) fits at `context`: from
@@ -336,7 +347,7 @@ def fixed_budget_rows(cfg, dtype, limit_bytes: float, steps: int, repeats: int, 
     per_seq = {"full": context * cfg.kv_bytes_per_token * itemsize,
                "adore": 1024 * cfg.kv_bytes_per_token * itemsize + context * (64 * 4 + 8)}
     rows = []
-    for policy, step in (("full", 1), ("adore", 8)):
+    for policy, step in FIXED_BUDGET_STEPS.items():
         batch = int((0.9 * limit_bytes - weights) // per_seq[policy]) // step * step
         while batch > 0:
             row = Row(shape, policy, batch, context)
@@ -388,11 +399,10 @@ def main(argv=None) -> int:
         rows = grid_rows(args.shapes.split(","), hbm, itemsize, ints(args.contexts), ints(args.batches))
     else:
         rows = preset_rows(args.preset)
-    if args.fixed_budget:
-        rows += fixed_budget_rows(SHAPES["llama2-7b"], dtype, hbm, args.steps, args.repeats, kernels)
+    fixed = fixed_budget_rows(SHAPES["llama2-7b"], dtype, hbm, args.steps, args.repeats, kernels) if args.fixed_budget else []
+    rows += fixed
     partial = out / "rows.jsonl"  # finished rows; a rerun of the same command skips them
     results = [json.loads(l) for l in partial.read_text().splitlines()] if partial.exists() else []
-    done = {r["name"] + f"|{r['shape']}|{r['batch']}|{r['context']}" for r in results}
     params_by_shape = {}
 
     def params_for(shape):
@@ -406,22 +416,31 @@ def main(argv=None) -> int:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in results))
         tmp.replace(partial)
 
-    for row in rows:  # decode rows first: a prefill that runs out of memory cannot disturb them
-        if row.name + f"|{row.shape}|{row.batch}|{row.context}" in done:
-            continue
-        cfg, params = SHAPES[row.shape], params_for(row.shape)
-        try:
-            r = measure_row(cfg, params, row, args.steps, args.repeats, kernels, out / "hlo" if args.hlo else None)
-        except Exception as e:  # out of memory at a large batch: record and go on
-            r = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
-        if "step_ms" in r:
-            need = step_bytes(cfg, params, row, itemsize)
-            r.update(bytes_per_step_gb=need / 1e9, roofline_ms=need / bw * 1e3)
-            r["roofline_fraction"] = r["roofline_ms"] / r["step_ms"]
-        layers = row.variant if row.variant in LAYOUTS else default_layout()
-        results.append({**dataclasses.asdict(row), "name": row.name, "layers": layers, **r})
-        print(json.dumps(results[-1]), flush=True)
-        save()
+    key = lambda row: row.name + f"|{row.shape}|{row.batch}|{row.context}"
+    by_key = {key(Row(**{f.name: r[f.name] for f in dataclasses.fields(Row)})): r for r in results}
+    queue = list(rows)
+    while queue:  # decode rows first: a prefill that runs out of memory cannot disturb them
+        row = queue.pop(0)
+        if key(row) not in by_key:
+            cfg, params = SHAPES[row.shape], params_for(row.shape)
+            try:
+                r = measure_row(cfg, params, row, args.steps, args.repeats, kernels, out / "hlo" if args.hlo else None)
+            except Exception as e:  # out of memory at a large batch: record and go on
+                r = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+            if "step_ms" in r:
+                need = step_bytes(cfg, params, row, itemsize)
+                r.update(bytes_per_step_gb=need / 1e9, roofline_ms=need / bw * 1e3)
+                r["roofline_fraction"] = r["roofline_ms"] / r["step_ms"]
+            layers = row.variant if row.variant in LAYOUTS else default_layout()
+            results.append({**dataclasses.asdict(row), "name": row.name, "layers": layers, **r})
+            by_key[key(row)] = results[-1]
+            print(json.dumps(results[-1]), flush=True)
+            save()
+        if row in fixed and "RESOURCE_EXHAUSTED" in by_key[key(row)].get("error", ""):
+            smaller = smaller_fixed_budget_row(row)  # its compiled program fit, its run did not
+            if smaller is not None:
+                fixed.append(smaller)
+                queue.insert(0, smaller)
     for r in results if args.ttft else []:  # then time to first token, where asked and not yet measured
         row = Row(**{f.name: r[f.name] for f in dataclasses.fields(Row)})
         if "step_ms" not in r or "ttft_s" in r or "ttft_error" in r or row.variant or row.rebuild \

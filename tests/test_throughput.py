@@ -58,3 +58,33 @@ def test_fixed_budget_batches_fit_their_compiled_programs():
         assert r.batch >= 1
         assert program_peak_bytes(_program(cfg, params, r, 2, 1, ref)[0]) <= 0.95 * limit
     assert rows[1].batch > rows[0].batch  # 1024 slots against 4096 tokens of KV per sequence
+
+
+def test_fixed_budget_lowers_the_batch_after_a_run_out_of_memory(tmp_path, monkeypatch):
+    """A fixed-budget row whose run fails with RESOURCE_EXHAUSTED is followed by the
+    same row at 80% of the batch (in the policy's steps), also when resumed."""
+    import eval.throughput as tp
+
+    fixed = [Row("tiny", "full", 8, 128, cache_size=64), Row("tiny", "adore", 16, 128, cache_size=64)]
+    monkeypatch.setattr(tp, "preset_rows", lambda preset: [])
+    monkeypatch.setattr(tp, "fixed_budget_rows", lambda *a, **k: list(fixed))
+    calls = []
+
+    def measure(cfg, params, row, *a, **k):
+        calls.append((row.policy, row.batch))
+        if row.batch > 5:
+            raise RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 40.00GiB")
+        return {"step_ms": 1.0, "tokens_per_s": row.batch * 1e3, "peak_gb": 0.1, "program_temp_gb": 0.0,
+                "device_bytes_in_use_gb": 0.0}
+
+    monkeypatch.setattr(tp, "measure_row", measure)
+    argv = ["--preset", "tiny", "--fixed-budget", "--no-hf", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    assert calls == [("full", 8), ("full", 6), ("full", 4), ("adore", 16), ("adore", 8)]  # 8 * 0.8 // 8 = 0: stop
+    rows = json.loads((tmp_path / "throughput.json").read_text())["rows"]
+    assert [("error" in r, r["batch"]) for r in rows if r["policy"] == "full"] == [(True, 8), (True, 6), (False, 4)]
+
+    calls.clear()  # resumed after the B=8 failure: B=8 is not run again
+    (tmp_path / "rows.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    assert main(argv) == 0
+    assert calls == [("full", 6), ("full", 4), ("adore", 16), ("adore", 8)]
