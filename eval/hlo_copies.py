@@ -5,7 +5,7 @@
 Reads the HLO text of compiled programs (`eval.throughput --hlo` writes them)
 and lists, per computation that is not a fusion body (the entry, while bodies,
 conditionals), every instruction that materializes a buffer by copying: `copy`,
-`dynamic-slice`, `transpose`, and fusions whose root is one of them (possibly
+`slice`, `dynamic-slice`, `transpose`, and fusions whose root is one of them (possibly
 bitcast). Inside a decode loop these are the bytes written besides the real work;
 each is also read once.
 """
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 ITEMSIZE = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
             "s64": 8, "u64": 8, "f64": 8}
-COPYING = ("copy", "dynamic-slice", "transpose")  # transpose: XLA:GPU materializes layout changes as transpose fusions
+COPYING = ("copy", "slice", "dynamic-slice", "transpose")  # transpose: how XLA:GPU writes a layout change
 _HEADER = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
 _INSTR = re.compile(r"^\s*(ROOT\s+)?%?([\w.\-]+)\s*=\s*(\w+)\[([\d,]*)\][^\s]*\s+([\w\-]+)\((.*)$")
 _CALLS = re.compile(r"calls=%?([\w.\-]+)")

@@ -37,6 +37,11 @@ GPU_STYLE = """
   ROOT %transpose.1 = bf16[2,4,8,16]{3,2,1,0} transpose(%param_0), dimensions={0,2,1,3}
 }
 
+%fused_slice (param_0.3: bf16[2,8,4,16]) -> bf16[1,8,4,16] {
+  %param_0.3 = bf16[2,8,4,16]{3,2,1,0} parameter(0)
+  ROOT %slice.1 = bf16[1,8,4,16]{3,2,1,0} slice(%param_0.3), slice={[1:2], [0:8], [0:4], [0:16]}
+}
+
 %fused_add (param_0.1: f32[4], param_1: f32[4]) -> f32[4] {
   %param_0.1 = f32[4]{0} parameter(0)
   %param_1 = f32[4]{0} parameter(1)
@@ -50,21 +55,23 @@ GPU_STYLE = """
   ROOT %transpose.2 = f32[4,4]{1,0} transpose(%dot.1), dimensions={1,0}
 }
 
-ENTRY %main.1 (cache: bf16[2,8,4,16], x: f32[4], w: f32[4,4]) -> (bf16[2,4,8,16], f32[4], f32[4,4]) {
+ENTRY %main.1 (cache: bf16[2,8,4,16], x: f32[4], w: f32[4,4]) -> (bf16[2,4,8,16], f32[4], f32[4,4], bf16[1,8,4,16]) {
   %cache = bf16[2,8,4,16]{3,2,1,0} parameter(0)
   %x = f32[4]{0} parameter(1)
   %w = f32[4,4]{1,0} parameter(2)
   %wrapped_transpose = bf16[2,4,8,16]{3,2,1,0} fusion(%cache), kind=kInput, calls=%fused_transpose
+  %wrapped_slice = bf16[1,8,4,16]{3,2,1,0} fusion(%cache), kind=kLoop, calls=%fused_slice
   %loop_add_fusion = f32[4]{0} fusion(%x, %x), kind=kLoop, calls=%fused_add
   %gemm = f32[4,4]{1,0} fusion(%w, %w), kind=kCustom, calls=%gemm_fusion_dot
-  ROOT %tuple = (bf16[2,4,8,16]{3,2,1,0}, f32[4]{0}, f32[4,4]{1,0}) tuple(%wrapped_transpose, %loop_add_fusion, %gemm)
+  ROOT %tuple = (bf16[2,4,8,16]{3,2,1,0}, f32[4]{0}, f32[4,4]{1,0}, bf16[1,8,4,16]{3,2,1,0}) tuple(%wrapped_transpose, %loop_add_fusion, %gemm, %wrapped_slice)
 }
 """
 
 
-def test_transpose_fusions_count_as_copies():
-    """XLA:GPU writes a layout change as a fusion whose root is a transpose: it is
-    listed with its bytes; an elementwise fusion and a matmul with a transposed
-    output are not."""
+def test_transpose_and_slice_fusions_count_as_copies():
+    """XLA:GPU writes a layout change as a fusion whose root is a transpose, and a
+    static slice as one whose root is a slice: both are listed with their bytes;
+    an elementwise fusion and a matmul with a transposed output are not."""
     found = copies(GPU_STYLE)
-    assert [(c.op, c.shape, c.nbytes) for c in found] == [("fusion(transpose)", "bf16[2,4,8,16]", 2 * 4 * 8 * 16 * 2)]
+    assert [(c.op, c.shape, c.nbytes) for c in found] == [("fusion(transpose)", "bf16[2,4,8,16]", 2 * 4 * 8 * 16 * 2),
+                                                          ("fusion(slice)", "bf16[1,8,4,16]", 8 * 4 * 16 * 2)]
