@@ -131,6 +131,11 @@ def _program(cfg, params, row: Row, steps: int, repeats: int, kernels):
     return run, pp, s
 
 
+def _row_of(result: dict) -> Row:
+    """The Row a result line (rows.jsonl, throughput.json) was measured for."""
+    return Row(**{f.name: result[f.name] for f in dataclasses.fields(Row)})
+
+
 def _file_name(row: Row) -> str:
     return f"{row.shape}_{row.name}_B{row.batch}_{row.context}".replace(" ", "_").replace("/", "-")
 
@@ -161,8 +166,9 @@ def measure_row(cfg, params, row: Row, steps: int, repeats: int, kernels, hlo_di
         jax.block_until_ready(s.out)
         ts.append((time.perf_counter() - t) / steps)
     step = float(np.median(ts))
+    ma = run.memory_analysis()
     return {"step_ms": step * 1e3, "tokens_per_s": row.batch / step, "peak_gb": program_peak_bytes(run) / 1e9,
-            "program_temp_gb": run.memory_analysis().temp_size_in_bytes / 1e9,
+            "program_temp_gb": ma.temp_size_in_bytes / 1e9,
             "device_bytes_in_use_gb": mem.get("bytes_in_use", 0) / 1e9}
 
 
@@ -417,7 +423,7 @@ def main(argv=None) -> int:
         tmp.replace(partial)
 
     key = lambda row: row.name + f"|{row.shape}|{row.batch}|{row.context}"
-    by_key = {key(Row(**{f.name: r[f.name] for f in dataclasses.fields(Row)})): r for r in results}
+    by_key = {key(_row_of(r)): r for r in results}
     queue = list(rows)
     while queue:  # decode rows first: a prefill that runs out of memory cannot disturb them
         row = queue.pop(0)
@@ -442,7 +448,7 @@ def main(argv=None) -> int:
                 fixed.append(smaller)
                 queue.insert(0, smaller)
     for r in results if args.ttft else []:  # then time to first token, where asked and not yet measured
-        row = Row(**{f.name: r[f.name] for f in dataclasses.fields(Row)})
+        row = _row_of(r)
         if "step_ms" not in r or "ttft_s" in r or "ttft_error" in r or row.variant or row.rebuild \
                 or row.policy == "streaming" or row.batch > TTFT_MAX_BATCH:
             continue

@@ -293,7 +293,10 @@ def forward(
         x, feat = carry
         lp, li = xs
         if feature_layer is not None and feature_layer < L:
-            feat = jnp.where(li == feature_layer, normalized(x), feat)
+            if isinstance(li, int):  # unrolled layers: keep the one residual statically
+                feat = normalized(x) if li == feature_layer else feat
+            else:
+                feat = jnp.where(li == feature_layer, normalized(x), feat)
         h = rms_norm(x, lp.attn_norm, cfg.rms_norm_eps)
         q = _dense(h, lp.wq, lp.bq).reshape(B, T, Hq, D)
         k = _dense(h, lp.wk, lp.bk).reshape(B, T, Hkv, D)

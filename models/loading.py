@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from models.llama import LayerParams, LlamaConfig, Params, RopeScaling, config_from_hf, with_layout
+from models.llama import LAYOUTS, LayerParams, LlamaConfig, Params, RopeScaling, config_from_hf, with_layout
 
 CHAT_EOS_TOKENS = ("<|im_end|>", "<|eot_id|>")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
@@ -94,12 +94,11 @@ def param_partition_specs(cfg: LlamaConfig, params: Params, axis: str = "model",
 def _place(cfg: LlamaConfig, params: Params, mesh: Optional[Mesh], layers: str = "auto", axis: str = "model") -> Params:
     """device_put host arrays, sharded over mesh[axis] when a mesh is given; layers:
     "stacked", "unstacked" or "auto" (models.llama.default_layout; stacked with a mesh)."""
+    if layers not in ("auto", *LAYOUTS):
+        raise ModelLoadError(f"unknown layer layout {layers!r} (auto, {', '.join(LAYOUTS)})")
     if mesh is not None and layers == "unstacked":
         raise ModelLoadError("unstacked layers are not sharded: load with layers='stacked' (or 'auto') and a mesh")
-    try:
-        params = with_layout(params, "stacked" if mesh is not None else layers)  # host numpy: views, no copy
-    except ValueError as e:
-        raise ModelLoadError(str(e)) from None
+    params = with_layout(params, "stacked" if mesh is not None else layers)  # host numpy: views, no copy
     if mesh is None:
         return jax.device_put(params)
     specs = param_partition_specs(cfg, params, axis, mesh.shape[axis])

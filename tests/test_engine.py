@@ -127,6 +127,25 @@ def test_too_long_prompt(params):
         engine.generate(params, CFG, [[1] * 250], 10)
 
 
+def test_unstacked_layers_give_the_same_features(params):
+    """The hidden-state input (the residual entering layer l) is the same whether the
+    layers are scanned or unrolled (where it is picked statically), for every l."""
+    from adore_jax.cache import KVCache
+    from models.llama import forward, unstack_layers
+
+    flat = unstack_layers(params)
+    cache = KVCache.empty(CFG.num_layers, 2, 8, CFG.num_kv_heads, CFG.head_dim, np.float32)
+    tok = np.array(_prompts(9, [5, 5]), np.int32)
+    pos = np.tile(np.arange(5, dtype=np.int32), (2, 1))
+    feats = []
+    for l in range(CFG.num_layers + 1):
+        want = forward(params, CFG, tok, pos, cache, feature_layer=l).feature
+        got = forward(flat, CFG, tok, pos, cache, feature_layer=l).feature
+        np.testing.assert_allclose(got, want, atol=1e-5)
+        feats.append(want)
+    assert not np.allclose(feats[0], feats[1])  # a different layer, a different input
+
+
 def test_feature_layer_bad_values(params):
     from adore_jax.cache import KVCache
     from adore_jax.controller import feature_layer

@@ -158,6 +158,8 @@ def test_load_model_layer_layouts(tiny_hf_checkpoints):
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("model",))
     with pytest.raises(ModelLoadError, match="not sharded"):
         load_model(path, mesh=mesh, layers="unstacked")
+    with pytest.raises(ModelLoadError, match="layout"):  # checked with a mesh too
+        load_model(path, mesh=mesh, layers="sideways")
 
 
 def test_partition_specs():
