@@ -32,11 +32,10 @@ throughput)  # session 3, two GPUs: the main rows (HLO, both layer layouts, fixe
     python3 -m eval.hlo_copies $R/throughput/hlo/*.hlo.txt > $R/hlo_copies.txt" &
   on 1 grid_a $GRID_DECODE --shapes llama2-7b --batches 8,64 --out "$R/grid_a" &
   ;;
-grid)  # two GPUs: what is left of the main rows, then the rest of the 7B grid (resumable: run again until done)
-  on 0 grid_b bash -c "[ -f $R/throughput/throughput.json ] || python3 -m eval.throughput --preset gpu --fixed-budget --ttft --hlo --out $R/throughput;
-    [ -f $R/grid_a/throughput.json ] || $GRID_DECODE --shapes llama2-7b --batches 8,64 --out $R/grid_a;
-    $GRID_DECODE --shapes llama2-7b --batches 1,16 --contexts 2048,8192 --out $R/grid_b" &
-  on 1 grid_c $GRID_DECODE --shapes llama2-7b --batches 1,16 --contexts 16384,32768 --out "$R/grid_c" &
+grid)  # two GPUs: the main rows with the fixed budget; the unstacked 7B grid at B=64 (resumable: run again until done)
+  on 0 throughput bash -c "python3 -m eval.throughput --preset gpu --fixed-budget --ttft --hlo --out $R/throughput;
+    python3 -m eval.hlo_copies $R/throughput/hlo/*.hlo.txt > $R/hlo_copies.txt" &
+  on 1 grid_a $GRID_DECODE --shapes llama2-7b --batches 64 --out "$R/grid_a" &
   ;;
 quality2)  # with the model (carry .carry/p2, .carry/parts): a hidden-state controller, ADORE with sinks, fp32 agreement
   [ -d .carry/parts/quality_parts ] && mkdir -p "$R/quality" && cp -rn .carry/parts/quality_parts/. "$R/quality/.parts/"

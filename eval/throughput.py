@@ -33,7 +33,7 @@ from adore_jax.cache import KVCache
 from adore_jax.policies import build_policy
 from adore_jax.sampling import SamplingParams
 from eval.bandwidth import copy_bandwidth
-from models.llama import LAYOUTS, LlamaConfig, default_layout, init_params, with_layout
+from models.llama import LAYOUTS, LlamaConfig, Params, default_layout, init_params, with_layout
 from models.shapes import SHAPES
 
 @dataclasses.dataclass(frozen=True)
@@ -96,6 +96,15 @@ def synthetic_state(params, pp, cfg, ec: engine.EngineConfig, batch: int, contex
     last = jax.random.randint(k3, (batch,), 0, cfg.vocab_size, jnp.int32)
     return engine.DecodeState(cache, pstate, last, jnp.full((batch,), context, jnp.int32), jnp.zeros((batch,), bool),
                               jnp.zeros((batch, n), jnp.int32), jnp.int32(1), jax.random.key(1))
+
+
+def random_params(cfg: LlamaConfig, dtype) -> Params:
+    """Random weights in the default layer layout. Made stacked on the device, then
+    placed again from the host, so that the device memory they leave free is one
+    piece: unstacking on the device frees the stacked weights below the new ones,
+    a hole (12 GiB at 7B) that the largest fixed-budget caches then do not fit around."""
+    host = jax.device_get(init_params(cfg, jax.random.key(0), dtype))
+    return jax.device_put(with_layout(host))
 
 
 def step_bytes(cfg: LlamaConfig, params, row: Row, itemsize: int) -> int:
@@ -414,7 +423,7 @@ def main(argv=None) -> int:
     def params_for(shape):
         if shape not in params_by_shape:
             params_by_shape.clear()
-            params_by_shape[shape] = with_layout(init_params(SHAPES[shape], jax.random.key(0), dtype))  # default layout
+            params_by_shape[shape] = random_params(SHAPES[shape], dtype)
         return params_by_shape[shape]
 
     def save():  # the finished rows, rewritten whole (atomic)
@@ -428,6 +437,9 @@ def main(argv=None) -> int:
     while queue:  # decode rows first: a prefill that runs out of memory cannot disturb them
         row = queue.pop(0)
         if key(row) not in by_key:
+            if row in fixed:  # at the memory limit: weights made anew on an empty device, no holes between
+                params_by_shape.clear()
+                params = None
             cfg, params = SHAPES[row.shape], params_for(row.shape)
             try:
                 r = measure_row(cfg, params, row, args.steps, args.repeats, kernels, out / "hlo" if args.hlo else None)

@@ -88,3 +88,24 @@ def test_fixed_budget_lowers_the_batch_after_a_run_out_of_memory(tmp_path, monke
     (tmp_path / "rows.jsonl").write_text(json.dumps(rows[0]) + "\n")
     assert main(argv) == 0
     assert calls == [("full", 6), ("full", 4), ("adore", 16), ("adore", 8)]
+
+
+def test_random_params_are_init_params_in_the_default_layout():
+    """The benchmark's weights: init_params' values, placed on the device in the
+    default layer layout (re-placed from the host, which must not change them)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from eval.throughput import random_params
+    from models.llama import default_layout, init_params, unstack_layers
+    from models.shapes import SHAPES
+
+    cfg = SHAPES["tiny"]
+    got = random_params(cfg, jnp.float32)
+    assert isinstance(got.layers, tuple) == (default_layout() == "unstacked")
+    want = unstack_layers(init_params(cfg, jax.random.key(0), jnp.float32))
+    got = unstack_layers(got)
+    for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
+        assert isinstance(a, jax.Array) and a.shape == b.shape
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

@@ -23,11 +23,21 @@ BLOCK = 1024  # slots per block
 
 
 def _slots(cache, layer, start, size):
-    """Slots [start, start + size) of one layer's cache: [B, size, Hkv, D]."""
+    """Slots [start, start + size) of one layer's cache: [B, size, Hkv, D].
+
+    Sliced from the cache viewed as [..., S, Hkv * D], then reshaped back. The
+    einsums below want each block head-major; with a plain slice, XLA:GPU gives
+    that layout to the sliced array itself, i.e. transposes the whole stacked
+    cache once per prefill chunk (2 x 34 GB at 7B, 8 x 16K). A reshape may change
+    the layout, so only the block is transposed (docs/THROUGHPUT.md, "Prefill").
+    """
+    *lead, S, H, D = cache.shape
+    flat = cache.reshape(*lead, S, H * D)
     if layer is None:
-        return jax.lax.dynamic_slice_in_dim(cache, start, size, axis=1)
-    L, B, S, H, D = cache.shape
-    return jax.lax.dynamic_slice(cache, (layer, 0, start, 0, 0), (1, B, size, H, D))[0]
+        block = jax.lax.dynamic_slice_in_dim(flat, start, size, axis=1)
+    else:
+        block = jax.lax.dynamic_slice(flat, (layer, 0, start, 0), (1, lead[1], size, H * D))[0]
+    return block.reshape(*block.shape[:-1], H, D)
 
 
 def blockwise_attention(
