@@ -13,7 +13,11 @@
    through jax.nn.dot_product_attention; with_stats at S = 4096. Effective
    bandwidth = K+V bytes of the valid slots / time.
 4. cache_update vs write_rows (donated cache, in place).
-5. A sweep of kernel variants (SWEEP) at S in SWEEP_SLOTS, as time allows
+5. Prefill: one chunk of T = 512 rows at the 7B shape over a 16K-slot cache of
+   which P slots are filled: the prefill kernel (PREFILL_SWEEP configs), XLA's
+   blockwise_attention (what prefill used before), and cuDNN over the same P + T
+   keys given contiguous. TFLOP/s = useful FLOPs (4 B Hq T (P + T/2) D) / time.
+6. A sweep of kernel variants (SWEEP) at S in SWEEP_SLOTS, as time allows
    (--deadline bounds the whole run). Results and history: docs/KERNELS.md.
 
 Timing (METHOD.md): random bf16 data, compile + warm-up first, U different
@@ -40,7 +44,7 @@ import numpy as np
 
 from adore_jax.attention import reference_attention
 from adore_jax.cache import KVCache, write_rows
-from adore_jax.kernels import GpuConfig, cache_update_gpu, sparse_attention_gpu
+from adore_jax.kernels import GpuConfig, PrefillConfig, blockwise_attention, cache_update_gpu, sparse_attention_gpu
 from eval.bandwidth import copy_bandwidth as measured_copy_bandwidth
 
 SHAPES = [(8, 32, 8, 128), (32, 9, 3, 64), (8, 32, 32, 128)]  # (B, Hq, Hkv, D)
@@ -344,6 +348,61 @@ def sweep_section(results, copy_bw, smoke, interpret, deadline):
     results["sweep"] = rows
 
 
+PREFILL_SWEEP = {  # name -> prefill kernel config
+    "default": PrefillConfig(),
+    "r128_w8": PrefillConfig(rows=128, num_warps=8),
+    "b32": PrefillConfig(block_s=32),
+    "st3": PrefillConfig(num_stages=3),
+}
+
+
+def prefill_set(B, Hq, Hkv, D, S, T, P, seed=0):
+    """A chunk of T rows at positions P.. over S slots whose first P hold positions 0..P-1."""
+    ks = jax.random.split(jax.random.PRNGKey(seed), 5)
+    cpos = jnp.broadcast_to(jnp.where(jnp.arange(S) < P, jnp.arange(S), -1).astype(jnp.int32), (B, S))
+    qpos = jnp.broadcast_to(P + jnp.arange(T, dtype=jnp.int32), (B, T))
+    return (rand(ks[0], (B, T, Hq, D)), rand(ks[1], (B, T, Hkv, D)), rand(ks[2], (B, T, Hkv, D)),
+            rand(ks[3], (B, S, Hkv, D)), rand(ks[4], (B, S, Hkv, D)), cpos, qpos)
+
+
+def cudnn_prefill(P):
+    """cuDNN flash attention over the P filled slots and the T new rows, given as one contiguous array."""
+    def f(q, k, v, ck, cv, cpos, qpos):
+        keys, vals = jnp.concatenate([ck[:, :P], k], 1), jnp.concatenate([cv[:, :P], v], 1)
+        mask = (jnp.arange(P + q.shape[1])[None, :] <= qpos[0][:, None])[None, None]  # [1, 1, T, P + T]
+        return jax.nn.dot_product_attention(q, keys, vals, mask=mask, implementation="cudnn")
+    return f
+
+
+def prefill_section(results, smoke, interpret, deadline):
+    rows = []
+    (B, Hq, Hkv, D, S, T), fills = ((1, 4, 2, 16, 80, 20), [40]) if smoke else ((8, 32, 32, 128, 16386, 512), [4096, 12288])
+    for P in fills:
+        if time.time() - T0 > deadline:
+            log("deadline reached: skipping prefill", P)
+            continue
+        args = prefill_set(B, Hq, Hkv, D, S, T, P)
+        flops = 4 * B * Hq * T * (P + (T + 1) / 2) * D
+        row = {"B": B, "Hq": Hq, "Hkv": Hkv, "D": D, "S": S, "T": T, "P": P, "flops": flops}
+        impls = {f"ours_{n}": ours(GpuConfig(prefill=c), interpret=interpret) for n, c in PREFILL_SWEEP.items()}
+        impls["blockwise"] = lambda *a: blockwise_attention(*a).out
+        if not interpret:
+            impls["cudnn"] = cudnn_prefill(P)
+        ref = jax.jit(impls["blockwise"])(*args)
+        for name, fn in impls.items():
+            try:
+                err = rel_err(jax.jit(fn)(*args), ref)
+                t, ts = bench(fn, [args], reps=5)
+                row[name] = {"us": t * 1e6, "TFLOPs": flops / t / 1e12, "rel_err_vs_blockwise": err}
+            except Exception:
+                row[name] = {"error": traceback.format_exc()[-1500:]}
+        rows.append(row)
+        log("prefill", (B, Hq, Hkv, D, S, T, P), {k: round(v["us"], 1) for k, v in row.items() if isinstance(v, dict) and "us" in v},
+            {k: v["error"][-300:] for k, v in row.items() if isinstance(v, dict) and "error" in v})
+        del args
+    results["prefill"] = rows
+
+
 def update_inputs(L, B, S, Hkv, D, T, n_sets, seed=0):
     ks = jax.random.split(jax.random.PRNGKey(seed), 3 + 4 * n_sets)
     cache = KVCache(rand(ks[0], (L, B, S, Hkv, D)), rand(ks[1], (L, B, S, Hkv, D)),
@@ -420,6 +479,12 @@ def table(results, copy_bw):
             a, b = r.get("ours", {}), r.get("write_rows", {})
             lines.append(f"L{r['L']} B{r['B']} S{r['S']} Hkv{r['Hkv']} D{r['D']} T{r['T']}: ours {a.get('us', float('nan')):7.1f}"
                          f"  write_rows {b.get('us', float('nan')):7.1f}")
+    if results.get("prefill"):
+        names = [k for k in results["prefill"][0] if isinstance(results["prefill"][0][k], dict)]
+        lines.append("prefill chunk (T rows over P filled slots), TFLOP/s (us): " + " ".join(names))
+        for r in results["prefill"]:
+            vals = " ".join(f"{r[n]['TFLOPs']:.0f}({r[n]['us']:.0f})" if "us" in r[n] else "err" for n in names)
+            lines.append(f"T{r['T']} P{r['P']} | {vals}")
     sw = results.get("sweep", [])
     if sw:
         names = list(SWEEP)
@@ -437,7 +502,7 @@ def main(argv=None):
     ap.add_argument("--out", default="results/bench_kernels.json")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes; interpret mode on CPU (checks the script only)")
     ap.add_argument("--deadline", type=float, default=330.0, help="seconds after which remaining cases are skipped")
-    ap.add_argument("--sections", default="copy,check,sweep,attn,update")
+    ap.add_argument("--sections", default="copy,check,sweep,attn,update,prefill")
     ap.add_argument("--check-cases", type=int, default=7)
     args = ap.parse_args(argv)
     interpret = jax.default_backend() == "cpu"
@@ -464,6 +529,9 @@ def main(argv=None):
         save()
     if "update" in secs:
         update_section(results, args.smoke, interpret, args.deadline * 0.82)
+        save()
+    if "prefill" in secs:
+        prefill_section(results, args.smoke, interpret, args.deadline * 0.9)
         save()
     if "sweep" in secs:
         sweep_section(results, copy_bw_tb, args.smoke, interpret, args.deadline)

@@ -32,10 +32,12 @@ throughput)  # session 3, two GPUs: the main rows (HLO, both layer layouts, fixe
     python3 -m eval.hlo_copies $R/throughput/hlo/*.hlo.txt > $R/hlo_copies.txt" &
   on 1 grid_a $GRID_DECODE --shapes llama2-7b --batches 8,64 --out "$R/grid_a" &
   ;;
-grid)  # two GPUs: the main rows with the fixed budget; the unstacked 7B grid at B=64 (resumable: run again until done)
+grid)  # two GPUs: the main rows with the fixed budget and TTFT; the prefill kernel against XLA and cuDNN, then
+        # the unstacked 7B grid at B=64 (resumable: run again until done)
   on 0 throughput bash -c "python3 -m eval.throughput --preset gpu --fixed-budget --ttft --hlo --out $R/throughput;
     python3 -m eval.hlo_copies $R/throughput/hlo/*.hlo.txt > $R/hlo_copies.txt" &
-  on 1 grid_a $GRID_DECODE --shapes llama2-7b --batches 64 --out "$R/grid_a" &
+  on 1 grid_a bash -c "[ -f $R/bench_prefill.json ] || python3 eval/bench_kernels.py --sections copy,check,prefill \
+    --check-cases 3 --out $R/bench_prefill.json; $GRID_DECODE --shapes llama2-7b --batches 64 --out $R/grid_a" &
   ;;
 quality2)  # with the model (carry .carry/p2, .carry/parts): a hidden-state controller, ADORE with sinks, fp32 agreement
   [ -d .carry/parts/quality_parts ] && mkdir -p "$R/quality" && cp -rn .carry/parts/quality_parts/. "$R/quality/.parts/"

@@ -22,6 +22,7 @@ from adore_jax.kernels import (
     ENV_VAR,
     AttentionKernel,
     GpuConfig,
+    PrefillConfig,
     TpuConfig,
     blockwise_attention,
     cache_update_gpu,
@@ -182,6 +183,63 @@ def test_blockwise_bounds_temporary_memory():
     scores = B * Hq * T * S * 4  # one fp32 score matrix
     assert temp(reference_attention) > scores
     assert temp(blockwise_attention) < scores / 3
+
+
+PREFILL_CASES = [
+    # B, T, Hq, Hkv, D, S, dtype, cache, config
+    (2, 40, 4, 4, 32, 37, F32, "partial", PrefillConfig(rows=16, block_s=16)),  # MHA: 3 tiles, tails everywhere
+    (1, 17, 6, 2, 16, 64, F32, "full", PrefillConfig(rows=16, block_s=16)),  # G=3 (5 tokens per tile), no slot tail
+    (2, 33, 16, 2, 32, 50, BF16, "partial", PrefillConfig(rows=32, block_s=16)),  # G=8: 4 tokens per tile
+    (1, 20, 4, 1, 16, 29, F32, "empty", PrefillConfig(rows=16, block_s=16)),  # MQA, all slots empty
+    (2, 24, 3, 3, 64, 200, BF16, "partial", PrefillConfig()),  # defaults: one tile, 3 full blocks + a tail
+]
+
+
+@pytest.mark.parametrize("B,T,Hq,Hkv,D,S,dtype,cache,config", PREFILL_CASES)
+def test_gpu_prefill_matches_reference(B, T, Hq, Hkv, D, S, dtype, cache, config):
+    """Chunks longer than the decode kernel takes go to the prefill kernel (no
+    statistics), which equals the reference on fresh inputs (outputs start NaN)."""
+    args = make_inputs(B, T, Hq, Hkv, D, S, dtype, cache)
+    fn = lambda *a: sparse_attention_gpu(*a, interpret=True, config=GpuConfig(prefill=config))
+    assert "adore_prefill_attention" in str(jax.make_jaxpr(fn)(*args))
+    check_against_reference(run_fast(fn, *args), args, False)
+
+
+def test_gpu_prefill_reads_only_its_layer():
+    """With layer=l of a stacked cache whose other layers are NaN."""
+    L, (B, T, Hq, Hkv, D, S) = 3, (2, 20, 4, 2, 32, 45)
+    for layer in range(L):
+        q, k, v, ck, cv, cpos, qpos = make_inputs(B, T, Hq, Hkv, D, S, F32)
+        nan = jnp.full((L, B, S, Hkv, D), jnp.nan, F32)
+        got = run_fast(lambda q, k, v, a, b, cp, qp, li: sparse_attention_gpu(
+            q, k, v, a, b, cp, qp, layer=li, interpret=True, config=GpuConfig(prefill=PrefillConfig(rows=16, block_s=16))),
+            q, k, v, nan.at[layer].set(ck), nan.at[layer].set(cv), cpos, qpos, jnp.int32(layer))
+        check_against_reference(got, (q, k, v, ck, cv, cpos, qpos), False)
+
+
+def test_gpu_prefill_skips_slots_after_the_last_used_one():
+    """A cache filled from the front (as a prefill fills it): 21 slots used of 64.
+    The blocks after the last used one are not read: NaN there changes nothing."""
+    B, T, Hq, Hkv, D, S = 2, 20, 4, 2, 16, 64
+    q, k, v, ck, cv, _, _ = make_inputs(B, T, Hq, Hkv, D, S, F32)
+    cpos = jnp.where(jnp.arange(S) < 21, jnp.arange(S), -1)[None].repeat(B, 0).astype(jnp.int32)
+    qpos = (21 + jnp.arange(T, dtype=jnp.int32))[None].repeat(B, 0)
+    unread = (jnp.arange(S) >= 32)[None, :, None, None]  # blocks of 16: slots 0-31 are read
+    fn = lambda *a: sparse_attention_gpu(*a, interpret=True, config=GpuConfig(prefill=PrefillConfig(rows=16, block_s=16)))
+    got = run_fast(fn, q, k, v, jnp.where(unread, jnp.nan, ck), jnp.where(unread, jnp.nan, cv), cpos, qpos)
+    check_against_reference(got, (q, k, v, ck, cv, cpos, qpos), False)
+
+
+def test_gpu_prefill_lowers_for_cuda():
+    """The Triton lowering accepts the prefill kernel at a 7B-like shape (lowered
+    for the cuda platform on the CPU)."""
+    L, B, T, Hq, Hkv, D, S = 2, 2, 512, 32, 32, 128, 1000
+    shapes = [((B, T, Hq, D), BF16), ((B, T, Hkv, D), BF16), ((B, T, Hkv, D), BF16), ((L, B, S, Hkv, D), BF16),
+              ((L, B, S, Hkv, D), BF16), ((B, S), jnp.int32), ((B, T), jnp.int32), ((), jnp.int32)]
+    args = [jax.ShapeDtypeStruct(s, d) for s, d in shapes]
+    fn = lambda q, k, v, a, b, cp, qp, li: sparse_attention_gpu(q, k, v, a, b, cp, qp, layer=li).out
+    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "adore_prefill_attention" in text and "dynamic_slice" not in text
 
 
 @pytest.mark.parametrize("fn", [sparse_attention_gpu, sparse_attention_tpu], ids=["gpu", "tpu"])
@@ -354,3 +412,19 @@ def test_stacked_cache_shape_errors():
     for fn in (sparse_attention_gpu, sparse_attention_tpu):
         with pytest.raises(ValueError, match=r"with layer=, cache_k/v must be \[L, B, S, Hkv, D\]"):
             fn(q, k, v, ck, cv, cpos, qpos, layer=0, interpret=True)  # a per-layer cache given with a layer
+
+
+def test_bench_kernels_prefill_section_runs(tmp_path):
+    """eval/bench_kernels.py's prefill section at tiny sizes (interpret mode): every
+    variant runs and agrees with blockwise_attention."""
+    import json
+
+    from eval import bench_kernels
+
+    out = tmp_path / "bench.json"
+    bench_kernels.main(["--smoke", "--sections", "prefill", "--out", str(out)])
+    (row,) = json.loads(out.read_text())["prefill"]
+    variants = [k for k in row if k.startswith("ours_")]
+    assert len(variants) == len(bench_kernels.PREFILL_SWEEP)
+    for k in variants + ["blockwise"]:
+        assert row[k]["us"] > 0 and row[k]["rel_err_vs_blockwise"] < 1e-2, (k, row[k])

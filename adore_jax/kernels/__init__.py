@@ -8,10 +8,12 @@ Backends: "reference" (XLA: adore_jax.attention.reference_attention and
 adore_jax.cache.write_rows), "pallas_gpu" (Pallas, Triton lowering),
 "pallas_tpu" (Pallas, Mosaic TPU). With backend="auto" the environment variable
 ADORE_KERNEL_BACKEND, when set, forces one of them; an explicit backend
-argument wins over it. Kernels fall back to XLA for shapes they do not cover
-(T > 16 new rows, e.g. prefill chunks; G * T > 128; a head dim that is not a
-power of two on GPU): `blockwise_attention`, which visits the slots in blocks
-so a long prefill chunk never holds its whole score matrix.
+argument wins over it. The decode kernels take T <= 16 new rows (G * T <= 128). Longer
+chunks (prefill) go on GPU to a prefill kernel (a tile of rows per program,
+reading the cache in place) unless statistics are asked for; otherwise, and on
+TPU, to XLA's `blockwise_attention`, which visits the slots in blocks so a long
+chunk never holds its whole score matrix. So does a head dim that is not a
+power of two on GPU.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from adore_jax.kernels.attention_gpu import GpuConfig, sparse_attention_gpu
 from adore_jax.kernels.attention_tpu import TpuConfig, sparse_attention_tpu
 from adore_jax.kernels.blockwise import blockwise_attention
 from adore_jax.kernels.cache_update import cache_update_gpu, cache_update_tpu
+from adore_jax.kernels.prefill_gpu import PrefillConfig, prefill_attention_gpu
 
 ENV_VAR = "ADORE_KERNEL_BACKEND"
 BACKENDS = ("auto", "reference", "pallas_gpu", "pallas_tpu")
@@ -39,6 +42,7 @@ __all__ = [
     "BACKENDS",
     "ENV_VAR",
     "GpuConfig",
+    "PrefillConfig",
     "TpuConfig",
     "AttentionKernel",
     "blockwise_attention",
@@ -46,6 +50,7 @@ __all__ = [
     "cache_update_tpu",
     "get_attention_fn",
     "get_cache_update_fn",
+    "prefill_attention_gpu",
     "resolve_backend",
     "sparse_attention_gpu",
     "sparse_attention_tpu",

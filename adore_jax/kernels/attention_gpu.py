@@ -18,8 +18,10 @@ rows. Splits are merged with their log-sum-exp either
 with_stats additionally writes the masked scaled scores (fp32), from which XLA
 computes the mass per slot summed over heads once the lse is known.
 
-Limits (the wrapper falls back to the reference beyond them): T <= 16,
-G * T <= 128, D a power of two. Measurements and tuning history: docs/KERNELS.md.
+Limits: T <= 16, G * T <= 128, D a power of two >= 16. Longer chunks (prefill)
+go to the prefill kernel (prefill_gpu.py) without statistics, and to
+`blockwise_attention` with them or with another head dim. Measurements and
+tuning history: docs/KERNELS.md.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from adore_jax.kernels.common import (
     round_up,
     stacked,
 )
+from adore_jax.kernels.prefill_gpu import PrefillConfig, prefill_attention_gpu
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +65,7 @@ class GpuConfig:
     ctas_per_sm: Optional[int] = None  # if set, auto splits fill one wave: floor(ctas_per_sm * SMs / (B * Hkv))
     merge: str = "kernel"  # "kernel" (atomic last-arriver merge) or "xla"
     merge_loads: str = "plain"  # how the last program reads the partials: "plain" or "volatile"
+    prefill: PrefillConfig = PrefillConfig()  # chunks longer than MAX_T rows
 
 
 def _num_sms() -> int:
@@ -265,10 +269,15 @@ def sparse_attention_gpu(
     """Same signature and outputs as `reference_attention` (GPU Pallas/Triton)."""
     B, T, Hq, Hkv, G, D, S = check_shapes(q, k, v, cache_k, cache_v, cache_pos, q_pos, layer)
     scale = D**-0.5 if scale is None else float(scale)
-    if not supported(q, k) or S == 0:
+    pow2_head = D == next_pow2(D) and D >= 16
+    if S == 0 or not supported(q, k) and (with_stats or not pow2_head):
         return blockwise_attention(q, k, v, cache_k, cache_v, cache_pos, q_pos, layer=layer, with_stats=with_stats,
                                    scale=scale)
     cache_k, cache_v, layer = stacked(cache_k, cache_v, layer)
+    if not supported(q, k):  # a long chunk (prefill)
+        out, _ = prefill_attention_gpu(q, k, v, cache_k, cache_v, cache_pos, q_pos, layer, scale=scale,
+                                       interpret=interpret, config=config.prefill)
+        return AttentionOut(out)
     L = cache_k.shape[0]
     if config.merge not in ("kernel", "xla"):
         raise ValueError(f"unknown merge {config.merge!r} (kernel, xla)")

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 
 from adore_jax.attention import NEG_INF, AttentionOut
 
-MAX_T = 16  # kernels handle T <= MAX_T new rows; longer chunks (prefill) use the reference
+MAX_T = 16  # decode kernels handle T <= MAX_T new rows; longer chunks (prefill): prefill_gpu or blockwise
 MAX_ROWS = 128  # and at most this many G * T rows per KV head
 
 
