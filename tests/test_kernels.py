@@ -156,16 +156,18 @@ def test_stacked_cache_reads_only_its_layer(fn, config):
     (20, 64, 16, "empty", True),  # no tail, all slots empty, stacked cache
     (1, 37, 8, "full", True),  # decode-like row
 ])
-def test_blockwise_matches_reference(T, S, block, cache, stacked):
+@pytest.mark.parametrize("flat", [True, False], ids=["flat", "plain"])
+def test_blockwise_matches_reference(T, S, block, cache, stacked, flat):
     """The long-chunk XLA path (blocks of slots, online softmax, mass in a second
-    pass) equals the plain reference, stats included."""
+    pass) equals the plain reference, stats included, with both ways of slicing."""
     args = make_inputs(2, T, 6, 2, 16, S, F32, cache)
     q, k, v, ck, cv, cpos, qpos = args
     kw = {}
     if stacked:  # layer 1 of 3; the other layers NaN
         nan = jnp.full((3, *ck.shape), jnp.nan, F32)
         ck, cv, kw = nan.at[1].set(ck), nan.at[1].set(cv), {"layer": jnp.int32(1)}
-    got = jax.jit(lambda *a: blockwise_attention(*a, with_stats=True, block=block, **kw))(q, k, v, ck, cv, cpos, qpos)
+    got = jax.jit(lambda *a: blockwise_attention(*a, with_stats=True, block=block, flat_slices=flat, **kw))(
+        q, k, v, ck, cv, cpos, qpos)
     check_against_reference(got, args, True)
 
 
@@ -203,6 +205,13 @@ def test_gpu_prefill_matches_reference(B, T, Hq, Hkv, D, S, dtype, cache, config
     fn = lambda *a: sparse_attention_gpu(*a, interpret=True, config=GpuConfig(prefill=config))
     assert "adore_prefill_attention" in str(jax.make_jaxpr(fn)(*args))
     check_against_reference(run_fast(fn, *args), args, False)
+
+
+def test_gpu_prefill_kernel_can_be_turned_off():
+    args = make_inputs(1, 20, 4, 2, 16, 24, F32)
+    on = jax.make_jaxpr(lambda *a: sparse_attention_gpu(*a, interpret=True))(*args)
+    off = jax.make_jaxpr(lambda *a: sparse_attention_gpu(*a, interpret=True, config=GpuConfig(prefill=None)))(*args)
+    assert "adore_prefill_attention" in str(on) and "adore_prefill_attention" not in str(off)
 
 
 def test_gpu_prefill_reads_only_its_layer():

@@ -65,7 +65,7 @@ class GpuConfig:
     ctas_per_sm: Optional[int] = None  # if set, auto splits fill one wave: floor(ctas_per_sm * SMs / (B * Hkv))
     merge: str = "kernel"  # "kernel" (atomic last-arriver merge) or "xla"
     merge_loads: str = "plain"  # how the last program reads the partials: "plain" or "volatile"
-    prefill: PrefillConfig = PrefillConfig()  # chunks longer than MAX_T rows
+    prefill: Optional[PrefillConfig] = PrefillConfig()  # chunks longer than MAX_T rows; None: blockwise_attention
 
 
 def _num_sms() -> int:
@@ -270,7 +270,7 @@ def sparse_attention_gpu(
     B, T, Hq, Hkv, G, D, S = check_shapes(q, k, v, cache_k, cache_v, cache_pos, q_pos, layer)
     scale = D**-0.5 if scale is None else float(scale)
     pow2_head = D == next_pow2(D) and D >= 16
-    if S == 0 or not supported(q, k) and (with_stats or not pow2_head):
+    if S == 0 or not supported(q, k) and (with_stats or not pow2_head or config.prefill is None):
         return blockwise_attention(q, k, v, cache_k, cache_v, cache_pos, q_pos, layer=layer, with_stats=with_stats,
                                    scale=scale)
     cache_k, cache_v, layer = stacked(cache_k, cache_v, layer)

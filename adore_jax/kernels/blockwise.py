@@ -22,33 +22,40 @@ from adore_jax.attention import NEG_INF, AttentionOut, reference_attention
 BLOCK = 1024  # slots per block
 
 
-def _slots(cache, layer, start, size):
+def _slots(cache, layer, start, size, flat: bool):
     """Slots [start, start + size) of one layer's cache: [B, size, Hkv, D].
 
-    Sliced from the cache viewed as [..., S, Hkv * D], then reshaped back. The
-    einsums below want each block head-major; with a plain slice, XLA:GPU gives
-    that layout to the sliced array itself, i.e. transposes the whole stacked
-    cache once per prefill chunk (2 x 34 GB at 7B, 8 x 16K). A reshape may change
-    the layout, so only the block is transposed (docs/THROUGHPUT.md, "Prefill").
+    flat=True slices the cache viewed as [..., S, Hkv * D] and reshapes the block
+    back. The einsums below want each block head-major; given a plain slice,
+    XLA:GPU gives that layout to the sliced array itself, i.e. transposes the
+    whole stacked cache once per prefill chunk (2 x 34 GB at 7B, 8 x 16K). A
+    reshape may change the layout, so only the block is transposed
+    (docs/THROUGHPUT.md, "Prefill"). Not on TPU: there the [..., S, Hkv * D] view
+    has another tiling than the cache, and the view itself would be a copy.
     """
     *lead, S, H, D = cache.shape
-    flat = cache.reshape(*lead, S, H * D)
+    if flat:
+        cache = cache.reshape(*lead, S, H * D)
     if layer is None:
-        block = jax.lax.dynamic_slice_in_dim(flat, start, size, axis=1)
+        block = jax.lax.dynamic_slice_in_dim(cache, start, size, axis=1)
     else:
-        block = jax.lax.dynamic_slice(flat, (layer, 0, start, 0), (1, lead[1], size, H * D))[0]
-    return block.reshape(*block.shape[:-1], H, D)
+        block = jax.lax.dynamic_slice(cache, (layer, 0, start) + (0,) * (cache.ndim - 3),
+                                      (1, lead[1], size) + cache.shape[3:])[0]
+    return block.reshape(*block.shape[:2], H, D)
 
 
 def blockwise_attention(
     q, k, v, cache_k, cache_v, cache_pos, q_pos, *, layer=None, with_stats: bool = False,
-    scale: Optional[float] = None, block: int = BLOCK,
+    scale: Optional[float] = None, block: int = BLOCK, flat_slices: Optional[bool] = None,
 ) -> AttentionOut:
     """`reference_attention` computed over blocks of `block` cache slots.
 
     q: [B, T, Hq, D]; k, v: [B, T, Hkv, D]; cache_k, cache_v: [B, S, Hkv, D] (or
     [L, B, S, Hkv, D] with `layer`); cache_pos: [B, S]; q_pos: [B, T].
+    flat_slices: how blocks are sliced (see `_slots`); None: on any backend but TPU.
     """
+    flat = jax.default_backend() != "tpu" if flat_slices is None else flat_slices
+    blk = lambda cache, start, size: _slots(cache, layer, start, size, flat)
     S = cache_k.shape[-3]
     if S <= block:
         return reference_attention(q, k, v, cache_k, cache_v, cache_pos, q_pos, layer=layer, with_stats=with_stats,
@@ -82,12 +89,12 @@ def blockwise_attention(
     def body(carry, i):
         start = i * block
         kpos = jax.lax.dynamic_slice_in_dim(cache_pos, start, block, axis=1)
-        return absorb(carry, _slots(cache_k, layer, start, block), _slots(cache_v, layer, start, block), kpos), None
+        return absorb(carry, blk(cache_k, start, block), blk(cache_v, start, block), kpos), None
 
     carry = (jnp.full((B, Hkv, G, T), NEG_INF, f32), jnp.zeros((B, Hkv, G, T), f32), jnp.zeros((B, Hkv, G, T, D), f32))
     carry = jax.lax.scan(body, carry, jnp.arange(nb))[0]
     if tail:
-        carry = absorb(carry, _slots(cache_k, layer, nb * block, tail), _slots(cache_v, layer, nb * block, tail),
+        carry = absorb(carry, blk(cache_k, nb * block, tail), blk(cache_v, nb * block, tail),
                        cache_pos[:, nb * block:])
     m, l, o = absorb(carry, k, v, q_pos)  # the T new rows
     lc = jnp.maximum(l, 1e-30)
@@ -102,12 +109,12 @@ def blockwise_attention(
 
     def mass_block(_, i):
         start = i * block
-        return None, mass(_slots(cache_k, layer, start, block), jax.lax.dynamic_slice_in_dim(cache_pos, start, block, axis=1))
+        return None, mass(blk(cache_k, start, block), jax.lax.dynamic_slice_in_dim(cache_pos, start, block, axis=1))
 
     parts = jax.lax.scan(mass_block, None, jnp.arange(nb))[1]  # [nb, B, T, block]
     parts = [parts.transpose(1, 2, 0, 3).reshape(B, T, nb * block)]
     if tail:
-        parts.append(mass(_slots(cache_k, layer, nb * block, tail), cache_pos[:, nb * block:]))
+        parts.append(mass(blk(cache_k, nb * block, tail), cache_pos[:, nb * block:]))
     parts.append(mass(k, q_pos))
     lse = lse.transpose(0, 3, 1, 2).reshape(B, T, Hq)
     return AttentionOut(out, jnp.concatenate(parts, axis=-1), lse)
