@@ -275,9 +275,8 @@ def sparse_attention_gpu(
                                    scale=scale)
     cache_k, cache_v, layer = stacked(cache_k, cache_v, layer)
     if not supported(q, k):  # a long chunk (prefill)
-        out, _ = prefill_attention_gpu(q, k, v, cache_k, cache_v, cache_pos, q_pos, layer, scale=scale,
-                                       interpret=interpret, config=config.prefill)
-        return AttentionOut(out)
+        return AttentionOut(prefill_attention_gpu(q, k, v, cache_k, cache_v, cache_pos, q_pos, layer, scale=scale,
+                                                  interpret=interpret, config=config.prefill))
     L = cache_k.shape[0]
     if config.merge not in ("kernel", "xla"):
         raise ValueError(f"unknown merge {config.merge!r} (kernel, xla)")

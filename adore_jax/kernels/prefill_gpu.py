@@ -3,14 +3,15 @@
 Grid (B, Hkv, NT): one program per (sequence, KV head, tile of the chunk's
 rows). A tile holds TQ new tokens times the G query heads of its KV head, as
 rows r = t * G + g (TQ * G <= `rows`, padded to a power of two). The program
-reads the K/V of every slot once, straight from the stacked cache
+reads the K/V of the used slots once, straight from the stacked cache
 [L, B, S, Hkv, D] at `layer` (no slice, no transpose of the cache), then the
 chunk's own T new rows, in blocks of `block_s`, with an online softmax in fp32.
-Slots after the sequence's last used slot (position >= 0) are skipped: a
-prefill fills the cache from the front, so chunk c reads c chunks of slots,
-not the whole cache.
 What a row sees follows `reference_attention`: keys whose position is >= 0 and
 <= the row's position.
+
+Slots after the sequence's last used slot (position >= 0) are skipped: a
+prefill fills the cache from the front, so chunk c reads c chunks of slots, not
+the whole cache.
 
 Without statistics only: `sparse_attention_gpu` sends with_stats calls with
 long chunks to `blockwise_attention`. The XLA path it replaces for prefill
@@ -43,7 +44,7 @@ class PrefillConfig:
     num_stages: int = 2
 
 
-def _kernel(lyr_ref, used_ref, q_ref, qpos_ref, ck_ref, cv_ref, cpos_ref, kn_ref, vn_ref, out_ref, lse_ref, *,
+def _kernel(lyr_ref, used_ref, q_ref, qpos_ref, ck_ref, cv_ref, cpos_ref, kn_ref, vn_ref, out_ref, *,
             T, G, D, S, R, TQ, bs, scale, precision):
     h = pl.program_id(1)
     i = pl.program_id(2)
@@ -92,19 +93,18 @@ def _kernel(lyr_ref, used_ref, q_ref, qpos_ref, ck_ref, cv_ref, cpos_ref, kn_ref
         return update(c, k, v, plgpu.load(ref_pos.at[idx], mask=ok, other=-1))
 
     if S % bs:  # the last partial block of slots
-        carry = masked_block(carry, ck_ref, cv_ref, cpos_ref, (S // bs) * bs + 0 * i, S, True)
+        carry = masked_block(carry, ck_ref, cv_ref, cpos_ref, (S // bs) * bs, S, True)
     carry = lax.fori_loop(0, cdiv(T, bs), lambda j, c: masked_block(c, kn_ref, vn_ref, qpos_ref, j * bs, T, False),
                           carry)
 
-    o, m, l = carry
+    o, _, l = carry
     lc = jnp.maximum(l, 1e-30)
     plgpu.store(out_ref.at[t[:, None], hq[:, None], d[None, :]], (o / lc[:, None]).astype(out_ref.dtype), mask=row_ok2)
-    plgpu.store(lse_ref.at[t, hq], m + jnp.log(lc), mask=row_ok)
 
 
 def prefill_attention_gpu(q, k, v, cache_k, cache_v, cache_pos, q_pos, layer, *, scale: float,
                           interpret: bool = False, config: PrefillConfig = PrefillConfig()):
-    """Attention output [B, T, Hq, D] and lse [B, T, Hq] (fp32) of a chunk.
+    """Attention output [B, T, Hq, D] of a chunk (q's dtype).
 
     q: [B, T, Hq, D]; k, v: [B, T, Hkv, D] (the chunk's new rows); cache_k,
     cache_v: [L, B, S, Hkv, D]; layer: [1] int32; cache_pos: [B, S] and q_pos:
@@ -133,15 +133,13 @@ def prefill_attention_gpu(q, k, v, cache_k, cache_v, cache_pos, q_pos, layer, *,
         _kernel, T=T, G=G, D=D, S=S, R=R, TQ=TQ, bs=bs, scale=scale,
         precision=lax.Precision.HIGHEST if q.dtype == jnp.float32 else None,  # fp32: full fp32 dots, not TF32
     )
-    out, lse = pl.pallas_call(
+    return pl.pallas_call(
         kernel,
-        out_shape=[jax.ShapeDtypeStruct((B, T, Hq, D), q.dtype), jax.ShapeDtypeStruct((B, T, Hq), jnp.float32)],
+        out_shape=jax.ShapeDtypeStruct((B, T, Hq, D), q.dtype),
         grid=(B, Hkv, cdiv(T, TQ)),
         in_specs=in_specs,
-        out_specs=[pl.BlockSpec((None, T, Hq, D), lambda b, h, i: (b, 0, 0, 0)),
-                   pl.BlockSpec((None, T, Hq), lambda b, h, i: (b, 0, 0))],
+        out_specs=pl.BlockSpec((None, T, Hq, D), lambda b, h, i: (b, 0, 0, 0)),
         compiler_params=plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
         interpret=interpret,
         name="adore_prefill_attention",
     )(layer, used[:, None], q, q_pos.astype(jnp.int32), cache_k, cache_v, cache_pos.astype(jnp.int32), k, v)
-    return out, lse
