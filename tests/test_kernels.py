@@ -239,12 +239,13 @@ def test_gpu_prefill_skips_slots_after_the_last_used_one():
     check_against_reference(got, (q, k, v, ck, cv, cpos, qpos), False)
 
 
-def test_gpu_prefill_lowers_for_cuda():
-    """The Triton lowering accepts the prefill kernel at a 7B-like shape (lowered
-    for the cuda platform on the CPU)."""
-    L, B, T, Hq, Hkv, D, S = 2, 2, 512, 32, 32, 128, 1000
-    shapes = [((B, T, Hq, D), BF16), ((B, T, Hkv, D), BF16), ((B, T, Hkv, D), BF16), ((L, B, S, Hkv, D), BF16),
-              ((L, B, S, Hkv, D), BF16), ((B, S), jnp.int32), ((B, T), jnp.int32), ((), jnp.int32)]
+@pytest.mark.parametrize("Hq,Hkv,D,dtype", [(32, 32, 128, BF16), (9, 3, 64, F32)], ids=["7b-bf16", "smollm2-f32"])
+def test_gpu_prefill_lowers_for_cuda(Hq, Hkv, D, dtype):
+    """The Triton lowering accepts the prefill kernel at the 7B and SmolLM2 head
+    shapes (lowered for the cuda platform on the CPU)."""
+    L, B, T, S = 2, 2, 512, 1000
+    shapes = [((B, T, Hq, D), dtype), ((B, T, Hkv, D), dtype), ((B, T, Hkv, D), dtype), ((L, B, S, Hkv, D), dtype),
+              ((L, B, S, Hkv, D), dtype), ((B, S), jnp.int32), ((B, T), jnp.int32), ((), jnp.int32)]
     args = [jax.ShapeDtypeStruct(s, d) for s, d in shapes]
     fn = lambda q, k, v, a, b, cp, qp, li: sparse_attention_gpu(q, k, v, a, b, cp, qp, layer=li).out
     text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
