@@ -34,6 +34,7 @@ from adore_jax.policies import build_policy
 from adore_jax.sampling import SamplingParams
 from eval.bandwidth import copy_bandwidth
 from models.llama import LAYOUTS, LlamaConfig, Params, default_layout, init_params, with_layout
+from models.loading import place_params
 from models.shapes import SHAPES
 
 @dataclasses.dataclass(frozen=True)
@@ -99,12 +100,10 @@ def synthetic_state(params, pp, cfg, ec: engine.EngineConfig, batch: int, contex
 
 
 def random_params(cfg: LlamaConfig, dtype) -> Params:
-    """Random weights in the default layer layout. Made stacked on the device, then
-    placed again from the host, so that the device memory they leave free is one
-    piece: unstacking on the device frees the stacked weights below the new ones,
-    a hole (12 GiB at 7B) that the largest fixed-budget caches then do not fit around."""
-    host = jax.device_get(init_params(cfg, jax.random.key(0), dtype))
-    return jax.device_put(with_layout(host))
+    """Random weights in the default layer layout, made on the device and placed
+    again from the host (`place_params`): unstacked on the device, they left a
+    12 GiB hole that the largest fixed-budget caches did not fit around."""
+    return place_params(cfg, jax.device_get(init_params(cfg, jax.random.key(0), dtype)))
 
 
 def step_bytes(cfg: LlamaConfig, params, row: Row, itemsize: int) -> int:
@@ -437,9 +436,6 @@ def main(argv=None) -> int:
     while queue:  # decode rows first: a prefill that runs out of memory cannot disturb them
         row = queue.pop(0)
         if key(row) not in by_key:
-            if row in fixed:  # at the memory limit: weights made anew on an empty device, no holes between
-                params_by_shape.clear()
-                params = None
             cfg, params = SHAPES[row.shape], params_for(row.shape)
             try:
                 r = measure_row(cfg, params, row, args.steps, args.repeats, kernels, out / "hlo" if args.hlo else None)
@@ -455,7 +451,7 @@ def main(argv=None) -> int:
             print(json.dumps(results[-1]), flush=True)
             save()
         if row in fixed and "RESOURCE_EXHAUSTED" in by_key[key(row)].get("error", ""):
-            smaller = smaller_fixed_budget_row(row)  # its compiled program fit, its run did not
+            smaller = smaller_fixed_budget_row(row)  # its compiled program fit, its run did not (allocator)
             if smaller is not None:
                 fixed.append(smaller)
                 queue.insert(0, smaller)

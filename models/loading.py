@@ -91,9 +91,13 @@ def param_partition_specs(cfg: LlamaConfig, params: Params, axis: str = "model",
     return Params(embed=P(), layers=layers, final_norm=P(), lm_head=lm_head)
 
 
-def _place(cfg: LlamaConfig, params: Params, mesh: Optional[Mesh], layers: str = "auto", axis: str = "model") -> Params:
-    """device_put host arrays, sharded over mesh[axis] when a mesh is given; layers:
-    "stacked", "unstacked" or "auto" (models.llama.default_layout; stacked with a mesh)."""
+def place_params(cfg: LlamaConfig, params: Params, mesh: Optional[Mesh] = None, layers: str = "auto",
+                 axis: str = "model") -> Params:
+    """device_put host (numpy) params, sharded over mesh[axis] when a mesh is given;
+    layers: "stacked", "unstacked" or "auto" (models.llama.default_layout; stacked
+    with a mesh). The layout is made on the host (views, no copy), so the device
+    holds no freed intermediate between the weights: its free memory stays in one
+    piece (unstacking on a GPU leaves a hole the size of the weights)."""
     if layers not in ("auto", *LAYOUTS):
         raise ModelLoadError(f"unknown layer layout {layers!r} (auto, {', '.join(LAYOUTS)})")
     if mesh is not None and layers == "unstacked":
@@ -233,7 +237,7 @@ def load_hf_dir(path: str | os.PathLike, dtype=jnp.float32, mesh: Optional[Mesh]
         raise ModelLoadError(f"could not read the safetensors in {path} (corrupt or truncated file?): {_reason(e)}") from None
     finally:
         opened.clear()
-    return cfg, _place(cfg, params, mesh, layers)
+    return cfg, place_params(cfg, params, mesh, layers)
 
 
 # ---------------------------------------------------------------- GGUF files
@@ -345,7 +349,7 @@ def load_gguf(file: str | os.PathLike, dtype=jnp.float32, mesh: Optional[Mesh] =
         return w
 
     params = _build_params(cfg, get, GGUF_NAMES, dtype)
-    return cfg, _place(cfg, params, mesh, layers)
+    return cfg, place_params(cfg, params, mesh, layers)
 
 
 # ---------------------------------------------------------------- tokenizers

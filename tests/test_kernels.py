@@ -214,6 +214,12 @@ def test_gpu_prefill_kernel_can_be_turned_off():
     assert "adore_prefill_attention" in str(on) and "adore_prefill_attention" not in str(off)
 
 
+@pytest.mark.parametrize("kw", [dict(block_s=48), dict(block_s=8), dict(rows=0), dict(num_warps=0)])
+def test_prefill_config_rejects_bad_values(kw):
+    with pytest.raises(ValueError, match="PrefillConfig"):
+        PrefillConfig(**kw)
+
+
 def test_gpu_prefill_reads_only_its_layer():
     """With layer=l of a stacked cache whose other layers are NaN."""
     L, (B, T, Hq, Hkv, D, S) = 3, (2, 20, 4, 2, 32, 45)

@@ -39,9 +39,15 @@ class PrefillConfig:
     """Tuning knobs of the prefill kernel (static)."""
 
     rows: int = 64  # query rows (tokens x heads of one KV head) per program
-    block_s: int = 64  # keys per loop step
+    block_s: int = 64  # keys per loop step: a power of two >= 16
     num_warps: int = 4
     num_stages: int = 2
+
+    def __post_init__(self):
+        if self.rows < 1 or self.num_warps < 1 or self.num_stages < 1:
+            raise ValueError(f"PrefillConfig: rows, num_warps and num_stages must be >= 1; got {self}")
+        if self.block_s < 16 or self.block_s != next_pow2(self.block_s):
+            raise ValueError(f"PrefillConfig: block_s must be a power of two >= 16; got {self.block_s}")
 
 
 def _kernel(lyr_ref, used_ref, q_ref, qpos_ref, ck_ref, cv_ref, cpos_ref, kn_ref, vn_ref, out_ref, *,
@@ -116,7 +122,7 @@ def prefill_attention_gpu(q, k, v, cache_k, cache_v, cache_pos, q_pos, layer, *,
     L, _, S, _, _ = cache_k.shape
     TQ = max(1, config.rows // G)
     R = max(16, next_pow2(TQ * G))
-    bs = max(16, config.block_s)
+    bs = config.block_s
     used = jnp.max(jnp.where(cache_pos >= 0, jnp.arange(1, S + 1, dtype=jnp.int32), 0), axis=1)  # slots in use
     in_specs = [
         pl.BlockSpec((1,), lambda b, h, i: (0,)),  # layer
