@@ -1,12 +1,16 @@
 # The GPU runs behind docs/THROUGHPUT.md, docs/KERNELS.md and docs/RESULTS.md, on a
-# machine of 2 or 4 GPUs (nvidia-h200-x2/x4): independent jobs, one per GPU, each resumable.
+# machine of 2 or 4 GPUs (nvidia-h200-x2/x4): independent jobs, one per GPU, each resumable (`single`: one GPU).
 # Source eval/gpu_setup.sh first; then `bash eval/gpu_runs.sh CASE` (the cases below).
-# Results go to /tmp/runs (kept while the machine stays warm) and are copied to $OUT.
+# Results go to /tmp/runs (kept while the machine stays warm), returned as $OUT/runs.tgz (without HLO text).
 set -u
 R=/tmp/runs
 mkdir -p "$R"
-LIMIT=${LIMIT:-540}  # seconds per job: the device tool allows 600 per call
-on() { local gpu=$1 log=$2; shift 2; CUDA_VISIBLE_DEVICES=$gpu timeout "$LIMIT" "$@" >"$R/$log.log" 2>&1; }
+LIMIT=${LIMIT:-540}  # seconds per call: the device tool allows 600; every job ends by then
+END=$(( $(date +%s) + LIMIT ))
+on() {  # GPU, log name, command: runs until END
+  local gpu=$1 log=$2 left=$(( END - $(date +%s) )); shift 2; [ "$left" -gt 10 ] || return 124
+  CUDA_VISIBLE_DEVICES=$gpu timeout "$left" "$@" >>"$R/$log.log" 2>&1
+}
 GRID="python3 -m eval.throughput --preset grid --ttft --no-hf --steps 8 --repeats 3"
 GRID_DECODE="python3 -m eval.throughput --preset grid --no-hf --steps 8 --repeats 3"  # decode rows only (TTFT: GRID)
 EVAL="python3 -m adore_jax eval"
@@ -39,6 +43,16 @@ grid)  # two GPUs: the main rows with the fixed budget and TTFT; the prefill ker
   on 1 grid_a bash -c "[ -f $R/bench_prefill.json ] || python3 eval/bench_kernels.py --sections copy,check,prefill \
     --check-cases 3 --out $R/bench_prefill.json; $GRID_DECODE --shapes llama2-7b --batches 64 --out $R/grid_a" &
   ;;
+single)  # one GPU, the grid case's jobs one after another (call again until each is done): the prefill kernel
+         # against XLA and cuDNN; the main rows with the fixed budget and TTFT; the unstacked 7B grid at B=64
+  [ -f $R/bench_prefill.json ] || on 0 bench_prefill python3 eval/bench_kernels.py --sections copy,check,prefill \
+    --check-cases 3 --out $R/bench_prefill.json
+  [ -f $R/throughput/throughput.json ] || on 0 throughput python3 -m eval.throughput --preset gpu --fixed-budget \
+    --ttft --hlo --out $R/throughput
+  [ -f $R/throughput/throughput.json ] && [ ! -f $R/hlo_copies.txt ] && python3 -m eval.hlo_copies \
+    $R/throughput/hlo/*.hlo.txt > $R/hlo_copies.txt
+  [ -f $R/grid_a/throughput.json ] || on 0 grid_a $GRID_DECODE --shapes llama2-7b --batches 64 --out $R/grid_a
+  ;;
 quality2)  # with the model (carry .carry/p2, .carry/parts): a hidden-state controller, ADORE with sinks, fp32 agreement
   [ -d .carry/parts/quality_parts ] && mkdir -p "$R/quality" && cp -rn .carry/parts/quality_parts/. "$R/quality/.parts/"
   on 0 agreement $EVAL agreement --size full --dtype float32 --out "$R/quality_fp32" &
@@ -49,8 +63,8 @@ quality2)  # with the model (carry .carry/p2, .carry/parts): a hidden-state cont
 assemble)  # every quality row is in .parts by now: write the reports (grid rows are assembled off the GPU)
   on 0 assemble_quality $EVAL all $Q &
   ;;
-*) echo "usage: bash eval/gpu_runs.sh bench|quality|throughput|grid|quality2|assemble" >&2; exit 2 ;;
+*) echo "usage: bash eval/gpu_runs.sh bench|quality|throughput|grid|single|quality2|assemble" >&2; exit 2 ;;
 esac
 wait
-mkdir -p "$OUT" && cp -r "$R"/. "$OUT"/
+mkdir -p "$OUT" && tar czf "$OUT/runs.tgz" --exclude='*.hlo.txt' -C /tmp runs  # one file (the tool returns few)
 tail -n 3 "$R"/*.log

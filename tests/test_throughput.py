@@ -109,3 +109,16 @@ def test_random_params_are_init_params_in_the_default_layout():
     for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want)):
         assert isinstance(a, jax.Array) and a.shape == b.shape
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_ttft_on_gpu_is_timed_against_blockwise_too():
+    """On GPU, TTFT is also timed through blockwise_attention (the prefill
+    kernel's reference) in the same run; elsewhere once."""
+    from eval.throughput import ttft_kernels
+
+    update = get_cache_update_fn("reference")
+    assert list(ttft_kernels((get_attention_fn("reference"), update))) == ["ttft_s"]
+    both = ttft_kernels((get_attention_fn("pallas_gpu"), update))
+    assert list(both) == ["ttft_s", "ttft_blockwise_s"]
+    assert both["ttft_blockwise_s"][0]._fn.keywords["config"].prefill is None
+    assert both["ttft_s"][0]._fn.keywords["config"].prefill is not None
