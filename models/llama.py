@@ -77,8 +77,7 @@ class LayerParams:
     wv: jax.Array  # [E, Hkv*D]
     wo: jax.Array  # [Hq*D, E]
     mlp_norm: jax.Array  # [E]
-    w_gate: jax.Array  # [E, F]
-    w_up: jax.Array  # [E, F]
+    w_gate_up: jax.Array  # [E, 2, F]: gate [:, 0], up [:, 1] (one matmul; F stays whole for sharding)
     w_down: jax.Array  # [F, E]
     bq: Optional[jax.Array] = None  # [Hq*D]
     bk: Optional[jax.Array] = None  # [Hkv*D]
@@ -145,7 +144,7 @@ def init_params(cfg: LlamaConfig, key: jax.Array, dtype=jnp.float32, scale: floa
     """Random params (normal * scale, norms at one): for tests and throughput runs."""
     L, E, F, V = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
     qd, kd = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-    shapes = dict(wq=(E, qd), wk=(E, kd), wv=(E, kd), wo=(qd, E), w_gate=(E, F), w_up=(E, F), w_down=(F, E))
+    shapes = dict(wq=(E, qd), wk=(E, kd), wv=(E, kd), wo=(qd, E), w_gate_up=(E, 2, F), w_down=(F, E))
     if cfg.attention_bias:
         shapes.update(bq=(qd,), bk=(kd,), bv=(kd,))
     keys = jax.random.split(key, len(shapes) + 2)
@@ -238,8 +237,23 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.A
     return (xf * cos + rot * sin).astype(x.dtype)
 
 
+GEMM_MIN_ROWS = 8  # GPU: a matmul of fewer rows reads its weights at ~55% of copy bandwidth, 8 rows at ~80%
+
+
+def _matmul(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [..., E] @ w [E, ...] -> [..., ...] fp32. On GPU fewer than GEMM_MIN_ROWS
+    rows are padded with zero rows (dropped after): XLA's one-row path is slower
+    than its 8-row GEMM over the same weights (docs/THROUGHPUT.md "One row")."""
+    lead, rows = x.shape[:-1], math.prod(x.shape[:-1])
+    dot = lambda a: jnp.einsum("ne,e...->n...", a, w, preferred_element_type=jnp.float32)
+    x2 = x.reshape(rows, x.shape[-1])
+    if rows < GEMM_MIN_ROWS and jax.default_backend() == "gpu":
+        return dot(jnp.pad(x2, ((0, GEMM_MIN_ROWS - rows), (0, 0))))[:rows].reshape(*lead, *w.shape[1:])
+    return dot(x2).reshape(*lead, *w.shape[1:])
+
+
 def _dense(x: jax.Array, w: jax.Array, b: Optional[jax.Array] = None) -> jax.Array:
-    y = jnp.einsum("...e,ef->...f", x, w, preferred_element_type=jnp.float32)
+    y = _matmul(x, w)
     if b is not None:
         y = y + b.astype(jnp.float32)
     return y.astype(x.dtype)
@@ -308,8 +322,8 @@ def forward(
         res = attn_fn(q, k, v, cache.k, cache.v, cache.pos, positions, layer=li, with_stats=with_stats)
         x = x + _dense(res.out.reshape(B, T, Hq * D).astype(x.dtype), lp.wo)
         h = rms_norm(x, lp.mlp_norm, cfg.rms_norm_eps)
-        gate = _dense(h, lp.w_gate).astype(jnp.float32)
-        up = _dense(h, lp.w_up).astype(jnp.float32)
+        gate_up = _dense(h, lp.w_gate_up).astype(jnp.float32)  # [B, T, 2, F]
+        gate, up = gate_up[..., 0, :], gate_up[..., 1, :]
         x = x + _dense((jax.nn.silu(gate) * up).astype(x.dtype), lp.w_down)
         mass = res.mass if with_stats else jnp.zeros((), jnp.float32)
         return (x, feat), (k, v, mass)
@@ -330,7 +344,7 @@ def forward(
         x = jnp.take_along_axis(x, logits_rows[..., None], axis=1)
     x = rms_norm(x, params.final_norm, cfg.rms_norm_eps)
     head = params.embed.T if params.lm_head is None else params.lm_head
-    logits = jnp.einsum("bte,ev->btv", x, head, preferred_element_type=jnp.float32)
+    logits = _matmul(x, head)
     return ForwardOut(logits, new_k, new_v, mass.mean(0) if with_stats else None,
                       feat if feature_layer is not None else None)
 

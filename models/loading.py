@@ -70,7 +70,7 @@ def param_partition_specs(cfg: LlamaConfig, params: Params, axis: str = "model",
                           axis_size: Optional[int] = None) -> Params:
     """PartitionSpecs (a Params-shaped pytree) for tensor parallelism over `axis`.
 
-    Shards the output dim of wq/wk/wv (and their biases), w_gate/w_up and lm_head,
+    Shards the output dim of wq/wk/wv (and their biases), w_gate_up (F) and lm_head,
     the input dim of wo/w_down; replicates norms and the embedding. A weight whose
     sharded unit (heads for attention, F for the MLP, V for lm_head) is not
     divisible by axis_size is replicated (axis_size None: assume divisible).
@@ -82,7 +82,7 @@ def param_partition_specs(cfg: LlamaConfig, params: Params, axis: str = "model",
     layers = LayerParams(
         attn_norm=P(), mlp_norm=P(),
         wq=P(None, None, q), wk=P(None, None, kv), wv=P(None, None, kv), wo=P(None, q, None),
-        w_gate=P(None, None, f), w_up=P(None, None, f), w_down=P(None, f, None),
+        w_gate_up=P(None, None, None, f), w_down=P(None, f, None),
         bq=None if lp.bq is None else P(None, q),
         bk=None if lp.bk is None else P(None, kv),
         bv=None if lp.bv is None else P(None, kv),
@@ -113,8 +113,9 @@ def place_params(cfg: LlamaConfig, params: Params, mesh: Optional[Mesh] = None, 
 def _build_params(cfg: LlamaConfig, get: Callable[[str], np.ndarray], names: dict, dtype) -> Params:
     """Stack per-layer tensors into Params (host numpy, cast to dtype).
 
-    get(name) returns an [out, in] (or 1-D) array; names maps our field to a
-    format string with {i} for the layer index (matrices are transposed).
+    get(name) returns an [out, in] (or 1-D) array; names maps our field (and
+    w_gate, w_up, which fill w_gate_up) to a format string with {i} for the layer
+    index (matrices are transposed).
     """
     np_dtype = np.dtype(jnp.dtype(dtype))
     vectors = ("attn_norm", "mlp_norm", "bq", "bk", "bv")
@@ -123,18 +124,26 @@ def _build_params(cfg: LlamaConfig, get: Callable[[str], np.ndarray], names: dic
         x = np.asarray(get(name))
         return (x.T if transpose else x).astype(np_dtype, copy=False)
 
-    def stacked(field: str) -> np.ndarray:
-        first = one(names[field].format(i=0), field not in vectors)
-        out = np.empty((cfg.num_layers, *first.shape), np_dtype)
-        out[0] = first
-        for i in range(1, cfg.num_layers):
-            out[i] = one(names[field].format(i=i), field not in vectors)
+    def stacked(*parts: str) -> np.ndarray:  # [L, ...]; two parts: [L, E, 2, F] (each written in place)
+        first = [one(names[f].format(i=0), f not in vectors) for f in parts]
+        shape = first[0].shape if len(parts) == 1 else (first[0].shape[0], len(parts), *first[0].shape[1:])
+        out = np.empty((cfg.num_layers, *shape), np_dtype)
+        for i in range(cfg.num_layers):
+            for j, f in enumerate(parts):
+                x = first[j] if i == 0 else one(names[f].format(i=i), f not in vectors)
+                if len(parts) == 1:
+                    out[i] = x
+                elif x.shape != shape[:1] + shape[2:]:
+                    raise ModelLoadError(f"weight {names[f].format(i=i)} has shape {x.shape[::-1]}, "
+                                         f"config implies {shape[2:] + shape[:1]}")
+                else:
+                    out[i, :, j] = x
         return out
 
-    fields = ["attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_gate", "w_up", "w_down"]
+    fields = ["attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_down"]
     if cfg.attention_bias:
         fields += ["bq", "bk", "bv"]
-    layers = LayerParams(**{f: stacked(f) for f in fields})
+    layers = LayerParams(**{f: stacked(f) for f in fields}, w_gate_up=stacked("w_gate", "w_up"))
     params = Params(
         embed=one(names["embed"], False),
         layers=layers,
@@ -149,7 +158,7 @@ def _check_shapes(cfg: LlamaConfig, p: Params) -> None:
     L, E, F, V = cfg.num_layers, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
     qd, kd = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
     want = dict(embed=(V, E), final_norm=(E,), attn_norm=(L, E), mlp_norm=(L, E), wq=(L, E, qd),
-                wk=(L, E, kd), wv=(L, E, kd), wo=(L, qd, E), w_gate=(L, E, F), w_up=(L, E, F),
+                wk=(L, E, kd), wv=(L, E, kd), wo=(L, qd, E), w_gate_up=(L, E, 2, F),
                 w_down=(L, F, E), bq=(L, qd), bk=(L, kd), bv=(L, kd), lm_head=(E, V))
     got = dict(embed=p.embed, final_norm=p.final_norm, lm_head=p.lm_head,
                **{f.name: getattr(p.layers, f.name) for f in dataclasses.fields(p.layers)})

@@ -173,7 +173,7 @@ def test_partition_specs():
     assert s3.layers.w_down == P(None, "model", None) and s3.layers.attn_norm == P()
     assert s3.lm_head == P(None, None)  # V=100 not divisible by 3: replicated
     s2 = param_partition_specs(cfg, params, "model", 2)
-    assert s2.layers.wq == P(None, None, None) and s2.layers.w_up == P(None, None, "model")
+    assert s2.layers.wq == P(None, None, None) and s2.layers.w_gate_up == P(None, None, None, "model")
     assert s2.lm_head == P(None, "model")
 
 

@@ -134,3 +134,22 @@ def test_sharded_load_on_fake_devices(tiny_hf_checkpoints):
                          cwd=Path(__file__).parent.parent)
     assert res.returncode == 0, res.stderr[-2000:]
     assert float(res.stdout.strip().splitlines()[-1]) < 1e-5
+
+
+def test_gpu_row_padding_leaves_decode_unchanged(monkeypatch, tiny_hf_checkpoints):
+    """On GPU a matmul of fewer than GEMM_MIN_ROWS rows is padded with zero rows:
+    one decode row (B=1, T=1) gives the logits and new K/V of the unpadded matmul."""
+    from models import llama
+
+    cfg, params = load_hf_dir(tiny_hf_checkpoints["gqa_tied"], dtype=jnp.float32)
+    cache = KVCache.empty(cfg.num_layers, 1, 8, cfg.num_kv_heads, cfg.head_dim, jnp.float32)
+    tokens, positions = jnp.array([[5]], jnp.int32), jnp.array([[0]], jnp.int32)
+    plain = forward(params, cfg, tokens, positions, cache)
+    seen = []
+    real_pad = jnp.pad
+    monkeypatch.setattr(llama.jax, "default_backend", lambda: "gpu")
+    monkeypatch.setattr(llama.jnp, "pad", lambda x, w, *a, **k: seen.append(x.shape) or real_pad(x, w, *a, **k))
+    padded = forward(params, cfg, tokens, positions, cache)
+    assert seen and all(s[0] == 1 for s in seen)  # the padded path ran, on one-row inputs
+    for a, b in zip(plain[:3], padded[:3]):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-5)
