@@ -124,26 +124,32 @@ def _build_params(cfg: LlamaConfig, get: Callable[[str], np.ndarray], names: dic
         x = np.asarray(get(name))
         return (x.T if transpose else x).astype(np_dtype, copy=False)
 
-    def stacked(*parts: str) -> np.ndarray:  # [L, ...]; two parts: [L, E, 2, F] (each written in place)
-        first = [one(names[f].format(i=0), f not in vectors) for f in parts]
-        shape = first[0].shape if len(parts) == 1 else (first[0].shape[0], len(parts), *first[0].shape[1:])
-        out = np.empty((cfg.num_layers, *shape), np_dtype)
+    def layer_tensor(field: str, i: int) -> np.ndarray:
+        return one(names[field].format(i=i), field not in vectors)
+
+    def stacked(field: str) -> np.ndarray:  # [L, ...]
+        first = layer_tensor(field, 0)
+        out = np.empty((cfg.num_layers, *first.shape), np_dtype)
+        out[0] = first
+        for i in range(1, cfg.num_layers):
+            out[i] = layer_tensor(field, i)
+        return out
+
+    def joined(*fields: str) -> np.ndarray:  # [L, E, len(fields), F]: each layer's [E, F] tensors, written in place
+        E, F = cfg.hidden_size, cfg.intermediate_size
+        out = np.empty((cfg.num_layers, E, len(fields), F), np_dtype)
         for i in range(cfg.num_layers):
-            for j, f in enumerate(parts):
-                x = first[j] if i == 0 else one(names[f].format(i=i), f not in vectors)
-                if len(parts) == 1:
-                    out[i] = x
-                elif x.shape != shape[:1] + shape[2:]:
-                    raise ModelLoadError(f"weight {names[f].format(i=i)} has shape {x.shape[::-1]}, "
-                                         f"config implies {shape[2:] + shape[:1]}")
-                else:
-                    out[i, :, j] = x
+            for j, f in enumerate(fields):
+                x = layer_tensor(f, i)
+                if x.shape != (E, F):
+                    raise ModelLoadError(f"weight {names[f].format(i=i)} has shape {x.shape[::-1]}, config implies {(F, E)}")
+                out[i, :, j] = x
         return out
 
     fields = ["attn_norm", "wq", "wk", "wv", "wo", "mlp_norm", "w_down"]
     if cfg.attention_bias:
         fields += ["bq", "bk", "bv"]
-    layers = LayerParams(**{f: stacked(f) for f in fields}, w_gate_up=stacked("w_gate", "w_up"))
+    layers = LayerParams(**{f: stacked(f) for f in fields}, w_gate_up=joined("w_gate", "w_up"))
     params = Params(
         embed=one(names["embed"], False),
         layers=layers,

@@ -71,6 +71,14 @@ def test_unsupported_model_type(tmp_path, tiny_hf_checkpoints):
     _raises(load_model, str(d), match="not valid JSON")
 
 
+def test_weights_that_do_not_match_the_config(tmp_path, tiny_hf_checkpoints):
+    d = _copy_checkpoint(tiny_hf_checkpoints["gqa_tied"], tmp_path / "ck")
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "intermediate_size": cfg["intermediate_size"] + 8}))
+    msg = _raises(load_model, str(d), match="config implies")
+    assert "gate_proj" in msg
+
+
 def test_truncated_gguf(tmp_path, smollm2_gguf):
     data = smollm2_gguf.read_bytes()
     for n in (16, 1 << 20, len(data) - (1 << 20)):  # header, metadata, tensor data cut short
