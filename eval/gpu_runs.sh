@@ -53,6 +53,11 @@ single)  # one GPU, the grid case's jobs one after another (call again until eac
     $R/throughput/hlo/*.hlo.txt > $R/hlo_copies.txt
   [ -f $R/grid_a/throughput.json ] || on 0 grid_a $GRID_DECODE --shapes llama2-7b --batches 64 --out $R/grid_a
   ;;
+single_grid)  # one GPU, resumable: the SmolLM2 grid (unstacked layers, TTFT), then the 7B grid at B <= 16 again
+              # with TTFT through the prefill kernel (and the B=1 rows after the one-row fix)
+  [ -f $R/grid_s/throughput.json ] || on 0 grid_s $GRID --shapes smollm2-135m --out $R/grid_s
+  [ -f $R/grid_t/throughput.json ] || on 0 grid_t $GRID --shapes llama2-7b --batches 1,8,16 --out $R/grid_t
+  ;;
 quality2)  # with the model (carry .carry/p2, .carry/parts): a hidden-state controller, ADORE with sinks, fp32 agreement
   [ -d .carry/parts/quality_parts ] && mkdir -p "$R/quality" && cp -rn .carry/parts/quality_parts/. "$R/quality/.parts/"
   on 0 agreement $EVAL agreement --size full --dtype float32 --out "$R/quality_fp32" &
@@ -63,7 +68,7 @@ quality2)  # with the model (carry .carry/p2, .carry/parts): a hidden-state cont
 assemble)  # every quality row is in .parts by now: write the reports (grid rows are assembled off the GPU)
   on 0 assemble_quality $EVAL all $Q &
   ;;
-*) echo "usage: bash eval/gpu_runs.sh bench|quality|throughput|grid|single|quality2|assemble" >&2; exit 2 ;;
+*) echo "usage: bash eval/gpu_runs.sh bench|quality|throughput|grid|single|single_grid|quality2|assemble" >&2; exit 2 ;;
 esac
 wait
 mkdir -p "$OUT" && tar czf "$OUT/runs.tgz" --exclude='*.hlo.txt' -C /tmp runs  # one file (the tool returns few)
