@@ -253,7 +253,8 @@ def test_hidden_controller_keys_match_training_features(params):
     gd, state = tiny_controller(feature_layer=1)
     ps = prompts(21, [11, 11])
     pol = _policy("adore", 64, (gd, state), rebuild=2, feature_layer=1)
-    s = engine.decode(params, CFG, ps, 9, policy=pol, policy_params=state, chunk=4)
+    no_eos = dataclasses.replace(CFG, eos_token_ids=())  # every sequence feeds all 8 of its new tokens
+    s = engine.decode(params, no_eos, ps, 9, policy=pol, policy_params=state, chunk=4)
     seq = np.concatenate([np.asarray(ps), np.asarray(s.out)[:, :8]], axis=1)  # the 19 tokens fed
     x = features(params, CFG, jnp.asarray(seq), "hidden:1")
     ctrl = nnx.merge(gd, state)
