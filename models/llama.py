@@ -1,7 +1,9 @@
 """A functional Llama-family decoder (Llama 1-3, SmolLM, Mistral-style GQA, Qwen2).
 
 Params are a registered dataclass pytree with layers stacked on a leading axis
-([L, ...]) so the forward scans over layers. Weights are stored as [in, out].
+([L, ...]) so the forward scans over layers (or, unstacked, a tuple of layers it
+unrolls). Weights are stored as [in, out]; the MLP's gate and up projections are
+one [E, 2, F] weight, read by one matmul.
 The forward reads a fixed-size KV cache and returns the new rows' keys/values;
 writing them into the cache is the caller's decision (the eviction policy).
 
