@@ -98,10 +98,15 @@ def plan(B: int, Hkv: int, S: int, D: int, cfg: GpuConfig):
     return bs, ns, sp
 
 
+def _pow2_head(D: int) -> bool:
+    return D == next_pow2(D) and D >= 16
+
+
 def supported(q, k) -> bool:
+    """Whether the decode kernel takes these shapes."""
     B, T, Hq, D = q.shape
     Hkv = k.shape[2]
-    return T <= MAX_T and (Hq // Hkv) * T <= MAX_ROWS and D == next_pow2(D) and D >= 16
+    return T <= MAX_T and (Hq // Hkv) * T <= MAX_ROWS and _pow2_head(D)
 
 
 def _load_shared(ref, mask, other, interpret, volatile):
@@ -269,12 +274,13 @@ def sparse_attention_gpu(
     """Same signature and outputs as `reference_attention` (GPU Pallas/Triton)."""
     B, T, Hq, Hkv, G, D, S = check_shapes(q, k, v, cache_k, cache_v, cache_pos, q_pos, layer)
     scale = D**-0.5 if scale is None else float(scale)
-    pow2_head = D == next_pow2(D) and D >= 16
-    if S == 0 or not supported(q, k) and (with_stats or not pow2_head or config.prefill is None):
+    decode = supported(q, k)
+    prefill = not decode and _pow2_head(D) and not with_stats and config.prefill is not None  # a long chunk
+    if S == 0 or not (decode or prefill):
         return blockwise_attention(q, k, v, cache_k, cache_v, cache_pos, q_pos, layer=layer, with_stats=with_stats,
                                    scale=scale)
     cache_k, cache_v, layer = stacked(cache_k, cache_v, layer)
-    if not supported(q, k):  # a long chunk (prefill)
+    if prefill:
         return AttentionOut(prefill_attention_gpu(q, k, v, cache_k, cache_v, cache_pos, q_pos, layer, scale=scale,
                                                   interpret=interpret, config=config.prefill))
     L = cache_k.shape[0]
