@@ -18,7 +18,7 @@ Q="--size full --out $R/quality"
 
 case "${1:-}" in
 bench)  # throughput (main rows, HF, fixed budget), the grid split over three GPUs, kernels
-  on 0 throughput python3 -m eval.throughput --preset gpu --fixed-budget --ttft --out "$R/throughput" &
+  on 0 throughput python3 -m eval.throughput --preset gpu --fixed-budget --ttft --ttft-blockwise --out "$R/throughput" &
   on 1 grid_a $GRID --shapes llama2-7b --contexts 2048,8192 --out "$R/grid_a" &
   on 2 grid_b $GRID --shapes llama2-7b --contexts 16384,32768 --out "$R/grid_b" &
   on 3 grid_c bash -c "python3 eval/bench_kernels.py --out $R/bench_kernels.json --deadline 200 --check-cases 5 &&
@@ -32,13 +32,13 @@ quality)  # the four evaluations of `adore eval all --size full`, split over fou
     python3 -m adore_jax eval agreement --size full --out $R/quality" &
   ;;
 throughput)  # session 3, two GPUs: the main rows (HLO, both layer layouts, fixed budget, TTFT); the 7B grid at B = 8, 64
-  on 0 throughput bash -c "python3 -m eval.throughput --preset gpu --fixed-budget --ttft --hlo --out $R/throughput;
+  on 0 throughput bash -c "python3 -m eval.throughput --preset gpu --fixed-budget --ttft --ttft-blockwise --hlo --out $R/throughput;
     python3 -m eval.hlo_copies $R/throughput/hlo/*.hlo.txt > $R/hlo_copies.txt" &
   on 1 grid_a $GRID_DECODE --shapes llama2-7b --batches 8,64 --out "$R/grid_a" &
   ;;
 grid)  # two GPUs: the main rows with the fixed budget and TTFT; the prefill kernel against XLA and cuDNN, then
         # the unstacked 7B grid at B=64 (resumable: run again until done)
-  on 0 throughput bash -c "python3 -m eval.throughput --preset gpu --fixed-budget --ttft --hlo --out $R/throughput;
+  on 0 throughput bash -c "python3 -m eval.throughput --preset gpu --fixed-budget --ttft --ttft-blockwise --hlo --out $R/throughput;
     python3 -m eval.hlo_copies $R/throughput/hlo/*.hlo.txt > $R/hlo_copies.txt" &
   on 1 grid_a bash -c "[ -f $R/bench_prefill.json ] || python3 eval/bench_kernels.py --sections copy,check,prefill \
     --check-cases 3 --out $R/bench_prefill.json; $GRID_DECODE --shapes llama2-7b --batches 64 --out $R/grid_a" &
@@ -48,15 +48,16 @@ single)  # one GPU, the grid case's jobs one after another (call again until eac
   [ -f $R/bench_prefill.json ] || on 0 bench_prefill python3 eval/bench_kernels.py --sections copy,check,prefill \
     --check-cases 3 --out $R/bench_prefill.json
   [ -f $R/throughput/throughput.json ] || on 0 throughput python3 -m eval.throughput --preset gpu --fixed-budget \
-    --ttft --hlo --out $R/throughput
+    --ttft --ttft-blockwise --hlo --out $R/throughput
   [ -f $R/throughput/throughput.json ] && [ ! -f $R/hlo_copies.txt ] && python3 -m eval.hlo_copies \
     $R/throughput/hlo/*.hlo.txt > $R/hlo_copies.txt
   [ -f $R/grid_a/throughput.json ] || on 0 grid_a $GRID_DECODE --shapes llama2-7b --batches 64 --out $R/grid_a
   ;;
-single_grid)  # one GPU, resumable: the SmolLM2 grid (unstacked layers, TTFT), then the 7B grid at B <= 16 again
-              # with TTFT through the prefill kernel (and the B=1 rows after the one-row fix)
+single_grid)  # one GPU, resumable: the SmolLM2 grid (unstacked layers, TTFT through the prefill kernel); the 7B
+              # grid at B=1 again (after the one-row fix) with TTFT; the 7B TTFT at B=8, 16 (their decode rows stand)
   [ -f $R/grid_s/throughput.json ] || on 0 grid_s $GRID --shapes smollm2-135m --out $R/grid_s
-  [ -f $R/grid_t/throughput.json ] || on 0 grid_t $GRID --shapes llama2-7b --batches 1,8,16 --out $R/grid_t
+  [ -f $R/grid_t1/throughput.json ] || on 0 grid_t1 $GRID --shapes llama2-7b --batches 1 --out $R/grid_t1
+  [ -f $R/grid_t/throughput.json ] || on 0 grid_t $GRID --ttft-only --shapes llama2-7b --batches 8,16 --out $R/grid_t
   ;;
 quality2)  # with the model (carry .carry/p2, .carry/parts): a hidden-state controller, ADORE with sinks, fp32 agreement
   [ -d .carry/parts/quality_parts ] && mkdir -p "$R/quality" && cp -rn .carry/parts/quality_parts/. "$R/quality/.parts/"

@@ -191,16 +191,23 @@ def prefill_program(cfg, params, row: Row, kernels):
     return run, (params, pp, toks, lens, jax.random.key(0), SamplingParams().validate())
 
 
-def ttft_kernels(kernels) -> dict:
+def ttft_kernels(kernels, blockwise: bool = True) -> dict:
     """{result field: (attention, update)} a TTFT row is timed with: the kernels
     given, and where they are the GPU kernels (whose prefill kernel takes the
-    chunks) also XLA's blockwise_attention (`ttft_blockwise_s`), its reference."""
+    chunks) and `blockwise`, also XLA's blockwise_attention (`ttft_blockwise_s`),
+    its reference."""
     from adore_jax.kernels import GpuConfig, get_attention_fn
 
     out = {"ttft_s": kernels}
-    if kernels[0].backend == "pallas_gpu":
+    if blockwise and kernels[0].backend == "pallas_gpu":
         out["ttft_blockwise_s"] = (get_attention_fn("pallas_gpu", gpu_config=GpuConfig(prefill=None)), kernels[1])
     return out
+
+
+def wants_ttft(row: Row) -> bool:
+    """Whether --ttft times this row's prefill: full and adore (R = 0) rows up to
+    TTFT_MAX_BATCH (streaming and the rebuild variants prefill as adore does)."""
+    return not row.variant and not row.rebuild and row.policy != "streaming" and row.batch <= TTFT_MAX_BATCH
 
 
 def time_to_first_token(run, args) -> float:
@@ -328,6 +335,8 @@ def plot_tokens_per_s(rows: list[dict], path: Path) -> None:
     for r in rows:
         if "tokens_per_s" in r and not r["variant"]:
             panels.setdefault((r["shape"], r["batch"]), {}).setdefault(r["name"], []).append((r["context"], r["tokens_per_s"]))
+    if not panels:  # --ttft-only: no decode rows
+        return
     keep = sorted(k for k, lines in panels.items() if len({c for pts in lines.values() for c, _ in pts}) > 1)
     keep = keep or sorted(panels)[:1]
     ncols = min(4, max(1, len(keep)))
@@ -401,7 +410,11 @@ def main(argv=None) -> int:
     p.add_argument("--fixed-budget", action="store_true", help="also the largest batch per policy at 16K (7B)")
     p.add_argument("--hlo", action="store_true", help="also write each row's optimized HLO to OUT/hlo/")
     p.add_argument("--ttft", action="store_true", help=f"also time a real prefill (time to first token), B <= {TTFT_MAX_BATCH}")
+    p.add_argument("--ttft-blockwise", action="store_true",
+                   help="--ttft on GPU: also time each prefill through XLA's blockwise attention (the kernel's reference)")
+    p.add_argument("--ttft-only", action="store_true", help="time the prefills alone, not the decode (implies --ttft)")
     args = p.parse_args(argv)
+    args.ttft = args.ttft or args.ttft_only
     from adore_jax.kernels import get_attention_fn, get_cache_update_fn
 
     out = Path(args.out)
@@ -427,6 +440,8 @@ def main(argv=None) -> int:
         rows = preset_rows(args.preset)
     fixed = fixed_budget_rows(SHAPES["llama2-7b"], dtype, hbm, args.steps, args.repeats, kernels) if args.fixed_budget else []
     rows += fixed
+    if args.ttft_only:
+        rows = [row for row in rows if wants_ttft(row)]
     partial = out / "rows.jsonl"  # finished rows; a rerun of the same command skips them
     results = [json.loads(l) for l in partial.read_text().splitlines()] if partial.exists() else []
     params_by_shape = {}
@@ -450,7 +465,8 @@ def main(argv=None) -> int:
         if key(row) not in by_key:
             cfg, params = SHAPES[row.shape], params_for(row.shape)
             try:
-                r = measure_row(cfg, params, row, args.steps, args.repeats, kernels, out / "hlo" if args.hlo else None)
+                r = {} if args.ttft_only else measure_row(cfg, params, row, args.steps, args.repeats, kernels,
+                                                          out / "hlo" if args.hlo else None)
             except Exception as e:  # out of memory at a large batch: record and go on
                 r = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
             if "step_ms" in r:
@@ -469,10 +485,9 @@ def main(argv=None) -> int:
                 queue.insert(0, smaller)
     for r in results if args.ttft else []:  # then time to first token, where asked and not yet measured
         row = _row_of(r)
-        if "step_ms" not in r or "ttft_s" in r or "ttft_error" in r or row.variant or row.rebuild \
-                or row.policy == "streaming" or row.batch > TTFT_MAX_BATCH:
+        if "error" in r or "ttft_s" in r or "ttft_error" in r or not wants_ttft(row):
             continue
-        for field, kern in ttft_kernels(kernels).items():
+        for field, kern in ttft_kernels(kernels, args.ttft_blockwise).items():
             try:
                 run, run_args = prefill_program(SHAPES[row.shape], params_for(row.shape), row, kern)
                 if field == "ttft_s":
@@ -512,9 +527,12 @@ def render_table(report: dict) -> str:
         if "error" in r:
             lines.append(f"| {r['shape']} | {r['name']} | {r['batch']} | {r['context']} | {r['error'][:60]} | | | | | |")
             continue
-        ttft = f"{r['ttft_s']:.2f}" if "ttft_s" in r else ""
+        ttft = f"{r['ttft_s']:.2f}" if "ttft_s" in r else r.get("ttft_error", "")[:60]
         if "ttft_blockwise_s" in r:
             ttft += f" (blockwise {r['ttft_blockwise_s']:.2f})"
+        if "step_ms" not in r:  # --ttft-only
+            lines.append(f"| {r['shape']} | {r['name']} | {r['batch']} | {r['context']} | | | | | | {ttft} |")
+            continue
         lines.append(f"| {r['shape']} | {r['name']} | {r['batch']} | {r['context']} | {r['step_ms']:.2f} | "
                      f"{r['tokens_per_s']:.0f} | {r['roofline_ms']:.2f} | {100 * r['roofline_fraction']:.0f}% | "
                      f"{r['peak_gb']:.1f} | {ttft} |")

@@ -30,6 +30,16 @@ def test_tiny_benchmark_writes_complete_json(tmp_path):
     assert not (tmp_path / "rows.jsonl").exists()  # the resume file is gone once the report is whole
 
 
+def test_ttft_only_times_the_prefills_alone(tmp_path):
+    """--ttft-only: the full and adore (R = 0) rows get a TTFT and no decode timing."""
+    assert main(["--preset", "tiny", "--out", str(tmp_path), "--ttft-only"]) == 0
+    report = json.loads((tmp_path / "throughput.json").read_text())
+    assert report["rows"] and {r["policy"] for r in report["rows"]} <= {"full", "adore"}
+    for r in report["rows"]:
+        assert r["ttft_s"] > 0 and "step_ms" not in r and not r["rebuild"], r
+    assert f"| {report['rows'][0]['ttft_s']:.2f} |" in (tmp_path / "throughput.md").read_text()
+
+
 def test_grid_keeps_what_fits():
     rows = grid_rows(["llama2-7b"], 141e9, 2)
     assert Row("llama2-7b", "full", 8, 16384) in rows
@@ -111,8 +121,8 @@ def test_random_params_are_init_params_in_the_default_layout():
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_ttft_on_gpu_is_timed_against_blockwise_too():
-    """On GPU, TTFT is also timed through blockwise_attention (the prefill
+def test_ttft_on_gpu_can_be_timed_against_blockwise_too():
+    """On GPU, TTFT can also be timed through blockwise_attention (the prefill
     kernel's reference) in the same run; elsewhere once."""
     from eval.throughput import ttft_kernels
 
@@ -120,5 +130,6 @@ def test_ttft_on_gpu_is_timed_against_blockwise_too():
     assert list(ttft_kernels((get_attention_fn("reference"), update))) == ["ttft_s"]
     both = ttft_kernels((get_attention_fn("pallas_gpu"), update))
     assert list(both) == ["ttft_s", "ttft_blockwise_s"]
+    assert list(ttft_kernels((get_attention_fn("pallas_gpu"), update), blockwise=False)) == ["ttft_s"]
     assert both["ttft_blockwise_s"][0]._fn.keywords["config"].prefill is None
     assert both["ttft_s"][0]._fn.keywords["config"].prefill is not None
