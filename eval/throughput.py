@@ -33,6 +33,7 @@ from adore_jax.cache import KVCache
 from adore_jax.policies import build_policy
 from adore_jax.sampling import SamplingParams
 from eval.bandwidth import copy_bandwidth
+from eval.throughput_report import write_report
 from models.llama import LAYOUTS, LlamaConfig, Params, default_layout, init_params, with_layout
 from models.loading import place_params
 from models.shapes import SHAPES
@@ -300,7 +301,7 @@ def preset_rows(preset: str) -> list[Row]:
     return rows
 
 
-TTFT_MAX_BATCH = 16  # --ttft: larger batches would prefill for minutes (B=160 x 16K at 7B: ~35 PFLOP)
+TTFT_MAX_BATCH = 64  # --ttft: larger batches would prefill for minutes (B=160 x 16K at 7B: ~35 PFLOP)
 GRID_CONTEXTS = (2048, 8192, 16384, 32768)
 GRID_BATCHES = (1, 8, 16, 64)
 
@@ -321,43 +322,6 @@ def grid_rows(shapes, hbm_bytes: float, itemsize: int, contexts=GRID_CONTEXTS, b
                     if need <= 0.85 * hbm_bytes:
                         rows.append(Row(shape, policy, B, ctx, rebuild=R, rebuild_every=k))
     return rows
-
-
-def plot_tokens_per_s(rows: list[dict], path: Path) -> None:
-    """tokens/s against context length: one panel per (shape, batch) with at least
-    two contexts measured, one line per policy."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels: dict = {}
-    for r in rows:
-        if "tokens_per_s" in r and not r["variant"]:
-            panels.setdefault((r["shape"], r["batch"]), {}).setdefault(r["name"], []).append((r["context"], r["tokens_per_s"]))
-    if not panels:  # --ttft-only: no decode rows
-        return
-    keep = sorted(k for k, lines in panels.items() if len({c for pts in lines.values() for c, _ in pts}) > 1)
-    keep = keep or sorted(panels)[:1]
-    ncols = min(4, max(1, len(keep)))
-    nrows = max(1, -(-len(keep) // ncols))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4 * ncols, 3.2 * nrows), squeeze=False)
-    for ax, key in zip(axes.flat, keep):
-        for name, pts in sorted(panels[key].items()):
-            pts.sort()
-            ax.plot(*zip(*pts), marker="o", label=name)
-        ax.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="decode tokens/s", title=f"{key[0]}, B={key[1]}")
-        ctxs = sorted({c for pts in panels[key].values() for c, _ in pts})
-        ax.set_xticks(ctxs)
-        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x / 1024:g}K"))
-        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
-    for ax in list(axes.flat)[len(keep):]:
-        ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 FIXED_BUDGET_STEPS = {"full": 1, "adore": 8}  # the fixed-budget policies and their batch granularity
@@ -508,39 +472,11 @@ def main(argv=None) -> int:
               "copy_bandwidth_by_method_tb_s": {k: v / 1e12 for k, v in copy_bw.items()}, "default_layout": default_layout(),
               "rows": results, "hf": hf,
               "command": "python -m eval.throughput " + " ".join(sys.argv[1:] if argv is None else argv)}
-    (out / "throughput.json").write_text(json.dumps(report, indent=2))
-    table = render_table(report)
-    (out / "throughput.md").write_text(table)
-    plot_tokens_per_s(results, out / "tokens_per_s.png")
+    table = write_report(report, out)
     partial.unlink()
     hf_done.unlink(missing_ok=True)
     print(table)
     return 0
-
-
-def render_table(report: dict) -> str:
-    lines = [f"copy bandwidth {report['copy_bandwidth_tb_s']:.2f} TB/s (the best of XLA and torch copies) on {report['device']}; "
-             f"layers {report.get('default_layout', 'stacked')} unless the row says otherwise", "",
-             "| shape | policy | B | context | ms/step | tokens/s | roofline ms | of roofline | peak GB | TTFT s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in report["rows"]:
-        if "error" in r:
-            lines.append(f"| {r['shape']} | {r['name']} | {r['batch']} | {r['context']} | {r['error'][:60]} | | | | | |")
-            continue
-        ttft = f"{r['ttft_s']:.2f}" if "ttft_s" in r else r.get("ttft_error", "")[:60]
-        if "ttft_blockwise_s" in r:
-            ttft += f" (blockwise {r['ttft_blockwise_s']:.2f})"
-        if "step_ms" not in r:  # --ttft-only
-            lines.append(f"| {r['shape']} | {r['name']} | {r['batch']} | {r['context']} | | | | | | {ttft} |")
-            continue
-        lines.append(f"| {r['shape']} | {r['name']} | {r['batch']} | {r['context']} | {r['step_ms']:.2f} | "
-                     f"{r['tokens_per_s']:.0f} | {r['roofline_ms']:.2f} | {100 * r['roofline_fraction']:.0f}% | "
-                     f"{r['peak_gb']:.1f} | {ttft} |")
-    for h in report["hf"]:
-        val = f"{h['step_ms']:.1f} | {h['batch'] * 1e3 / h['step_ms']:.0f}" if "step_ms" in h else h["error"][:60] + " |"
-        lines.append(f"| {h['shape']} | HF transformers (sdpa, {h.get('cache', 'dynamic')} cache) | {h['batch']} | "
-                     f"{h['context']} | {val} | | | | |")
-    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

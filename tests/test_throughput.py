@@ -21,6 +21,7 @@ def test_tiny_benchmark_writes_complete_json(tmp_path):
     assert stream["bytes_per_step_gb"] < full["bytes_per_step_gb"]  # m = 64 of 256 tokens
     assert "| tiny | full |" in (tmp_path / "throughput.md").read_text()
     assert full["ttft_s"] > 0 and (tmp_path / "tokens_per_s.png").stat().st_size > 1000
+    assert (tmp_path / "ttft.png").stat().st_size > 1000
     assert full["prefill_temp_gb"] > 0 and all(r["program_temp_gb"] >= 0 for r in report["rows"])  # compiled sizes
     hlo = list((tmp_path / "hlo").glob("*.hlo.txt"))  # --hlo: one decode program per row, one prefill per TTFT
     assert len([h for h in hlo if not h.name.startswith("prefill_")]) == len(report["rows"])
@@ -133,3 +134,48 @@ def test_ttft_on_gpu_can_be_timed_against_blockwise_too():
     assert list(ttft_kernels((get_attention_fn("pallas_gpu"), update), blockwise=False)) == ["ttft_s"]
     assert both["ttft_blockwise_s"][0]._fn.keywords["config"].prefill is None
     assert both["ttft_s"][0]._fn.keywords["config"].prefill is not None
+
+
+def _report(command, bw, rows):
+    return {"device": "cuda:0", "default_layout": "unstacked", "copy_bandwidth_tb_s": bw, "command": command,
+            "rows": rows, "hf": []}
+
+
+def test_merged_report_keeps_where_each_field_was_measured(tmp_path):
+    """A grid split over runs: decode rows, then a --ttft-only run, then one row
+    re-timed; each row's decode and TTFT fields come from the last run that measured them."""
+    from eval.throughput_report import main as report_main
+
+    row = lambda name, B, **f: {"shape": "llama2-7b", "policy": name, "batch": B, "context": 2048, "cache_size": 1024,
+                                "rebuild": 0, "rebuild_every": 1, "variant": "", "name": name, "layers": "unstacked", **f}
+    decode = lambda ms: dict(step_ms=ms, tokens_per_s=1e3 / ms, peak_gb=1.0, roofline_ms=1.0, roofline_fraction=1 / ms)
+    runs = [_report("grid a", 4.2, [row("full", 1, **decode(6.0)), row("full", 8, **decode(9.0))]),
+            _report("grid ttft", 4.1, [row("full", 1, ttft_s=0.5), row("full", 8, ttft_error="RESOURCE_EXHAUSTED")]),
+            _report("grid b1", 4.3, [row("full", 1, **decode(4.0))])]
+    files = []
+    for i, rep in enumerate(runs):
+        files.append(tmp_path / f"{i}.json")
+        files[-1].write_text(json.dumps(rep))
+    assert report_main([*map(str, files), "--out", str(tmp_path / "merged")]) == 0
+    merged = json.loads((tmp_path / "merged" / "throughput.json").read_text())
+    b1, b8 = merged["rows"]
+    assert (b1["step_ms"], b1["decode_part"], b1["ttft_s"], b1["ttft_part"]) == (4.0, 2, 0.5, 1)
+    assert (b8["step_ms"], b8["decode_part"], b8["ttft_part"]) == (9.0, 0, 1) and "ttft_s" not in b8
+    assert [p["command"] for p in merged["parts"]] == ["grid a", "grid ttft", "grid b1"]
+    table = (tmp_path / "merged" / "throughput.md").read_text()
+    assert "| llama2-7b | full | 1 | 2048 | 4.00 |" in table and "RESOURCE_EXHAUSTED" in table and "`grid b1`" in table
+    assert (tmp_path / "merged" / "ttft.png").stat().st_size > 1000
+    again = tmp_path / "again"  # a merged report merges again, its runs kept
+    assert report_main([str(tmp_path / "merged" / "throughput.json"), "--out", str(again)]) == 0
+    assert json.loads((again / "throughput.json").read_text())["rows"] == merged["rows"]
+
+
+def test_merging_a_file_that_is_not_a_report_fails_cleanly(tmp_path, capsys):
+    from eval.throughput_report import main as report_main
+
+    (tmp_path / "x.json").write_text("[1, 2]")
+    assert report_main([str(tmp_path / "missing.json"), "--out", str(tmp_path / "o")]) == 2
+    assert report_main([str(tmp_path / "x.json"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot read" in err and "not an eval.throughput report" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
