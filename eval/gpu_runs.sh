@@ -53,12 +53,13 @@ single)  # one GPU, the grid case's jobs one after another (call again until eac
     $R/throughput/hlo/*.hlo.txt > $R/hlo_copies.txt
   [ -f $R/grid_a/throughput.json ] || on 0 grid_a $GRID_DECODE --shapes llama2-7b --batches 64 --out $R/grid_a
   ;;
-single_grid)  # one GPU, resumable: the SmolLM2 grid (unstacked layers, TTFT through the prefill kernel); the 7B
-              # TTFT at B <= 16 (their decode rows stand); the 7B decode at B=1 again (after the one-row fix);
-              # the TTFT at B=64, both shapes; then the conditionals experiment (docs/THROUGHPUT.md, the SmolLM2 grid)
+single_grid)  # session 6, one GPU, resumable: the SmolLM2 grid (unstacked layers, TTFT through the prefill kernel);
+              # the 7B TTFT at B <= 16 (their decode rows stand); the 7B decode at B=1 again (after the one-row fix)
   [ -f $R/grid_s/throughput.json ] || on 0 grid_s $GRID --shapes smollm2-135m --out $R/grid_s
   [ -f $R/grid_t/throughput.json ] || on 0 grid_t $GRID --ttft-only --shapes llama2-7b --batches 1,8,16 --out $R/grid_t
   [ -f $R/grid_1/throughput.json ] || on 0 grid_1 $GRID_DECODE --shapes llama2-7b --batches 1 --out $R/grid_1
+  ;;
+ttft64)  # one GPU, resumable: TTFT at B=64 (both shapes); the conditionals experiment (docs/THROUGHPUT.md, the grid)
   [ -f $R/grid_t64/throughput.json ] || on 0 grid_t64 $GRID --ttft-only --batches 64 --out $R/grid_t64
   [ -f $R/cond.json ] || on 0 cond python3 docs/results/throughput/session6/cond_experiment.py --out $R/cond.json
   ;;
@@ -72,7 +73,7 @@ quality2)  # with the model (carry .carry/p2, .carry/parts): a hidden-state cont
 assemble)  # every quality row is in .parts by now: write the reports (grid rows are assembled off the GPU)
   on 0 assemble_quality $EVAL all $Q &
   ;;
-*) echo "usage: bash eval/gpu_runs.sh bench|quality|throughput|grid|single|single_grid|quality2|assemble" >&2; exit 2 ;;
+*) echo "usage: bash eval/gpu_runs.sh bench|quality|throughput|grid|single|single_grid|ttft64|quality2|assemble" >&2; exit 2 ;;
 esac
 wait
 mkdir -p "$OUT" && tar czf "$OUT/runs.tgz" --exclude='*.hlo.txt' -C /tmp runs  # one file (the tool returns few)
