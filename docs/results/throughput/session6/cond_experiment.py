@@ -4,7 +4,9 @@
 #   cond  -- the engine's chunk as it is;
 #   plain -- the same scan with the steps unconditional;
 #   while -- a lax.while_loop over the steps (how engine._generate_jit runs them);
-# and the whole set again in a child process with XLA's command buffers off (--xla_gpu_enable_command_buffer=).
+# and the whole set again in child processes with XLA's command buffers off (--xla_gpu_enable_command_buffer=), and
+# with conditionals and while loops captured too (XLA's defaults leave CONDITIONAL and WHILE out of command buffers,
+# so a cond's predicate is read on the host every step).
 #   python3 docs/results/throughput/session6/cond_experiment.py --out cond.json [--shapes smollm2-135m,llama2-7b]
 import argparse
 import functools
@@ -77,6 +79,14 @@ def measure(shapes, steps, repeats):
     return out
 
 
+FLAG_SETS = {  # name: --xla_gpu_enable_command_buffer value (None: XLA's default)
+    "default": None,
+    "no_command_buffers": "",
+    "cond_while_captured": "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,DYNAMIC_SLICE_FUSION,CONDITIONAL,WHILE",
+}
+FORMS = ("cond", "plain", "while")
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)
@@ -85,26 +95,30 @@ def main():
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--child", action="store_true", help="(internal) print rows as JSON and stop")
     a = p.parse_args()
-    rows = measure(a.shapes.split(","), a.steps, a.repeats)
     if a.child:
-        print("ROWS " + json.dumps(rows))
+        print("ROWS " + json.dumps(measure(a.shapes.split(","), a.steps, a.repeats)))
         return
-    env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer=").strip())
-    child = subprocess.run([sys.executable, __file__, "--out", a.out, "--shapes", a.shapes, "--steps", str(a.steps),
-                            "--repeats", str(a.repeats), "--child"], env=env, capture_output=True, text=True)
-    off = next((json.loads(l[5:]) for l in child.stdout.splitlines() if l.startswith("ROWS ")), [])
-    if not off:
-        print(child.stderr[-3000:], file=sys.stderr)
-    for r, o in zip(rows, off):
-        r.update({f"{k[:-3]}_no_command_buffers_ms": v for k, v in o.items() if k.endswith("_ms")})
-    json.dump({"device": str(jax.devices()[0]), "rows": rows}, open(a.out, "w"), indent=2)
-    print("| shape | policy | cond | plain | while | cond, no cmd buffers | plain, no cmd buffers | while, no cmd buffers |")
-    print("|---|---|---|---|---|---|---|---|")
+    rows = None
+    for name, value in FLAG_SETS.items():  # each in its own process: XLA reads its flags once
+        env = dict(os.environ)
+        if value is not None:
+            env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + f" --xla_gpu_enable_command_buffer={value}").strip()
+        child = subprocess.run([sys.executable, __file__, "--out", a.out, "--shapes", a.shapes, "--steps", str(a.steps),
+                                "--repeats", str(a.repeats), "--child"], env=env, capture_output=True, text=True)
+        got = next((json.loads(l[5:]) for l in child.stdout.splitlines() if l.startswith("ROWS ")), None)
+        if got is None:
+            print(f"{name}: failed\n" + child.stderr[-3000:], file=sys.stderr)
+            continue
+        rows = rows or [{k: v for k, v in r.items() if not k.endswith("_ms")} for r in got]
+        for r, g in zip(rows, got):
+            r.update({f"{f}_{name}_ms": g[f"{f}_ms"] for f in FORMS})
+    rows = rows or []
+    json.dump({"device": str(jax.devices()[0]), "flag_sets": FLAG_SETS, "rows": rows}, open(a.out, "w"), indent=2)
+    cols = [f"{f}_{n}_ms" for n in FLAG_SETS for f in FORMS]
+    print("ms per step | " + " | ".join(c[:-3] for c in cols))
     for r in rows:
         name = r["policy"] + (f" R={r['rebuild']}/{r['rebuild_every']}" if r["rebuild"] else "")
-        cells = [f"{r.get(k, float('nan')):.3f}" for k in ("cond_ms", "plain_ms", "while_ms", "cond_no_command_buffers_ms",
-                                                           "plain_no_command_buffers_ms", "while_no_command_buffers_ms")]
-        print(f"| {r['shape']} B={r['batch']} {r['context']} | {name} | " + " | ".join(cells) + " |")
+        print(f"{r['shape']} B={r['batch']} {r['context']} {name} | " + " | ".join(f"{r.get(c, float('nan')):.3f}" for c in cols))
 
 
 if __name__ == "__main__":
