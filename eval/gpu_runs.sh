@@ -59,8 +59,10 @@ single_grid)  # session 6, one GPU, resumable: the SmolLM2 grid (unstacked layer
   [ -f $R/grid_t/throughput.json ] || on 0 grid_t $GRID --ttft-only --shapes llama2-7b --batches 1,8,16 --out $R/grid_t
   [ -f $R/grid_1/throughput.json ] || on 0 grid_1 $GRID_DECODE --shapes llama2-7b --batches 1 --out $R/grid_1
   ;;
-ttft64)  # one GPU, resumable: TTFT at B=64 (both shapes); the conditionals experiment (docs/THROUGHPUT.md, the grid)
+grid_rest)  # one GPU, resumable: what the grids still lack (TTFT at B=64, HF transformers at every point, both
+            # shapes), then the conditionals experiment (docs/THROUGHPUT.md, the grid)
   [ -f $R/grid_t64/throughput.json ] || on 0 grid_t64 $GRID --ttft-only --batches 64 --out $R/grid_t64
+  [ -f $R/grid_hf/throughput.json ] || on 0 grid_hf python3 -m eval.throughput --preset grid --hf-only --out $R/grid_hf
   [ -f $R/cond.json ] || on 0 cond python3 docs/results/throughput/session6/cond_experiment.py --out $R/cond.json
   ;;
 quality2)  # with the model (carry .carry/p2, .carry/parts): a hidden-state controller, ADORE with sinks, fp32 agreement
@@ -73,7 +75,7 @@ quality2)  # with the model (carry .carry/p2, .carry/parts): a hidden-state cont
 assemble)  # every quality row is in .parts by now: write the reports (grid rows are assembled off the GPU)
   on 0 assemble_quality $EVAL all $Q &
   ;;
-*) echo "usage: bash eval/gpu_runs.sh bench|quality|throughput|grid|single|single_grid|ttft64|quality2|assemble" >&2; exit 2 ;;
+*) echo "usage: bash eval/gpu_runs.sh bench|quality|throughput|grid|single|single_grid|grid_rest|quality2|assemble" >&2; exit 2 ;;
 esac
 wait
 mkdir -p "$OUT" && tar czf "$OUT/runs.tgz" --exclude='*.hlo.txt' -C /tmp runs  # one file (the tool returns few)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
 import sys
 import time
@@ -219,65 +220,96 @@ def time_to_first_token(run, args) -> float:
     return time.perf_counter() - t
 
 
-def hf_step_ms(cfg: LlamaConfig, batch: int, context: int, steps: int = 8, static: bool = False,
-               device: str = "cuda") -> float:
-    """HF transformers (torch, random weights, sdpa, no torch.compile) ms per decode
-    step after a prefill of `context` tokens; static=True uses a StaticCache."""
+def hf_model(cfg: LlamaConfig, device: str = "cuda"):
+    """HF transformers' LlamaForCausalLM of this shape with random weights (bf16 on
+    CUDA, fp32 elsewhere), in eval mode on `device`."""
     import torch
     from transformers import LlamaConfig as HFConfig
-    from transformers import LlamaForCausalLM, StaticCache
+    from transformers import LlamaForCausalLM
 
     hf_cfg = HFConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
                       num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
                       num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
                       max_position_embeddings=cfg.max_position_embeddings, tie_word_embeddings=cfg.tie_word_embeddings)
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     with torch.device(device):
-        model = LlamaForCausalLM(hf_cfg).to(dtype).eval()
-    ids = torch.randint(0, cfg.vocab_size, (batch, context), device=device)
-    past = StaticCache(config=hf_cfg, max_cache_len=context + steps + 2) if static else None
+        return LlamaForCausalLM(hf_cfg).to(torch.bfloat16 if device == "cuda" else torch.float32).eval()
+
+
+def hf_step_ms(model, batch: int, context: int, steps: int = 8, static: bool = False) -> float:
+    """HF transformers (torch, sdpa, no torch.compile) ms per decode step (median)
+    after a prefill of `context` random tokens; static=True uses a StaticCache."""
+    import torch
+    from transformers import StaticCache
+
+    device = model.device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    # the cache's name, as argument and output field: `past_key_values` (5.17 on the GPU machine), `cache` (5.24 here)
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    ids = torch.randint(0, model.config.vocab_size, (batch, context), device=device)
+    past = StaticCache(config=model.config, max_cache_len=context + steps + 2) if static else None
     with torch.no_grad():
-        out = model(ids, past_key_values=past, use_cache=True, cache_position=torch.arange(context, device=device))
-        past, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
-        del out
+        out = model(ids, **{name: past}, use_cache=True, cache_position=torch.arange(context, device=device),
+                    logits_to_keep=1)
+        past, nxt = getattr(out, name), out.logits[:, -1:].argmax(-1)
+        del out, ids
         ts = []
         for i in range(steps + 2):
             sync()
             t = time.perf_counter()
             pos = torch.tensor([context + i], device=device)
-            out = model(nxt, past_key_values=past, use_cache=True, cache_position=pos)
+            out = model(nxt, **{name: past}, use_cache=True, cache_position=pos)
             nxt = out.logits[:, -1:].argmax(-1)
             sync()
             ts.append(time.perf_counter() - t)
-            past = out.past_key_values
-    del model, past, out
-    if device == "cuda":
-        torch.cuda.empty_cache()
+            past = getattr(out, name)
+    del past, out
     return float(np.median(ts[2:])) * 1e3
 
 
-HF_SHAPES = (("llama2-7b", 8, 16384, False), ("llama2-7b", 8, 16384, True), ("smollm2-135m", 64, 8192, False))
+HF_MAIN = (("llama2-7b", 8, 16384), ("smollm2-135m", 64, 8192))  # the main rows' HF points
 
 
-def hf_reference() -> list[dict]:
-    """HF transformers step times at the main shapes, dynamic (eager) and static
-    cache (GPU only; [] elsewhere)."""
+def hf_points(shapes_batches_contexts) -> list[tuple]:
+    """(shape, batch, context, static) for each point, dynamic then static cache."""
+    return [(shape, B, ctx, static) for shape, B, ctx in shapes_batches_contexts for static in (False, True)]
+
+
+def hf_reference(points, device: str = "cuda", done=(), save=None) -> list[dict]:
+    """HF transformers step times at (shape, batch, context, static) points; one
+    model per shape. A point that fails (out of memory) is recorded with its error.
+    Rows in `done` are kept and their points skipped; save(rows) is called after
+    each new row. [] where torch has no `device`."""
     try:
         import torch
     except ImportError:
         return []
-    if not torch.cuda.is_available():
+    if device == "cuda" and not torch.cuda.is_available():
         return []
-    hf = []
-    for shape, B, ctx, static in HF_SHAPES:
+    key = lambda r: (r["shape"], r["batch"], r["context"], r["cache"])
+    hf, model, model_shape = list(done), None, None
+    have = {key(r) for r in hf}
+    for shape, B, ctx, static in points:
         row = {"shape": shape, "batch": B, "context": ctx, "cache": "static" if static else "dynamic"}
+        if key(row) in have:
+            continue
+        if shape != model_shape:
+            model = None
+            if device == "cuda":
+                torch.cuda.empty_cache()
+            model, model_shape = hf_model(SHAPES[shape], device), shape
         try:
-            row["step_ms"] = hf_step_ms(SHAPES[shape], B, ctx, static=static)
+            row["step_ms"] = hf_step_ms(model, B, ctx, static=static)
         except Exception as e:  # e.g. out of memory: recorded in the table
-            row["error"] = str(e).splitlines()[0][:200]
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        if device == "cuda":
+            torch.cuda.empty_cache()
         hf.append(row)
         print(json.dumps(row), flush=True)
+        if save is not None:
+            save(hf)
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
     return hf
 
 
@@ -371,6 +403,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=16, help="decode steps per timed chunk")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--no-hf", action="store_true", help="skip the transformers reference")
+    p.add_argument("--hf-only", action="store_true", help="the transformers reference alone (grid: at every point)")
     p.add_argument("--fixed-budget", action="store_true", help="also the largest batch per policy at 16K (7B)")
     p.add_argument("--hlo", action="store_true", help="also write each row's optimized HLO to OUT/hlo/")
     p.add_argument("--ttft", action="store_true", help=f"also time a real prefill (time to first token), B <= {TTFT_MAX_BATCH}")
@@ -378,31 +411,35 @@ def main(argv=None) -> int:
                    help="--ttft on GPU: also time each prefill through XLA's blockwise attention (the kernel's reference)")
     p.add_argument("--ttft-only", action="store_true", help="time the prefills alone, not the decode (implies --ttft)")
     args = p.parse_args(argv)
+    if args.hf_only and (args.no_hf or args.ttft_only):
+        p.error("--hf-only excludes --no-hf and --ttft-only")
     args.ttft = args.ttft or args.ttft_only
+    ints = lambda text: [int(x) for x in text.split(",") if x.strip()]
     from adore_jax.kernels import get_attention_fn, get_cache_update_fn
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    hf_done = out / "hf.json"  # a resumed run keeps the reference rows it has
-    if args.no_hf:
-        hf = []
-    elif hf_done.exists():
-        hf = json.loads(hf_done.read_text())
-    else:
-        hf = hf_reference()  # first: torch frees its memory before JAX takes the GPU
-        hf_done.write_text(json.dumps(hf))
+    hf_done = out / "hf.json"  # the reference rows so far: a resumed run skips them
+    hf = []
+    if not args.no_hf:  # first: torch frees its memory before JAX takes the GPU. The grid: every point, memory permitting
+        points = [(s, B, c) for s in args.shapes.split(",") for c in ints(args.contexts) for B in ints(args.batches)]
+        hf = hf_reference(hf_points(points if args.preset == "grid" else HF_MAIN if args.preset == "gpu" else []),
+                          done=json.loads(hf_done.read_text()) if hf_done.exists() else (),
+                          save=lambda rows: hf_done.write_text(json.dumps(rows)))
     kernels = (get_attention_fn(), get_cache_update_fn())
     dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
     itemsize = jnp.dtype(dtype).itemsize
     copy_bw = copy_bandwidth(256 << 20 if args.preset in ("tiny", "cpu") else 2 << 30)
     bw = copy_bw["best"]
     hbm = (jax.devices()[0].memory_stats() or {}).get("bytes_limit", 16e9)
-    if args.preset == "grid":
-        ints = lambda text: [int(x) for x in text.split(",") if x.strip()]
+    if args.hf_only:
+        rows = []
+    elif args.preset == "grid":
         rows = grid_rows(args.shapes.split(","), hbm, itemsize, ints(args.contexts), ints(args.batches))
     else:
         rows = preset_rows(args.preset)
-    fixed = fixed_budget_rows(SHAPES["llama2-7b"], dtype, hbm, args.steps, args.repeats, kernels) if args.fixed_budget else []
+    fixed = fixed_budget_rows(SHAPES["llama2-7b"], dtype, hbm, args.steps, args.repeats, kernels) \
+        if args.fixed_budget and not args.hf_only else []
     rows += fixed
     if args.ttft_only:
         rows = [row for row in rows if wants_ttft(row)]

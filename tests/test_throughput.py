@@ -179,3 +179,26 @@ def test_merging_a_file_that_is_not_a_report_fails_cleanly(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "cannot read" in err and "not an eval.throughput report" in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()
+
+
+def test_hf_reference_times_each_point_once(tmp_path):
+    """The transformers reference (on CPU here): dynamic and static cache per point;
+    a resumed run keeps the rows it has and times only the new points."""
+    from eval.throughput import hf_points, hf_reference
+
+    saved = []
+    rows = hf_reference(hf_points([("tiny", 2, 32)]), device="cpu", save=lambda r: saved.append(list(r)))
+    assert [r["cache"] for r in rows] == ["dynamic", "static"] and all(r["step_ms"] > 0 for r in rows), rows
+    assert len(saved) == 2 and saved[-1] == rows
+    more = hf_reference(hf_points([("tiny", 2, 32), ("tiny", 1, 48)]), device="cpu", done=rows,
+                        save=lambda r: saved.append(list(r)))
+    assert more[:2] == rows and [(r["batch"], r["context"]) for r in more[2:]] == [(1, 48), (1, 48)]
+    assert len(saved) == 4
+
+
+def test_contradictory_flags_are_refused(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit) as e:
+        main(["--hf-only", "--no-hf"])
+    assert e.value.code == 2 and "--hf-only excludes" in capsys.readouterr().err
