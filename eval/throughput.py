@@ -157,6 +157,21 @@ def program_peak_bytes(run) -> int:
     return ma.argument_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes + ma.temp_size_in_bytes
 
 
+def time_decode_chunks(run, params, pp, s, sp, steps: int, repeats: int) -> tuple[float, dict]:
+    """(seconds per decode step: the median over `repeats` runs of a compiled chunk
+    of `steps` steps, after one warm run; the device's memory stats after warming)."""
+    s = run(params, pp, s, sp)
+    jax.block_until_ready(s)
+    mem = jax.devices()[0].memory_stats() or {}
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        s = run(params, pp, s, sp)
+        jax.block_until_ready(s.out)
+        ts.append((time.perf_counter() - t) / steps)
+    return float(np.median(ts)), mem
+
+
 def measure_row(cfg, params, row: Row, steps: int, repeats: int, kernels, hlo_dir: Optional[Path] = None) -> dict:
     """Time one row; hlo_dir: also write the compiled (optimized) program's HLO text there."""
     if row.variant in LAYOUTS:  # the other layer layout than the default (a second copy of the weights, for this row)
@@ -166,16 +181,7 @@ def measure_row(cfg, params, row: Row, steps: int, repeats: int, kernels, hlo_di
     if hlo_dir is not None:
         hlo_dir.mkdir(parents=True, exist_ok=True)
         (hlo_dir / f"{_file_name(row)}.hlo.txt").write_text(run.as_text())
-    s = run(params, pp, s, sp)  # warm
-    jax.block_until_ready(s)
-    mem = jax.devices()[0].memory_stats() or {}
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        s = run(params, pp, s, sp)
-        jax.block_until_ready(s.out)
-        ts.append((time.perf_counter() - t) / steps)
-    step = float(np.median(ts))
+    step, mem = time_decode_chunks(run, params, pp, s, sp, steps, repeats)
     ma = run.memory_analysis()
     return {"step_ms": step * 1e3, "tokens_per_s": row.batch / step, "peak_gb": program_peak_bytes(run) / 1e9,
             "program_temp_gb": ma.temp_size_in_bytes / 1e9,

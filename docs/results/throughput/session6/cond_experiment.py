@@ -14,17 +14,15 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from adore_jax import engine
 from adore_jax.kernels import get_attention_fn, get_cache_update_fn
 from adore_jax.policies import build_policy
 from adore_jax.sampling import SamplingParams
-from eval.throughput import random_params, synthetic_state
+from eval.throughput import random_params, synthetic_state, time_decode_chunks
 from models.shapes import SHAPES
 
 ROWS = {"smollm2-135m": (8, 8192), "llama2-7b": (8, 16384), "tiny": (2, 256)}
@@ -46,15 +44,7 @@ def chunk_while(params, pp, cfg, ec, s, sp, n):
 
 def time_form(fn, params, pp, cfg, ec, s, sp, n, repeats):
     run = fn.lower(params, pp, cfg, ec, s, sp, n).compile()
-    s = run(params, pp, s, sp)  # warm
-    jax.block_until_ready(s)
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        s = run(params, pp, s, sp)
-        jax.block_until_ready(s.out)
-        ts.append((time.perf_counter() - t) / n)
-    return float(np.median(ts)) * 1e3
+    return time_decode_chunks(run, params, pp, s, sp, n, repeats)[0] * 1e3
 
 
 def measure(shapes, steps, repeats):
