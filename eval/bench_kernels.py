@@ -318,6 +318,7 @@ SWEEP = {  # name -> config (block_s "half"/"double": half/twice the default blo
     "w8": GpuConfig(num_warps=8),
     "w8_double": GpuConfig(num_warps=8, block_s="double"),
     "half": GpuConfig(block_s="half"),
+    "one_split": GpuConfig(splits=1),  # no merge, no counter memset: the per-call fixed cost without them
 }
 
 
