@@ -30,7 +30,7 @@ def write_report(report: dict, out: Path) -> str:
 
 def merge_reports(reports: list[dict]) -> dict:
     """One report from several (later ones win). Rows are matched by (name, shape,
-    batch, context); a row's decode fields and its TTFT fields each come from the
+    batch, context), HF rows by (shape, batch, context, cache); a row's decode fields and its TTFT fields each come from the
     last run that measured them, recorded as `decode_part` / `ttft_part`: indices
     into `parts` (command and copy bandwidth per run; a merged input's own parts
     are kept)."""
@@ -48,10 +48,11 @@ def merge_reports(reports: list[dict]) -> dict:
                         row.pop(f, None)
                     row[tag] = base + r[tag] if tag in r else base if len(own) == 1 else None
             row.update({k: v for k, v in r.items() if k not in ("decode_part", "ttft_part")})
+    hf = {(h["shape"], h["batch"], h["context"], h.get("cache")): h for rep in reports for h in rep.get("hf", [])}
     first = reports[0]
     return {"device": first["device"], "default_layout": first.get("default_layout", "stacked"),
             "copy_bandwidth_tb_s": min(p["copy_bandwidth_tb_s"] for p in parts), "parts": parts,
-            "rows": list(rows.values()), "hf": [h for rep in reports for h in rep.get("hf", [])]}
+            "rows": list(rows.values()), "hf": list(hf.values())}
 
 
 def plot_tokens_per_s(rows: list[dict], path: Path) -> None:

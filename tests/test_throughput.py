@@ -149,9 +149,11 @@ def test_merged_report_keeps_where_each_field_was_measured(tmp_path):
     row = lambda name, B, **f: {"shape": "llama2-7b", "policy": name, "batch": B, "context": 2048, "cache_size": 1024,
                                 "rebuild": 0, "rebuild_every": 1, "variant": "", "name": name, "layers": "unstacked", **f}
     decode = lambda ms: dict(step_ms=ms, tokens_per_s=1e3 / ms, peak_gb=1.0, roofline_ms=1.0, roofline_fraction=1 / ms)
+    hf = lambda ms: {"shape": "llama2-7b", "batch": 1, "context": 2048, "cache": "dynamic", "step_ms": ms}
     runs = [_report("grid a", 4.2, [row("full", 1, **decode(6.0)), row("full", 8, **decode(9.0))]),
             _report("grid ttft", 4.1, [row("full", 1, ttft_s=0.5), row("full", 8, ttft_error="RESOURCE_EXHAUSTED")]),
             _report("grid b1", 4.3, [row("full", 1, **decode(4.0))])]
+    runs[0]["hf"], runs[2]["hf"] = [hf(30.0)], [hf(25.0)]
     files = []
     for i, rep in enumerate(runs):
         files.append(tmp_path / f"{i}.json")
@@ -162,6 +164,7 @@ def test_merged_report_keeps_where_each_field_was_measured(tmp_path):
     assert (b1["step_ms"], b1["decode_part"], b1["ttft_s"], b1["ttft_part"]) == (4.0, 2, 0.5, 1)
     assert (b8["step_ms"], b8["decode_part"], b8["ttft_part"]) == (9.0, 0, 1) and "ttft_s" not in b8
     assert [p["command"] for p in merged["parts"]] == ["grid a", "grid ttft", "grid b1"]
+    assert [h["step_ms"] for h in merged["hf"]] == [25.0]  # the later run's HF row
     table = (tmp_path / "merged" / "throughput.md").read_text()
     assert "| llama2-7b | full | 1 | 2048 | 4.00 |" in table and "RESOURCE_EXHAUSTED" in table and "`grid b1`" in table
     assert (tmp_path / "merged" / "ttft.png").stat().st_size > 1000
