@@ -63,7 +63,10 @@ grid_rest)  # one GPU, resumable: what the grids still lack (TTFT at B=64, HF tr
             # shapes), then the conditionals experiment (docs/THROUGHPUT.md, the grid)
   [ -f $R/grid_t64/throughput.json ] || on 0 grid_t64 $GRID --ttft-only --batches 64 --out $R/grid_t64
   [ -f $R/grid_hf/throughput.json ] || on 0 grid_hf python3 -m eval.throughput --preset grid --hf-only --out $R/grid_hf
-  [ -f $R/cond.json ] || on 0 cond python3 docs/results/throughput/session6/cond_experiment.py --out $R/cond.json
+  for shape in smollm2-135m llama2-7b; do  # about 27 compiles each: one job per shape, so a deadline loses one only
+    [ -f $R/cond_$shape.json ] || on 0 cond python3 docs/results/throughput/session6/cond_experiment.py \
+      --shapes $shape --out $R/cond_$shape.json
+  done
   ;;
 quality2)  # with the model (carry .carry/p2, .carry/parts): a hidden-state controller, ADORE with sinks, fp32 agreement
   [ -d .carry/parts/quality_parts ] && mkdir -p "$R/quality" && cp -rn .carry/parts/quality_parts/. "$R/quality/.parts/"
