@@ -130,8 +130,8 @@ def render_table(report: dict) -> str:
     (and, for a merged report, the runs its rows come from)."""
     parts = report.get("parts", [])
     bw = [p["copy_bandwidth_tb_s"] for p in parts] or [report["copy_bandwidth_tb_s"]]
-    lines = [(f"merged from {len(parts)} runs (listed below), copy bandwidth {min(bw):.2f}–{max(bw):.2f} TB/s, each "
-              f"row's roofline against its own run's" if parts else
+    lines = [(f"merged from {len(parts)} runs (listed below), copy bandwidth {min(bw):.2f}–{max(bw):.2f} TB/s (each "
+              f"row's roofline uses its own run's)" if parts else
               f"copy bandwidth {bw[0]:.2f} TB/s (the best of XLA and torch copies)") + f" on {report['device']}; "
              f"layers {report.get('default_layout', 'stacked')} unless the row says otherwise", "",
              "| shape | policy | B | context | ms/step | tokens/s | roofline ms | of roofline | peak GB | TTFT s |",
