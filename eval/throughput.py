@@ -199,7 +199,7 @@ def prefill_program(cfg, params, row: Row, kernels):
     return run, (params, pp, toks, lens, jax.random.key(0), SamplingParams().validate())
 
 
-def ttft_kernels(kernels, blockwise: bool = True) -> dict:
+def ttft_kernels(kernels, blockwise: bool = False) -> dict:
     """{result field: (attention, update)} a TTFT row is timed with: the kernels
     given, and where they are the GPU kernels (whose prefill kernel takes the
     chunks) and `blockwise`, also XLA's blockwise_attention (`ttft_blockwise_s`),
@@ -419,6 +419,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.hf_only and (args.no_hf or args.ttft_only):
         p.error("--hf-only excludes --no-hf and --ttft-only")
+    if args.hf_only and args.preset not in ("gpu", "grid"):
+        p.error(f"--hf-only: the {args.preset} preset has no transformers reference (gpu and grid have)")
     args.ttft = args.ttft or args.ttft_only
     ints = lambda text: [int(x) for x in text.split(",") if x.strip()]
     from adore_jax.kernels import get_attention_fn, get_cache_update_fn

@@ -43,16 +43,31 @@ def merge_reports(reports: list[dict]) -> dict:
             key = (r["name"], r["shape"], r["batch"], r["context"])
             row = rows.setdefault(key, {})
             for fields, tag in ((DECODE_FIELDS, "decode_part"), (TTFT_FIELDS, "ttft_part")):
-                if any(f in r for f in fields):
+                if any(f in r for f in fields):  # this run measured them: its values replace the earlier run's
                     for f in fields:
                         row.pop(f, None)
-                    row[tag] = base + r[tag] if tag in r else base if len(own) == 1 else None
+                    if tag in r:  # a merged report's row: its own run, renumbered
+                        row[tag] = base + r[tag]
+                    else:  # a single run's row (a merged report without the tag: unknown)
+                        row[tag] = base if len(own) == 1 else None
             row.update({k: v for k, v in r.items() if k not in ("decode_part", "ttft_part")})
     hf = {(h["shape"], h["batch"], h["context"], h.get("cache")): h for rep in reports for h in rep.get("hf", [])}
     first = reports[0]
     return {"device": first["device"], "default_layout": first.get("default_layout", "stacked"),
             "copy_bandwidth_tb_s": min(p["copy_bandwidth_tb_s"] for p in parts), "parts": parts,
             "rows": list(rows.values()), "hf": list(hf.values())}
+
+
+def _log_axes(ax, lines, xlabel: str, ylabel: str, title: str) -> None:
+    """Log-log axes with the contexts of `lines` ([(context, value)] each) as ticks, in K."""
+    import matplotlib
+
+    ax.set(xscale="log", yscale="log", xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.set_xticks(sorted({c for pts in lines for c, _ in pts}))
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x / 1024:g}K"))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6)
 
 
 def plot_tokens_per_s(rows: list[dict], path: Path) -> None:
@@ -78,13 +93,7 @@ def plot_tokens_per_s(rows: list[dict], path: Path) -> None:
         for name, pts in sorted(panels[key].items()):
             pts.sort()
             ax.plot(*zip(*pts), marker="o", label=name)
-        ax.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="decode tokens/s", title=f"{key[0]}, B={key[1]}")
-        ctxs = sorted({c for pts in panels[key].values() for c, _ in pts})
-        ax.set_xticks(ctxs)
-        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x / 1024:g}K"))
-        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
+        _log_axes(ax, panels[key].values(), "context (tokens)", "decode tokens/s", f"{key[0]}, B={key[1]}")
     for ax in list(axes.flat)[len(keep):]:
         ax.axis("off")
     fig.tight_layout()
@@ -113,13 +122,7 @@ def plot_ttft(rows: list[dict], path: Path) -> None:
             pts.sort()
             ax.plot(*zip(*pts), marker="o", label=f"{name}, B={batch}", color=f"C{batches.index(batch)}",
                     linestyle="-" if name == "full" else "--")
-        ctxs = sorted({c for pts in lines.values() for c, _ in pts})
-        ax.set(xscale="log", yscale="log", xlabel="prompt (tokens)", ylabel="time to first token (s)", title=shape)
-        ax.set_xticks(ctxs)
-        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: f"{x / 1024:g}K"))
-        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=6)
+        _log_axes(ax, lines.values(), "prompt (tokens)", "time to first token (s)", shape)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -128,10 +128,10 @@ def test_ttft_on_gpu_can_be_timed_against_blockwise_too():
     from eval.throughput import ttft_kernels
 
     update = get_cache_update_fn("reference")
-    assert list(ttft_kernels((get_attention_fn("reference"), update))) == ["ttft_s"]
-    both = ttft_kernels((get_attention_fn("pallas_gpu"), update))
+    assert list(ttft_kernels((get_attention_fn("reference"), update), blockwise=True)) == ["ttft_s"]
+    both = ttft_kernels((get_attention_fn("pallas_gpu"), update), blockwise=True)
     assert list(both) == ["ttft_s", "ttft_blockwise_s"]
-    assert list(ttft_kernels((get_attention_fn("pallas_gpu"), update), blockwise=False)) == ["ttft_s"]
+    assert list(ttft_kernels((get_attention_fn("pallas_gpu"), update))) == ["ttft_s"]  # --ttft without --ttft-blockwise
     assert both["ttft_blockwise_s"][0]._fn.keywords["config"].prefill is None
     assert both["ttft_s"][0]._fn.keywords["config"].prefill is not None
 
@@ -205,3 +205,6 @@ def test_contradictory_flags_are_refused(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--hf-only", "--no-hf"])
     assert e.value.code == 2 and "--hf-only excludes" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["--hf-only", "--preset", "tiny"])
+    assert e.value.code == 2 and "no transformers reference" in capsys.readouterr().err
