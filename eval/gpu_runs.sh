@@ -68,6 +68,15 @@ grid_rest)  # one GPU, resumable: what the grids still lack (TTFT at B=64, HF tr
       --shapes $shape --out $R/cond_$shape.json
   done
   ;;
+cond_sweep)  # session 7, one GPU, resumable: the conditionals experiment (one job per shape), then the decode-kernel
+            # sweep (one_split among its configs) on an otherwise idle host
+  for shape in smollm2-135m llama2-7b; do
+    [ -f $R/cond_$shape.json ] || on 0 cond python3 docs/results/throughput/session6/cond_experiment.py \
+      --shapes $shape --out $R/cond_$shape.json
+  done
+  [ -f $R/bench_sweep.json ] || on 0 bench_sweep python3 eval/bench_kernels.py --sections copy,sweep \
+    --deadline $(( END - $(date +%s) - 30 )) --out $R/bench_sweep.json
+  ;;
 quality2)  # with the model (carry .carry/p2, .carry/parts): a hidden-state controller, ADORE with sinks, fp32 agreement
   [ -d .carry/parts/quality_parts ] && mkdir -p "$R/quality" && cp -rn .carry/parts/quality_parts/. "$R/quality/.parts/"
   on 0 agreement $EVAL agreement --size full --dtype float32 --out "$R/quality_fp32" &
@@ -78,7 +87,7 @@ quality2)  # with the model (carry .carry/p2, .carry/parts): a hidden-state cont
 assemble)  # every quality row is in .parts by now: write the reports (grid rows are assembled off the GPU)
   on 0 assemble_quality $EVAL all $Q &
   ;;
-*) echo "usage: bash eval/gpu_runs.sh bench|quality|throughput|grid|single|single_grid|grid_rest|quality2|assemble" >&2; exit 2 ;;
+*) echo "usage: bash eval/gpu_runs.sh bench|quality|throughput|grid|single|single_grid|grid_rest|cond_sweep|quality2|assemble" >&2; exit 2 ;;
 esac
 wait
 mkdir -p "$OUT" && tar czf "$OUT/runs.tgz" --exclude='*.hlo.txt' -C /tmp runs  # one file (the tool returns few)
