@@ -77,6 +77,14 @@ cond_sweep)  # session 7, one GPU, resumable: the conditionals experiment (one j
   [ -f $R/bench_sweep.json ] || on 0 bench_sweep python3 eval/bench_kernels.py --sections copy,sweep \
     --deadline $(( END - $(date +%s) - 30 )) --out $R/bench_sweep.json
   ;;
+verify7)  # session 7, one GPU: after the decode chunk became a while loop, the rows it changes (7B B=8 16K; SmolLM2
+          # B=8,16 where R=8/8 was slower than R=8); the 7B TTFT at B=64 with JAX's memory pool at 95% (default 75%)
+  [ -f $R/v7b/throughput.json ] || on 0 v7b $GRID_DECODE --shapes llama2-7b --batches 8 --contexts 16384 --out $R/v7b
+  [ -f $R/vsm/throughput.json ] || on 0 vsm $GRID_DECODE --shapes smollm2-135m --batches 8,16 --contexts 8192,32768 \
+    --out $R/vsm
+  [ -f $R/t64b/throughput.json ] || XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 on 0 t64b $GRID --ttft-only \
+    --shapes llama2-7b --batches 64 --out $R/t64b
+  ;;
 quality2)  # with the model (carry .carry/p2, .carry/parts): a hidden-state controller, ADORE with sinks, fp32 agreement
   [ -d .carry/parts/quality_parts ] && mkdir -p "$R/quality" && cp -rn .carry/parts/quality_parts/. "$R/quality/.parts/"
   on 0 agreement $EVAL agreement --size full --dtype float32 --out "$R/quality_fp32" &
@@ -87,7 +95,7 @@ quality2)  # with the model (carry .carry/p2, .carry/parts): a hidden-state cont
 assemble)  # every quality row is in .parts by now: write the reports (grid rows are assembled off the GPU)
   on 0 assemble_quality $EVAL all $Q &
   ;;
-*) echo "usage: bash eval/gpu_runs.sh bench|quality|throughput|grid|single|single_grid|grid_rest|cond_sweep|quality2|assemble" >&2; exit 2 ;;
+*) echo "usage: bash eval/gpu_runs.sh bench|quality|throughput|grid|single|single_grid|grid_rest|cond_sweep|verify7|quality2|assemble" >&2; exit 2 ;;
 esac
 wait
 mkdir -p "$OUT" && tar czf "$OUT/runs.tgz" --exclude='*.hlo.txt' -C /tmp runs  # one file (the tool returns few)

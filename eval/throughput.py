@@ -518,7 +518,7 @@ def main(argv=None) -> int:
               "rows": results, "hf": hf,
               "command": "python -m eval.throughput " + " ".join(sys.argv[1:] if argv is None else argv)}
     table = write_report(report, out)
-    partial.unlink()
+    partial.unlink(missing_ok=True)  # --hf-only saves no rows
     hf_done.unlink(missing_ok=True)
     print(table)
     return 0
