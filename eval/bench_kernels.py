@@ -494,7 +494,7 @@ def table(results, copy_bw):
             vals = " ".join(f"{r[n]['TBps']:.2f}" if isinstance(r.get(n), dict) and "TBps" in r[n] else "-" for n in names)
             lines.append(f"{'%d,%d,%d,%d' % (r['B'], r['Hq'], r['Hkv'], r['D']):>13} {r['S']:>5} {r['T']:>2} | {vals}")
     ok = results.get("correctness_ok")
-    lines.append(f"correctness on device: {'PASS' if ok else 'FAIL'}")
+    lines.append(f"correctness on device: {'not checked' if ok is None else 'PASS' if ok else 'FAIL'}")
     return "\n".join(lines)
 
 

@@ -23,23 +23,24 @@ def write_report(report: dict, out: Path) -> str:
     (out / "throughput.json").write_text(json.dumps(report, indent=2))
     table = render_table(report)
     (out / "throughput.md").write_text(table)
-    plot_tokens_per_s(report["rows"], out / "tokens_per_s.png")
+    plot_tokens_per_s(report["rows"], out / "tokens_per_s.png", report.get("hf", []))
     plot_ttft(report["rows"], out / "ttft.png")
     return table
 
 
-def merge_reports(reports: list[dict]) -> dict:
+def merge_reports(reports: list[dict], shapes=None) -> dict:
     """One report from several (later ones win). Rows are matched by (name, shape,
     batch, context), HF rows by (shape, batch, context, cache); a row's decode fields and its TTFT fields each come from the
     last run that measured them, recorded as `decode_part` / `ttft_part`: indices
     into `parts` (command and copy bandwidth per run; a merged input's own parts
-    are kept)."""
+    are kept). shapes: keep only the rows of these shapes (default: all)."""
+    keep = lambda r: shapes is None or r["shape"] in shapes
     parts, rows = [], {}
     for rep in reports:
         base = len(parts)
         own = rep.get("parts") or [{"command": rep["command"], "copy_bandwidth_tb_s": rep["copy_bandwidth_tb_s"]}]
         parts += own
-        for r in rep["rows"]:
+        for r in filter(keep, rep["rows"]):
             key = (r["name"], r["shape"], r["batch"], r["context"])
             row = rows.setdefault(key, {})
             for fields, tag in ((DECODE_FIELDS, "decode_part"), (TTFT_FIELDS, "ttft_part")):
@@ -51,7 +52,7 @@ def merge_reports(reports: list[dict]) -> dict:
                     else:  # a single run's row (a merged report without the tag: unknown)
                         row[tag] = base if len(own) == 1 else None
             row.update({k: v for k, v in r.items() if k not in ("decode_part", "ttft_part")})
-    hf = {(h["shape"], h["batch"], h["context"], h.get("cache")): h for rep in reports for h in rep.get("hf", [])}
+    hf = {(h["shape"], h["batch"], h["context"], h.get("cache")): h for rep in reports for h in filter(keep, rep.get("hf", []))}
     first = reports[0]
     return {"device": first["device"], "default_layout": first.get("default_layout", "stacked"),
             "copy_bandwidth_tb_s": min(p["copy_bandwidth_tb_s"] for p in parts), "parts": parts,
@@ -70,9 +71,10 @@ def _log_axes(ax, lines, xlabel: str, ylabel: str, title: str) -> None:
     ax.legend(fontsize=6)
 
 
-def plot_tokens_per_s(rows: list[dict], path: Path) -> None:
+def plot_tokens_per_s(rows: list[dict], path: Path, hf: list[dict] = ()) -> None:
     """tokens/s against context length: one panel per (shape, batch) with at least
-    two contexts measured, one line per policy."""
+    two contexts measured, one line per policy, and grey lines for the HF
+    transformers rows of the same (shape, batch)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -93,6 +95,11 @@ def plot_tokens_per_s(rows: list[dict], path: Path) -> None:
         for name, pts in sorted(panels[key].items()):
             pts.sort()
             ax.plot(*zip(*pts), marker="o", label=name)
+        for cache, style in (("dynamic", ":"), ("static", "-.")):
+            pts = sorted((h["context"], h["batch"] * 1e3 / h["step_ms"]) for h in hf if "step_ms" in h
+                         and (h["shape"], h["batch"]) == key and h.get("cache", "dynamic") == cache)
+            if pts:
+                ax.plot(*zip(*pts), marker="x", color="grey", linestyle=style, label=f"HF ({cache} cache)")
         _log_axes(ax, panels[key].values(), "context (tokens)", "decode tokens/s", f"{key[0]}, B={key[1]}")
     for ax in list(axes.flat)[len(keep):]:
         ax.axis("off")
@@ -167,6 +174,7 @@ def main(argv=None) -> int:
                                 description="merge eval.throughput reports (later files win) into one")
     p.add_argument("reports", nargs="+", help="throughput.json files")
     p.add_argument("--out", required=True, help="folder for throughput.{json,md} and the plots")
+    p.add_argument("--shapes", help="comma-separated: keep only these shapes' rows")
     args = p.parse_args(argv)
     reports = []
     for name in args.reports:
@@ -178,7 +186,7 @@ def main(argv=None) -> int:
         if not isinstance(reports[-1], dict) or "rows" not in reports[-1]:
             print(f"error: {name} is not an eval.throughput report (no rows)", file=sys.stderr)
             return 2
-    print(write_report(merge_reports(reports), Path(args.out)))
+    print(write_report(merge_reports(reports, args.shapes.split(",") if args.shapes else None), Path(args.out)))
     return 0
 
 

@@ -173,6 +173,33 @@ def test_merged_report_keeps_where_each_field_was_measured(tmp_path):
     assert json.loads((again / "throughput.json").read_text())["rows"] == merged["rows"]
 
 
+def test_merge_keeps_the_shapes_asked_for(tmp_path):
+    """--shapes splits a run over both shapes (an HF grid) into per-shape reports;
+    the tokens/s plot draws the HF rows of its panels."""
+    from eval.throughput_report import main as report_main
+
+    row = lambda shape, ctx: {"shape": shape, "policy": "full", "batch": 8, "context": ctx, "cache_size": 1024,
+                              "rebuild": 0, "rebuild_every": 1, "variant": "", "name": "full", "layers": "unstacked",
+                              "step_ms": 2.0, "tokens_per_s": 4e3, "peak_gb": 1.0, "roofline_ms": 1.0, "roofline_fraction": 0.5}
+    hf = lambda shape, ctx, cache: {"shape": shape, "batch": 8, "context": ctx, "cache": cache, "step_ms": 30.0}
+    rep = _report("grid", 4.2, [row(s, c) for s in ("llama2-7b", "smollm2-135m") for c in (2048, 8192)])
+    rep["hf"] = [hf(s, c, k) for s in ("llama2-7b", "smollm2-135m") for c in (2048, 8192) for k in ("dynamic", "static")]
+    (tmp_path / "a.json").write_text(json.dumps(rep))
+    plots = []
+    for shapes in ("smollm2-135m", None):
+        out = tmp_path / str(shapes)
+        assert report_main([str(tmp_path / "a.json"), "--out", str(out), *(["--shapes", shapes] if shapes else [])]) == 0
+        merged = json.loads((out / "throughput.json").read_text())
+        want = {"smollm2-135m"} if shapes else {"llama2-7b", "smollm2-135m"}
+        assert {r["shape"] for r in merged["rows"]} == {h["shape"] for h in merged["hf"]} == want
+        assert len(merged["hf"]) == 4 * len(want)
+        plots.append((out / "tokens_per_s.png").read_bytes())
+    rep["hf"] = []  # the same rows without HF draw a different plot
+    (tmp_path / "a.json").write_text(json.dumps(rep))
+    assert report_main([str(tmp_path / "a.json"), "--out", str(tmp_path / "no_hf"), "--shapes", "smollm2-135m"]) == 0
+    assert (tmp_path / "no_hf" / "tokens_per_s.png").read_bytes() != plots[0]
+
+
 def test_merging_a_file_that_is_not_a_report_fails_cleanly(tmp_path, capsys):
     from eval.throughput_report import main as report_main
 
