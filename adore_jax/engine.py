@@ -7,8 +7,14 @@ One step, for prefill chunks and decode alike:
   cache  = cache_update(cache, new K/V, slots)
 
 `generate` runs prefill and the whole decode loop (lax.while_loop) in one jit
-call; `Session` runs prefill, then decode in jitted chunks of a few steps so a
-caller can stream text between chunks. Both share `_prefill` and `_decode_step`.
+call; `stream` runs prefill, then decode in jitted chunks of a few steps so a
+caller can stream text between chunks. Both share `_prefill` and `_decode_steps`.
+
+A policy whose steps differ (ADORE rebuilding every k steps: `policy.period`)
+runs in periods of k steps, the first with the extra rows and k - 1 without,
+each traced once: no conditional inside the decode loop. On the GPU a lax.cond
+there sent its predicate to the host every step and made XLA copy the cache
+(docs/THROUGHPUT.md, session 7).
 """
 
 from __future__ import annotations
@@ -59,19 +65,12 @@ class DecodeState:
     key: jax.Array  # PRNG key
 
 
-def _run_rows(params, pp, cfg, ec: EngineConfig, cache, pstate, tokens, positions, logits_rows, decode: bool):
+def _run_rows(params, pp, cfg, ec: EngineConfig, cache, pstate, tokens, positions, logits_rows, decode: bool,
+              extra: bool = True):
     """Forward rows [B, T] and let the policy place them in the cache.
 
-    When the policy adds rows only on some decode steps (ADORE rebuilding every k
-    steps), a lax.cond runs the 1-row step otherwise, so skipped rebuilds cost nothing."""
-    due = ec.policy.extra_rows_due(pstate) if decode else None
-    run = functools.partial(_run_rows_once, params, pp, cfg, ec, cache, pstate, tokens, positions, logits_rows, decode)
-    if due is None:
-        return run(True)
-    return jax.lax.cond(due, lambda: run(True), lambda: run(False))
-
-
-def _run_rows_once(params, pp, cfg, ec: EngineConfig, cache, pstate, tokens, positions, logits_rows, decode, extra):
+    extra (static): whether a decode step adds the policy's extra rows (the
+    first step of each period). Returns (logits [B, len(logits_rows), V], cache, policy state)."""
     policy = ec.policy
     tokens, positions, pstate = policy.select_rows(pp, pstate, cache, tokens, positions, params.embed, decode, extra)
     view = cache
@@ -111,13 +110,41 @@ def _prefill_logits(params, pp, cfg: LlamaConfig, ec: EngineConfig, tokens, lens
     return jax.lax.scan(chunk, init, jnp.arange(P // C))[0]
 
 
-def _step(params, pp, cfg, ec: EngineConfig, cache, pstate, tok, pos):
-    """One decode step: tokens [B] at positions [B] (-1: finished row).
+def _step(params, pp, cfg, ec: EngineConfig, cache, pstate, tok, pos, extra: bool):
+    """One decode step: tokens [B] at positions [B] (-1: finished row); extra as in _run_rows.
 
     Returns (logits [B, V], cache, policy state)."""
     zero = jnp.zeros((tok.shape[0], 1), jnp.int32)
-    logits, cache, pstate = _run_rows(params, pp, cfg, ec, cache, pstate, tok[:, None], pos[:, None], zero, True)
+    logits, cache, pstate = _run_rows(params, pp, cfg, ec, cache, pstate, tok[:, None], pos[:, None], zero, True, extra)
     return logits[:, 0], cache, pstate
+
+
+def _period(step, carry, xs, m: int):
+    """m (static) steps of one period: step(carry, x, extra) -> (carry, y), the
+    first with extra=True, the other m - 1 (a scan) with extra=False.
+    xs: per-step inputs [m, ...] or None. Returns (carry, ys [m, ...] or None)."""
+    carry, y = step(carry, None if xs is None else xs[0], True)
+    if m == 1:
+        return carry, jax.tree.map(lambda a: a[None], y)
+    carry, ys = jax.lax.scan(lambda c, x: step(c, x, False), carry, None if xs is None else xs[1:], length=m - 1)
+    return carry, jax.tree.map(lambda a, b: jnp.concatenate([a[None], b]), y, ys)
+
+
+def _scan_periods(step, carry, xs, k: int):
+    """`_period` over xs [n, ...] (n static) in periods of k steps, the last one
+    shorter when k does not divide n. Returns (carry, ys [n, ...])."""
+    n = xs.shape[0]
+    if n == 0:
+        return jax.lax.scan(lambda c, x: step(c, x, True), carry, xs)
+    q, r = divmod(n, k)
+    parts = []
+    if q:
+        carry, ys = jax.lax.scan(lambda c, x: _period(step, c, x, k), carry, xs[: q * k].reshape(q, k, *xs.shape[1:]))
+        parts.append(ys.reshape(q * k, *ys.shape[2:]))
+    if r:
+        carry, ys = _period(step, carry, xs[q * k :], r)
+        parts.append(ys)
+    return carry, jnp.concatenate(parts)
 
 
 def _is_eos(tok, eos_ids):
@@ -133,10 +160,11 @@ def _prefill(params, pp, cfg: LlamaConfig, ec: EngineConfig, tokens, lens, key, 
     return DecodeState(cache, pstate, first, lens.astype(jnp.int32), _is_eos(first, ec.eos_ids), out, jnp.int32(1), key)
 
 
-def _decode_step(params, pp, cfg: LlamaConfig, ec: EngineConfig, s: DecodeState, sp: SamplingParams) -> DecodeState:
+def _decode_step(params, pp, cfg: LlamaConfig, ec: EngineConfig, s: DecodeState, sp: SamplingParams,
+                 extra: bool = True) -> DecodeState:
     """Run the last token of every sequence, emit one more token per live sequence."""
     B = s.last.shape[0]
-    logits, cache, pstate = _step(params, pp, cfg, ec, s.cache, s.policy_state, s.last, jnp.where(s.done, -1, s.pos))
+    logits, cache, pstate = _step(params, pp, cfg, ec, s.cache, s.policy_state, s.last, jnp.where(s.done, -1, s.pos), extra)
     tok = sample(logits, row_keys(s.key, s.step, B), sp)
     tok = jnp.where(s.done, ec.pad_id, tok)
     out = jax.lax.dynamic_update_slice_in_dim(s.out, tok[:, None], s.step, axis=1)
@@ -149,13 +177,14 @@ def _score_jit(params, pp, cfg, ec, prompt, lens, targets):
     """Log-probs [B, N] of targets [B, N] following the prompts, fed one by one."""
     cache, pstate, logits = _prefill_logits(params, pp, cfg, ec, prompt, lens)
 
-    def body(carry, i):
+    def body(carry, i, extra):
         cache, pstate, logits = carry
         lp = jnp.take_along_axis(jax.nn.log_softmax(logits), targets[:, i, None], axis=1)[:, 0]
-        logits, cache, pstate = _step(params, pp, cfg, ec, cache, pstate, targets[:, i], lens + i)
+        logits, cache, pstate = _step(params, pp, cfg, ec, cache, pstate, targets[:, i], lens + i, extra)
         return (cache, pstate, logits), lp
 
-    (cache, pstate, logits), lps = jax.lax.scan(body, (cache, pstate, logits), jnp.arange(targets.shape[1] - 1))
+    steps = jnp.arange(targets.shape[1] - 1)
+    (cache, pstate, logits), lps = _scan_periods(body, (cache, pstate, logits), steps, ec.policy.period)
     last = jnp.take_along_axis(jax.nn.log_softmax(logits), targets[:, -1:], axis=1)
     return jnp.concatenate([lps.T, last], axis=1), cache
 
@@ -164,11 +193,23 @@ def _active(s: DecodeState, n: int):
     return (s.step < n) & ~jnp.all(s.done)
 
 
+def _decode_steps(params, pp, cfg, ec: EngineConfig, s: DecodeState, sp: SamplingParams, n: int) -> DecodeState:
+    """Up to n (static) more decode steps from the start of a policy period: whole
+    periods in a while loop that stops early once every row is done, then the
+    n % k steps left (k = ec.policy.period). Never past max_new_tokens when
+    s.step + n <= max_new_tokens."""
+    k = ec.policy.period
+    step = lambda s, _, extra: (_decode_step(params, pp, cfg, ec, s, sp, extra), None)
+    end = s.step + n
+    s = jax.lax.while_loop(lambda s: _active(s, ec.max_new_tokens) & (s.step + k <= end),
+                           lambda s: _period(step, s, None, k)[0], s)
+    return _period(step, s, None, n % k)[0] if n % k else s
+
+
 @functools.partial(jax.jit, static_argnums=(2, 3))
 def _generate_jit(params, pp, cfg, ec, tokens, lens, key, sp):
     s = _prefill(params, pp, cfg, ec, tokens, lens, key, sp)
-    body = lambda s: _decode_step(params, pp, cfg, ec, s, sp)
-    return jax.lax.while_loop(lambda s: _active(s, ec.max_new_tokens), body, s)
+    return _decode_steps(params, pp, cfg, ec, s, sp, ec.max_new_tokens - 1)
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3))
@@ -178,12 +219,7 @@ def _prefill_jit(params, pp, cfg, ec, tokens, lens, key, sp):
 
 @functools.partial(jax.jit, static_argnums=(2, 3, 6), donate_argnums=(4,))
 def _decode_chunk_jit(params, pp, cfg, ec, s, sp, n):
-    """Up to n more decode steps. A while loop, not a scan of conditional steps: XLA's
-    command buffers on GPU leave conditionals out, and a per-step cond around a step that
-    holds the rebuild cond cost ADORE R=8/8 0.84 ms a step (docs/THROUGHPUT.md)."""
-    end = s.step + n
-    body = lambda s: _decode_step(params, pp, cfg, ec, s, sp)
-    return jax.lax.while_loop(lambda s: (s.step < end) & _active(s, ec.max_new_tokens), body, s)
+    return _decode_steps(params, pp, cfg, ec, s, sp, n)
 
 
 def _bucket(n: int, lo: int = 16) -> int:
@@ -295,8 +331,13 @@ def stream(
     """Like `generate`, but yields the tokens [B, k] emitted by each jitted chunk.
 
     Rows that hit EOS yield `pad_id` afterwards; the first yield is the
-    prefill's token (time to first token)."""
+    prefill's token (time to first token). steps_per_chunk is rounded up to a
+    multiple of the policy's period (ADORE: rebuild_every); the last chunk may
+    be shorter (one more compile)."""
+    if steps_per_chunk < 1:
+        raise ValueError(f"steps per chunk must be >= 1, got {steps_per_chunk}")
     ec, tokens, lens = _prepare(cfg, prompts, max_new_tokens, engine_kw)
+    per_chunk = -(-steps_per_chunk // ec.policy.period) * ec.policy.period
     sp = sampling.validate()
     s = _prefill_jit(params, policy_params, cfg, ec, tokens, lens, jax.random.key(seed), sp)
     done_upto = 0
@@ -307,4 +348,4 @@ def stream(
             done_upto = step
         if step >= max_new_tokens or bool(jnp.all(s.done)):
             return
-        s = _decode_chunk_jit(params, policy_params, cfg, ec, s, sp, steps_per_chunk)
+        s = _decode_chunk_jit(params, policy_params, cfg, ec, s, sp, min(per_chunk, max_new_tokens - step))

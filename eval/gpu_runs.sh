@@ -77,8 +77,14 @@ cond_sweep)  # session 7, one GPU, resumable: the conditionals experiment (one j
   [ -f $R/bench_sweep.json ] || on 0 bench_sweep python3 eval/bench_kernels.py --sections copy,sweep \
     --deadline $(( END - $(date +%s) - 30 )) --out $R/bench_sweep.json
   ;;
-verify7)  # session 7, one GPU: after the decode chunk became a while loop, the rows it changes (7B B=8 16K; SmolLM2
-          # B=8,16 where R=8/8 was slower than R=8); the 7B TTFT at B=64 with JAX's memory pool at 95% (default 75%)
+loops)  # one GPU, resumable (sessions 7-8): the decode loop's forms at both shapes with their HLO (the engine's
+        # periods against the lax.cond forms; docs/THROUGHPUT.md), the rows the loop changes (7B B=8 16K; SmolLM2
+        # B=8,16), then the 7B TTFT at B=64 with JAX's memory pool at 95% (its default, 75%, did not hold it)
+  for shape in llama2-7b smollm2-135m; do
+    [ -f $R/loops_$shape.json ] || on 0 loops python3 docs/results/throughput/session6/cond_experiment.py \
+      --shapes $shape --flag-sets default --hlo $R/loops_hlo --out $R/loops_$shape.json
+  done
+  [ -f $R/loops_copies.txt ] || python3 -m eval.hlo_copies $R/loops_hlo/default/*.hlo.txt > $R/loops_copies.txt
   [ -f $R/v7b/throughput.json ] || on 0 v7b $GRID_DECODE --shapes llama2-7b --batches 8 --contexts 16384 --out $R/v7b
   [ -f $R/vsm/throughput.json ] || on 0 vsm $GRID_DECODE --shapes smollm2-135m --batches 8,16 --contexts 8192,32768 \
     --out $R/vsm
@@ -95,7 +101,7 @@ quality2)  # with the model (carry .carry/p2, .carry/parts): a hidden-state cont
 assemble)  # every quality row is in .parts by now: write the reports (grid rows are assembled off the GPU)
   on 0 assemble_quality $EVAL all $Q &
   ;;
-*) echo "usage: bash eval/gpu_runs.sh bench|quality|throughput|grid|single|single_grid|grid_rest|cond_sweep|verify7|quality2|assemble" >&2; exit 2 ;;
+*) echo "usage: bash eval/gpu_runs.sh bench|quality|throughput|grid|single|single_grid|grid_rest|cond_sweep|loops|quality2|assemble" >&2; exit 2 ;;
 esac
 wait
 mkdir -p "$OUT" && tar czf "$OUT/runs.tgz" --exclude='*.hlo.txt' -C /tmp runs  # one file (the tool returns few)

@@ -218,14 +218,14 @@ def test_stats_policy_needs_stats_kernel(params):
 
 
 def test_rebuild_every_k_skips_rows_with_the_same_result(params, ctrl):
-    """Rebuilding every k steps (a lax.cond between a 1-row and an (R+1)-row step)
-    equals a reference that always runs the R+1 rows and masks them when not due."""
+    """Rebuilding every k steps (periods of an (R+1)-row step and k - 1 1-row
+    steps, a shorter period last) equals a reference that always runs the R+1 rows
+    and masks them when not due: in scoring, in generation, and streamed in chunks."""
     from adore_jax.policies import AdorePolicy
 
     @dataclasses.dataclass(frozen=True)
     class MaskedEvery(AdorePolicy):
-        def extra_rows_due(self, st):
-            return None
+        period = 1
 
         def select_rows(self, pp, st, cache, tokens, positions, embed, decode, extra=True):
             due = st.step % self.rebuild_every == 0
@@ -242,6 +242,16 @@ def test_rebuild_every_k_skips_rows_with_the_same_result(params, ctrl):
     np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
     every1, _ = engine.score(params, CFG, toks, 6, policy=_policy("adore", 8, ctrl, rebuild=3), policy_params=ctrl[1])
     assert np.abs(every1 - a).max() > 1e-4  # rebuilding every step is a different run
+    no_eos = dataclasses.replace(CFG, eos_token_ids=())
+    ps = prompts(51, [30, 17])  # 11 new tokens: 10 decode steps, periods 3 + 3 + 3 + 1
+    got = engine.decode(params, no_eos, ps, 11, policy=fast, policy_params=ctrl[1], chunk=8)
+    want = engine.decode(params, no_eos, ps, 11, policy=ref, policy_params=ctrl[1], chunk=8)
+    np.testing.assert_array_equal(np.asarray(got.out), np.asarray(want.out))
+    np.testing.assert_array_equal(np.asarray(got.cache.pos), np.asarray(want.cache.pos))
+    assert int(got.policy_state.step) == int(want.policy_state.step) == 10
+    streamed = list(engine.stream(params, no_eos, ps, 11, steps_per_chunk=2, policy=fast, policy_params=ctrl[1], chunk=8))
+    assert [c.shape[1] for c in streamed] == [1, 3, 3, 3, 1]  # chunks of 2 rounded up to the period
+    np.testing.assert_array_equal(np.concatenate(streamed, axis=1), np.asarray(got.out))
 
 
 def test_hidden_controller_keys_match_training_features(params):

@@ -71,10 +71,9 @@ class AdorePolicy(Evicting):
             step=jnp.int32(0),
         )
 
-    def extra_rows_due(self, st: AdoreState):
-        if self.rebuild == 0 or self.rebuild_every == 1:
-            return None
-        return st.step % self.rebuild_every == 0
+    @property
+    def period(self) -> int:
+        return self.rebuild_every if self.rebuild else 1
 
     def _observe(self, pp, st: AdoreState, x, positions, new) -> AdoreState:
         """Feed the rows marked `new` [B, T] (features x [B, T, E]) to the controller:

@@ -35,10 +35,11 @@ class Policy:
         extra: whether a decode step may add rows (ADORE's rebuild set)."""
         return tokens, positions, state
 
-    def extra_rows_due(self, state):
-        """None if every decode step has the same rows; else a traced bool: whether
-        this step adds rows (the engine then picks a 1-row or a wider step)."""
-        return None
+    @property
+    def period(self) -> int:
+        """Decode steps per period: the engine runs the first step of every period
+        with extra=True and the others with extra=False (1: every step the same)."""
+        return 1
 
     def assign_slots(self, pp, state, cache, positions, mass, feature=None):
         """Slots [B, T] (-1: drop) for the rows just run, and the new state.
