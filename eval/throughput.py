@@ -331,7 +331,7 @@ def preset_rows(preset: str) -> list[Row]:
     rows = [Row("smollm2-135m", "full", 64, 8192), Row("smollm2-135m", "adore", 64, 8192, rebuild=8)]
     main = dict(shape="llama2-7b", batch=8, context=16384)
     rows += [Row(policy="full", **main), Row(policy="streaming", **main), Row(policy="adore", **main),
-             Row(policy="adore", rebuild=8, **main), Row(policy="adore", rebuild=8, rebuild_every=8, **main),
+             Row(policy="adore", rebuild=8, **main), Row(policy="adore", rebuild=8, rebuild_every=REBUILD_EVERY, **main),
              Row(policy="full", variant="no-attention", **main), Row(policy="adore", rebuild=8, variant="no-attention", **main),
              Row(policy="adore", rebuild=8, variant="no-update", **main),
              Row(policy="full", variant="sliced-cache", **main), Row(policy="adore", variant="sliced-cache", **main),
@@ -339,6 +339,7 @@ def preset_rows(preset: str) -> list[Row]:
     return rows
 
 
+REBUILD_EVERY = 8  # the "R=8/8" rows' rebuild period: --steps must be a multiple of it
 TTFT_MAX_BATCH = 64  # --ttft: larger batches would prefill for minutes (B=160 x 16K at 7B: ~35 PFLOP)
 GRID_CONTEXTS = (2048, 8192, 16384, 32768)
 GRID_BATCHES = (1, 8, 16, 64)
@@ -354,7 +355,7 @@ def grid_rows(shapes, hbm_bytes: float, itemsize: int, contexts=GRID_CONTEXTS, b
                                      + 3 * cfg.hidden_size * cfg.intermediate_size) + 2 * cfg.vocab_size * cfg.hidden_size) * itemsize
         for ctx in contexts:
             for B in batches:
-                for policy, R, k in (("full", 0, 1), ("streaming", 0, 1), ("adore", 0, 1), ("adore", 8, 1), ("adore", 8, 8)):
+                for policy, R, k in (("full", 0, 1), ("streaming", 0, 1), ("adore", 0, 1), ("adore", 8, 1), ("adore", 8, REBUILD_EVERY)):
                     held = ctx if policy == "full" else min(ctx, 1024)
                     need = weights + B * (held * cfg.kv_bytes_per_token * itemsize + (ctx * 264 if policy == "adore" else 0))
                     if need <= 0.85 * hbm_bytes:
@@ -421,6 +422,9 @@ def main(argv=None) -> int:
         p.error("--hf-only excludes --no-hf and --ttft-only")
     if args.hf_only and args.preset not in ("gpu", "grid"):
         p.error(f"--hf-only: the {args.preset} preset has no transformers reference (gpu and grid have)")
+    if args.preset in ("gpu", "grid") and args.steps % REBUILD_EVERY:
+        p.error(f"--steps must be a multiple of {REBUILD_EVERY} with the {args.preset} preset: its R={REBUILD_EVERY}/"
+                f"{REBUILD_EVERY} rows would otherwise rebuild at another rate in each timed chunk")
     args.ttft = args.ttft or args.ttft_only
     ints = lambda text: [int(x) for x in text.split(",") if x.strip()]
     from adore_jax.kernels import get_attention_fn, get_cache_update_fn

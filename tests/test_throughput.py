@@ -235,3 +235,6 @@ def test_contradictory_flags_are_refused(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--hf-only", "--preset", "tiny"])
     assert e.value.code == 2 and "no transformers reference" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:  # chunks of 12 steps would rebuild at steps 1 and 9 of each
+        main(["--preset", "grid", "--steps", "12"])
+    assert e.value.code == 2 and "multiple of 8" in capsys.readouterr().err
