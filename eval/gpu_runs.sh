@@ -79,15 +79,18 @@ cond_sweep)  # session 7, one GPU, resumable: the conditionals experiment (one j
   ;;
 loops)  # one GPU, resumable (sessions 7-8): the decode loop's forms at both shapes with their HLO (the engine's
         # periods against the lax.cond forms; docs/THROUGHPUT.md), the rows the loop changes (7B B=8 16K; SmolLM2
-        # B=8,16), then the 7B TTFT at B=64 with JAX's memory pool at 95% (its default, 75%, did not hold it)
+        # B=8,16), the decode matmuls split over K (session7/matmul_splitk.sh), then the 7B TTFT at B=64 with JAX's
+        # memory pool at 95% (its default, 75%, did not hold it)
   for shape in llama2-7b smollm2-135m; do
     [ -f $R/loops_$shape.json ] || on 0 loops python3 docs/results/throughput/session6/cond_experiment.py \
       --shapes $shape --flag-sets default --hlo $R/loops_hlo --out $R/loops_$shape.json
   done
-  [ -f $R/loops_copies.txt ] || python3 -m eval.hlo_copies $R/loops_hlo/default/*.hlo.txt > $R/loops_copies.txt
+  [ -f $R/loops_smollm2-135m.json ] && [ ! -f $R/loops_copies.txt ] && python3 -m eval.hlo_copies \
+    $R/loops_hlo/default/*.hlo.txt > $R/loops_copies.txt
   [ -f $R/v7b/throughput.json ] || on 0 v7b $GRID_DECODE --shapes llama2-7b --batches 8 --contexts 16384 --out $R/v7b
   [ -f $R/vsm/throughput.json ] || on 0 vsm $GRID_DECODE --shapes smollm2-135m --batches 8,16 --contexts 8192,32768 \
     --out $R/vsm
+  [ -f $R/matmul.done ] || { on 0 matmul bash docs/results/throughput/session7/matmul_splitk.sh && touch $R/matmul.done; }
   [ -f $R/t64b/throughput.json ] || XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 on 0 t64b $GRID --ttft-only \
     --shapes llama2-7b --batches 64 --out $R/t64b
   ;;

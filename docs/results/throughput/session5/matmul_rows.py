@@ -16,6 +16,7 @@ SHAPES = {"qkv_sep": [(4096, 4096)] * 3, "qkv_fused": [(4096, 12288)],
           "down": [(11008, 4096)]}
 SHAPES = {k: v for k, v in SHAPES.items() if k in os.environ.get("KINDS", ",".join(SHAPES)).split(",")}
 PAD = int(os.environ.get("PAD", 0))  # pad x to this many rows (zeros), drop them after
+SPLITK = int(os.environ.get("SPLITK", 1))  # (session 7) s > 1: s partial products over K / s each, summed in fp32
 if os.environ.get("TINY"):
     SHAPES = {k: [tuple(max(2, d // 64) for d in s) for s in v] for k, v in SHAPES.items()}
 BATCHES = [int(b) for b in os.environ.get("BATCHES", "1,8,16,64").split(",")]
@@ -34,7 +35,12 @@ def run(kind, B):
         for layer in ws:
             for w in layer:
                 xp = jnp.pad(x, ((0, max(PAD - B, 0)), (0, 0))) if PAD else x
-                y = jnp.einsum("be,e...->b...", xp, w, preferred_element_type=jnp.float32)[:B]
+                if SPLITK > 1:  # [B, s, K/s] x [s, K/s, N] -> [s, B, N]: s times the output tiles, then a sum
+                    ws_ = w.reshape(SPLITK, w.shape[0] // SPLITK, -1)
+                    xs = xp.reshape(xp.shape[0], SPLITK, -1)
+                    y = jnp.einsum("bsk,skn->sbn", xs, ws_, preferred_element_type=jnp.float32).sum(0)[:B]
+                else:
+                    y = jnp.einsum("be,e...->b...", xp, w, preferred_element_type=jnp.float32)[:B]
                 acc = acc + y.reshape(B, -1)[:, 0]
             x = x + acc[:, None].astype(x.dtype) * 1e-6  # a dependence chain, like the layers
         return acc
@@ -49,7 +55,7 @@ def run(kind, B):
         ts.append((time.perf_counter() - t) / 10)
     t = sorted(ts)[2]
     nbytes = L * sum(math.prod(s) for s in mats) * 2
-    return {"set": name, "kind": kind, "B": B, "us_per_layer": t / L * 1e6, "tb_s": nbytes / t / 1e12}
+    return {"set": name, "kind": kind, "B": B, "splitk": SPLITK, "us_per_layer": t / L * 1e6, "tb_s": nbytes / t / 1e12}
 
 
 for kind in SHAPES:
