@@ -195,12 +195,12 @@ def _active(s: DecodeState, n: int):
 
 def _decode_steps(params, pp, cfg, ec: EngineConfig, s: DecodeState, sp: SamplingParams, n: int) -> DecodeState:
     """Up to n (static) more decode steps from the start of a policy period: whole
-    periods in a while loop that stops early once every row is done, then the
-    n % k steps left (k = ec.policy.period). Never past max_new_tokens when
-    s.step + n <= max_new_tokens."""
+    periods (k = ec.policy.period steps) in a while loop that stops early once
+    every row is done or the next period would pass max_new_tokens, then the
+    n % k steps left (the caller keeps those within max_new_tokens)."""
     k = ec.policy.period
     step = lambda s, _, extra: (_decode_step(params, pp, cfg, ec, s, sp, extra), None)
-    end = s.step + n
+    end = jnp.minimum(s.step + n, ec.max_new_tokens)
     s = jax.lax.while_loop(lambda s: _active(s, ec.max_new_tokens) & (s.step + k <= end),
                            lambda s: _period(step, s, None, k)[0], s)
     return _period(step, s, None, n % k)[0] if n % k else s
@@ -332,8 +332,9 @@ def stream(
 
     Rows that hit EOS yield `pad_id` afterwards; the first yield is the
     prefill's token (time to first token). steps_per_chunk is rounded up to a
-    multiple of the policy's period (ADORE: rebuild_every); the last chunk may
-    be shorter (one more compile)."""
+    multiple of the policy's period k (ADORE: rebuild_every); when k does not
+    divide max_new_tokens - 1, the steps left at the end run as one shorter
+    chunk (a second compiled program)."""
     if steps_per_chunk < 1:
         raise ValueError(f"steps per chunk must be >= 1, got {steps_per_chunk}")
     ec, tokens, lens = _prepare(cfg, prompts, max_new_tokens, engine_kw)
@@ -348,4 +349,5 @@ def stream(
             done_upto = step
         if step >= max_new_tokens or bool(jnp.all(s.done)):
             return
-        s = _decode_chunk_jit(params, policy_params, cfg, ec, s, sp, min(per_chunk, max_new_tokens - step))
+        left = max_new_tokens - step
+        s = _decode_chunk_jit(params, policy_params, cfg, ec, s, sp, per_chunk if left >= ec.policy.period else left)

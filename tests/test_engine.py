@@ -72,7 +72,9 @@ def test_layer_layouts_round_trip(params):
 def test_stream_equals_generate(params):
     prompts = _prompts(3, [5, 11])
     ref = engine.generate(params, CFG, prompts, 20)
+    compiled = engine._decode_chunk_jit._cache_size()
     chunks = list(engine.stream(params, CFG, prompts, 20, steps_per_chunk=3))
+    assert engine._decode_chunk_jit._cache_size() == compiled + 1  # one chunk program, the short last chunk too
     assert chunks[0].shape == (2, 1)  # first yield: the prefill token
     got = np.concatenate(chunks, axis=1)
     for row, r in zip(got, ref):
