@@ -186,7 +186,11 @@ def main(argv=None) -> int:
         if not isinstance(reports[-1], dict) or "rows" not in reports[-1]:
             print(f"error: {name} is not an eval.throughput report (no rows)", file=sys.stderr)
             return 2
-    print(write_report(merge_reports(reports, args.shapes.split(",") if args.shapes else None), Path(args.out)))
+    merged = merge_reports(reports, args.shapes.split(",") if args.shapes else None)
+    if args.shapes and not merged["rows"] and not merged["hf"]:
+        print(f"error: no rows of shapes {args.shapes} in these reports", file=sys.stderr)
+        return 2
+    print(write_report(merged, Path(args.out)))
     return 0
 
 

@@ -194,6 +194,8 @@ def test_merge_keeps_the_shapes_asked_for(tmp_path):
         assert {r["shape"] for r in merged["rows"]} == {h["shape"] for h in merged["hf"]} == want
         assert len(merged["hf"]) == 4 * len(want)
         plots.append((out / "tokens_per_s.png").read_bytes())
+    assert report_main([str(tmp_path / "a.json"), "--out", str(tmp_path / "typo"), "--shapes", "llama2_7b"]) == 2
+    assert not (tmp_path / "typo").exists()  # a shape no row has: an error, no empty report
     rep["hf"] = []  # the same rows without HF draw a different plot
     (tmp_path / "a.json").write_text(json.dumps(rep))
     assert report_main([str(tmp_path / "a.json"), "--out", str(tmp_path / "no_hf"), "--shapes", "smollm2-135m"]) == 0
