@@ -188,10 +188,6 @@ def _score_jit(params, pp, cfg, ec, prompt, lens, targets):
     return jnp.concatenate([lps.T, last], axis=1), cache
 
 
-def _active(s: DecodeState, n: int):
-    return (s.step < n) & ~jnp.all(s.done)
-
-
 def _decode_steps(params, pp, cfg, ec: EngineConfig, s: DecodeState, sp: SamplingParams, n: int) -> DecodeState:
     """Up to n (static) more decode steps from the start of a policy period: whole
     periods (k = ec.policy.period steps) in a while loop that stops early once
@@ -200,7 +196,7 @@ def _decode_steps(params, pp, cfg, ec: EngineConfig, s: DecodeState, sp: Samplin
     k = ec.policy.period
     step = lambda s, _, extra: (_decode_step(params, pp, cfg, ec, s, sp, extra), None)
     end = jnp.minimum(s.step + n, ec.max_new_tokens)
-    s = jax.lax.while_loop(lambda s: _active(s, ec.max_new_tokens) & (s.step + k <= end),
+    s = jax.lax.while_loop(lambda s: ~jnp.all(s.done) & (s.step + k <= end),
                            lambda s: _period(step, s, None, k)[0], s)
     return _period(step, s, None, n % k)[0] if n % k else s
 

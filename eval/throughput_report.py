@@ -71,6 +71,11 @@ def _log_axes(ax, lines, xlabel: str, ylabel: str, title: str) -> None:
     ax.legend(fontsize=6)
 
 
+def _hf_tokens_per_s(h: dict) -> float:
+    """Decode tokens/s of an HF reference row (batch / step time)."""
+    return h["batch"] * 1e3 / h["step_ms"]
+
+
 def plot_tokens_per_s(rows: list[dict], path: Path, hf: list[dict] = ()) -> None:
     """tokens/s against context length: one panel per (shape, batch) with at least
     two contexts measured, one line per policy, and grey lines for the HF
@@ -96,7 +101,7 @@ def plot_tokens_per_s(rows: list[dict], path: Path, hf: list[dict] = ()) -> None
             pts.sort()
             ax.plot(*zip(*pts), marker="o", label=name)
         for cache, style in (("dynamic", ":"), ("static", "-.")):
-            pts = sorted((h["context"], h["batch"] * 1e3 / h["step_ms"]) for h in hf if "step_ms" in h
+            pts = sorted((h["context"], _hf_tokens_per_s(h)) for h in hf if "step_ms" in h
                          and (h["shape"], h["batch"]) == key and h.get("cache", "dynamic") == cache)
             if pts:
                 ax.plot(*zip(*pts), marker="x", color="grey", linestyle=style, label=f"HF ({cache} cache)")
@@ -160,7 +165,7 @@ def render_table(report: dict) -> str:
                      f"{r['tokens_per_s']:.0f} | {r['roofline_ms']:.2f} | {100 * r['roofline_fraction']:.0f}% | "
                      f"{r['peak_gb']:.1f} | {ttft} |")
     for h in report["hf"]:
-        val = f"{h['step_ms']:.1f} | {h['batch'] * 1e3 / h['step_ms']:.0f}" if "step_ms" in h else h["error"][:60] + " |"
+        val = f"{h['step_ms']:.1f} | {_hf_tokens_per_s(h):.0f}" if "step_ms" in h else h["error"][:60] + " |"
         lines.append(f"| {h['shape']} | HF transformers (sdpa, {h.get('cache', 'dynamic')} cache) | {h['batch']} | "
                      f"{h['context']} | {val} | | | | |")
     if parts:

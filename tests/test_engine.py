@@ -76,6 +76,8 @@ def test_stream_equals_generate(params):
     chunks = list(engine.stream(params, CFG, prompts, 20, steps_per_chunk=3))
     assert engine._decode_chunk_jit._cache_size() == compiled + 1  # one chunk program, the short last chunk too
     assert chunks[0].shape == (2, 1)  # first yield: the prefill token
+    with pytest.raises(ValueError, match="steps per chunk"):
+        next(engine.stream(params, CFG, prompts, 20, steps_per_chunk=0))
     got = np.concatenate(chunks, axis=1)
     for row, r in zip(got, ref):
         assert row[: len(r)].tolist() == r

@@ -1,7 +1,7 @@
 # Sessions 6-7 experiment (not project code): how the decode loop's control flow costs time on the GPU.
 # Each row is timed in four loop forms in one process. Three of them step with a lax.cond choosing ADORE R=8/8's
 # rebuild step or its 1-row step (how the engine stepped until session 7):
-#   cond   -- a scan whose steps also sit under a lax.cond (_active): the engine's decode chunk until session 6;
+#   cond   -- a scan whose steps also sit under a lax.cond (a row still live, steps left): the engine's decode chunk until session 6;
 #   plain  -- the same scan with the steps unconditional;
 #   while  -- a lax.while_loop over the steps: the engine's decode chunk early in session 7, and its generate;
 # and the engine's decode chunk as it is (engine._decode_chunk_jit: periods of one rebuild step and k - 1 1-row steps,
@@ -32,6 +32,10 @@ ROWS = {"smollm2-135m": (8, 8192), "llama2-7b": (8, 16384), "tiny": (2, 256)}
 POLICIES = (("full", 0, 1), ("adore", 0, 1), ("adore", 8, 8))
 
 
+def active(s, n):
+    return (s.step < n) & ~jnp.all(s.done)
+
+
 def old_step(params, pp, cfg, ec, s, sp):
     """A decode step with the rebuild chosen by a lax.cond (due every k-th step of the policy)."""
     k = ec.policy.period
@@ -45,7 +49,7 @@ def old_step(params, pp, cfg, ec, s, sp):
 def chunk_cond(params, pp, cfg, ec, s, sp, n):
     def body(s, _):
         step = lambda s: old_step(params, pp, cfg, ec, s, sp)
-        return jax.lax.cond(engine._active(s, ec.max_new_tokens), step, lambda s: s, s), None
+        return jax.lax.cond(active(s, ec.max_new_tokens), step, lambda s: s, s), None
 
     return jax.lax.scan(body, s, None, length=n)[0]
 
@@ -59,7 +63,7 @@ def chunk_plain(params, pp, cfg, ec, s, sp, n):
 @functools.partial(jax.jit, static_argnums=(2, 3, 6), donate_argnums=(4,))
 def chunk_while(params, pp, cfg, ec, s, sp, n):
     end = s.step + n
-    return jax.lax.while_loop(lambda s: (s.step < end) & engine._active(s, ec.max_new_tokens),
+    return jax.lax.while_loop(lambda s: (s.step < end) & active(s, ec.max_new_tokens),
                               lambda s: old_step(params, pp, cfg, ec, s, sp), s)
 
 
