@@ -1,7 +1,8 @@
 """The `adore` command line: generate, fetch-model, info, eval.
 
 User mistakes (bad paths, bad values, prompts too long) end with a one-line
-`adore: error: ...` on stderr and exit status 2; set ADORE_DEBUG=1 for tracebacks.
+`adore: error: ...` on stderr and exit status 2; running out of device memory,
+with one line and a hint, and exit status 1. Set ADORE_DEBUG=1 for tracebacks.
 """
 
 from __future__ import annotations
@@ -177,8 +178,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+OOM_HINT = ("use a smaller batch, --cache-size or prompt; on a GPU JAX holds 75% of its memory by default "
+            "(XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 gives it more)")
+
+
 def run_main(fn, *args) -> int:
-    """Run fn(*args); user mistakes become one line on stderr and exit status 2."""
+    """Run fn(*args); user mistakes become one line on stderr and exit status 2,
+    running out of device memory one line with a hint and exit status 1."""
     try:
         return fn(*args)
     except (ValueError, OSError) as e:
@@ -186,6 +192,11 @@ def run_main(fn, *args) -> int:
             raise
         print(f"adore: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:  # jax.errors.JaxRuntimeError, without importing jax here
+        if "RESOURCE_EXHAUSTED" not in str(e) or os.environ.get("ADORE_DEBUG"):
+            raise
+        print(f"adore: error: out of device memory ({str(e).splitlines()[0][:160]}); {OOM_HINT}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("adore: interrupted", file=sys.stderr)
         return 130

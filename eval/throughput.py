@@ -19,6 +19,8 @@ import argparse
 import dataclasses
 import inspect
 import json
+import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -398,6 +400,15 @@ def fixed_budget_rows(cfg, dtype, limit_bytes: float, steps: int, repeats: int, 
     return rows
 
 
+RESULT_ENV = ("XLA_FLAGS", "XLA_PYTHON_CLIENT_MEM_FRACTION", "XLA_PYTHON_CLIENT_PREALLOCATE", "XLA_PYTHON_CLIENT_ALLOCATOR")
+
+
+def command_line(argv: list[str], environ=os.environ) -> str:
+    """The command as it ran, with the environment settings that change what it measures."""
+    env = [f"{k}={shlex.quote(environ[k])}" for k in RESULT_ENV if k in environ]
+    return " ".join([*env, "python -m eval.throughput", *map(shlex.quote, argv)])
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m eval.throughput")
     p.add_argument("--preset", choices=("tiny", "cpu", "gpu", "grid"), default="tiny",
@@ -520,7 +531,7 @@ def main(argv=None) -> int:
     report = {"device": str(jax.devices()[0]), "copy_bandwidth_tb_s": bw / 1e12,
               "copy_bandwidth_by_method_tb_s": {k: v / 1e12 for k, v in copy_bw.items()}, "default_layout": default_layout(),
               "rows": results, "hf": hf,
-              "command": "python -m eval.throughput " + " ".join(sys.argv[1:] if argv is None else argv)}
+              "command": command_line(sys.argv[1:] if argv is None else argv)}
     table = write_report(report, out)
     partial.unlink(missing_ok=True)  # --hf-only saves no rows
     hf_done.unlink(missing_ok=True)

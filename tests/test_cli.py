@@ -74,3 +74,18 @@ def test_adore_uses_the_packaged_controller(smollm2_model, capsys):
     assert (ASSETS / model_signature(smollm2_model.cfg) / "MODEL_CARD.md").exists()
     rc, _, err = _run(["generate", "--prompt", "Hi", "--max-new-tokens", "2", "--policy", "adore", "--cache-size", "8"], capsys)
     assert rc == 0 and "assets/controllers" in err
+
+
+def test_out_of_device_memory_one_line_with_a_hint(capsys):
+    """A real allocation the device cannot hold (32 TiB) ends in one line and exit status 1."""
+    import jax.numpy as jnp
+
+    from adore_jax.cli import run_main
+
+    rc = run_main(lambda: jnp.zeros((2**45,), jnp.uint8).block_until_ready())
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert err.startswith("adore: error: out of device memory (RESOURCE_EXHAUSTED") and "MEM_FRACTION" in err
+    assert "Traceback" not in err and err.count("\n") == 1
+    with pytest.raises(RuntimeError, match="not memory"):  # other runtime errors keep their traceback
+        run_main(lambda: (_ for _ in ()).throw(RuntimeError("not memory")))

@@ -240,3 +240,13 @@ def test_contradictory_flags_are_refused(capsys):
     with pytest.raises(SystemExit) as e:  # chunks of 12 steps would rebuild at steps 1 and 9 of each
         main(["--preset", "grid", "--steps", "12"])
     assert e.value.code == 2 and "multiple of 8" in capsys.readouterr().err
+
+
+def test_command_records_the_settings_that_change_results():
+    from eval.throughput import command_line
+
+    env = {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.95", "XLA_FLAGS": "--xla_gpu_enable_command_buffer= --x=1", "HOME": "/r"}
+    assert command_line(["--preset", "grid", "--batches", "64"], env) == (
+        "XLA_FLAGS='--xla_gpu_enable_command_buffer= --x=1' XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 "
+        "python -m eval.throughput --preset grid --batches 64")
+    assert command_line([], {}) == "python -m eval.throughput"
