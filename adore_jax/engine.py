@@ -45,6 +45,11 @@ class EngineConfig:
     policy: Policy = full_policy
     attn_fn: Callable = reference_attention
     cache_update: Callable = write_rows
+    prefill_group: Optional[int] = None  # prefill at most this many sequences at a time (None: the whole batch)
+
+    def __post_init__(self):
+        if self.prefill_group is not None and self.prefill_group < 1:
+            raise ValueError(f"prefill group must be >= 1 sequence, got {self.prefill_group}")
 
     @property
     def max_total(self) -> int:
@@ -83,10 +88,40 @@ def _run_rows(params, pp, cfg, ec: EngineConfig, cache, pstate, tokens, position
     return out.logits, cache, pstate
 
 
-def _prefill_logits(params, pp, cfg: LlamaConfig, ec: EngineConfig, tokens, lens):
-    """Prefill prompts [B, P] (right-padded, lens [B]) in chunks.
+def group_size(batch: int, prefill_group: Optional[int]) -> int:
+    """Sequences per prefill group: the largest divisor of batch not above prefill_group."""
+    g = min(prefill_group or batch, batch)  # EngineConfig keeps prefill_group >= 1
+    while batch % g:
+        g -= 1
+    return g
 
-    Returns (cache, policy state, logits [B, V] of each prompt's last token)."""
+
+def _prefill_logits(params, pp, cfg: LlamaConfig, ec: EngineConfig, tokens, lens):
+    """Prefill prompts [B, P] (right-padded, lens [B]) in groups of `group_size`
+    sequences, one after another, each group in chunks. A group's temporaries
+    (every layer's new K/V of a chunk, the activations) scale with the group, not
+    the batch; each group's cache, policy state and logits are written into the
+    batch's. Returns (cache, policy state, logits [B, V] of each prompt's last token)."""
+    B = tokens.shape[0]
+    g = group_size(B, ec.prefill_group)
+    run = functools.partial(_prefill_chunks, params, pp, cfg, ec)
+    if g == B:
+        return run(tokens, lens)
+    whole, part = jax.eval_shape(run, tokens, lens), jax.eval_shape(run, tokens[:g], lens[:g])
+    # each leaf's batch axis: where its shape for B and for g sequences differ (none: shared, e.g. a step count)
+    axes = jax.tree.map(lambda a, b: next((i for i, (x, y) in enumerate(zip(a.shape, b.shape)) if x != y), None),
+                        whole, part)
+
+    def group(i, acc):
+        out = run(jax.lax.dynamic_slice_in_dim(tokens, i * g, g), jax.lax.dynamic_slice_in_dim(lens, i * g, g))
+        put = lambda a, o, ax: o if ax is None else jax.lax.dynamic_update_slice_in_dim(a, o, i * g, ax)
+        return jax.tree.map(put, acc, out, axes)
+
+    return jax.lax.fori_loop(0, B // g, group, jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), whole))
+
+
+def _prefill_chunks(params, pp, cfg: LlamaConfig, ec: EngineConfig, tokens, lens):
+    """Prefill prompts [B, P] (right-padded, lens [B]) in chunks: (cache, policy state, last logits [B, V])."""
     B, P = tokens.shape
     C = ec.chunk
     slots = ec.policy.num_slots(ec.max_total)

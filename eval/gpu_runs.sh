@@ -94,6 +94,16 @@ loops)  # one GPU, resumable (sessions 7-8): the decode loop's forms at both sha
   [ -f $R/t64b/throughput.json ] || XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 on 0 t64b $GRID --ttft-only \
     --shapes llama2-7b --batches 64 --out $R/t64b
   ;;
+groups)  # one GPU, resumable (session 9): the 7B TTFT at B=64 under JAX's default pool, prefilled in groups of 16
+         # and of 8 sequences (--prefill-group; docs/THROUGHPUT.md, the grid); SmolLM2 B=8 2K again (R=8/8 as slow
+         # as R=8 in session 8's one run)
+  for g in 16 8; do
+    [ -f $R/t64g$g/throughput.json ] || on 0 t64g$g $GRID --ttft-only --shapes llama2-7b --batches 64 \
+      --prefill-group $g --out $R/t64g$g
+  done
+  [ -f $R/s8_2k/throughput.json ] || on 0 s8_2k $GRID_DECODE --shapes smollm2-135m --batches 8 --contexts 2048 \
+    --out $R/s8_2k
+  ;;
 quality2)  # with the model (carry .carry/p2, .carry/parts): a hidden-state controller, ADORE with sinks, fp32 agreement
   [ -d .carry/parts/quality_parts ] && mkdir -p "$R/quality" && cp -rn .carry/parts/quality_parts/. "$R/quality/.parts/"
   on 0 agreement $EVAL agreement --size full --dtype float32 --out "$R/quality_fp32" &
@@ -104,7 +114,7 @@ quality2)  # with the model (carry .carry/p2, .carry/parts): a hidden-state cont
 assemble)  # every quality row is in .parts by now: write the reports (grid rows are assembled off the GPU)
   on 0 assemble_quality $EVAL all $Q &
   ;;
-*) echo "usage: bash eval/gpu_runs.sh bench|quality|throughput|grid|single|single_grid|grid_rest|cond_sweep|loops|quality2|assemble" >&2; exit 2 ;;
+*) echo "usage: bash eval/gpu_runs.sh bench|quality|throughput|grid|single|single_grid|grid_rest|cond_sweep|loops|groups|quality2|assemble" >&2; exit 2 ;;
 esac
 wait
 mkdir -p "$OUT" && tar czf "$OUT/runs.tgz" --exclude='*.hlo.txt' -C /tmp runs  # one file (the tool returns few)

@@ -190,11 +190,12 @@ def measure_row(cfg, params, row: Row, steps: int, repeats: int, kernels, hlo_di
             "device_bytes_in_use_gb": mem.get("bytes_in_use", 0) / 1e9}
 
 
-def prefill_program(cfg, params, row: Row, kernels):
-    """(compiled prefill of `context` tokens per sequence, its arguments) for a row."""
+def prefill_program(cfg, params, row: Row, kernels, prefill_group: Optional[int] = None):
+    """(compiled prefill of `context` tokens per sequence, its arguments) for a row;
+    prefill_group: sequences prefilled at a time (EngineConfig.prefill_group)."""
     pol, pp, _ = build_policy(row.policy, cfg, None if row.policy == "full" else row.cache_size, rebuild=row.rebuild)
     ec = engine.EngineConfig(max_new_tokens=2, prompt_len=row.context, chunk=min(512, row.context), policy=pol,
-                             attn_fn=kernels[0], cache_update=kernels[1])
+                             attn_fn=kernels[0], cache_update=kernels[1], prefill_group=prefill_group)
     toks = jax.random.randint(jax.random.key(2), (row.batch, row.context), 0, cfg.vocab_size, jnp.int32)
     lens = jnp.full((row.batch,), row.context, jnp.int32)
     run = engine._prefill_jit.lower(params, pp, cfg, ec, toks, lens, jax.random.key(0), SamplingParams().validate()).compile()
@@ -428,7 +429,11 @@ def main(argv=None) -> int:
     p.add_argument("--ttft-blockwise", action="store_true",
                    help="--ttft on GPU: also time each prefill through XLA's blockwise attention (the kernel's reference)")
     p.add_argument("--ttft-only", action="store_true", help="time the prefills alone, not the decode (implies --ttft)")
+    p.add_argument("--prefill-group", type=int, default=None,
+                   help="--ttft: prefill at most this many sequences at a time (default: the whole batch)")
     args = p.parse_args(argv)
+    if args.prefill_group is not None and args.prefill_group < 1:
+        p.error(f"--prefill-group must be >= 1, got {args.prefill_group}")
     if args.hf_only and (args.no_hf or args.ttft_only):
         p.error("--hf-only excludes --no-hf and --ttft-only")
     if args.hf_only and args.preset not in ("gpu", "grid"):
@@ -513,7 +518,7 @@ def main(argv=None) -> int:
             continue
         for field, kern in ttft_kernels(kernels, args.ttft_blockwise).items():
             try:
-                run, run_args = prefill_program(SHAPES[row.shape], params_for(row.shape), row, kern)
+                run, run_args = prefill_program(SHAPES[row.shape], params_for(row.shape), row, kern, args.prefill_group)
                 if field == "ttft_s":
                     r["prefill_temp_gb"] = run.memory_analysis().temp_size_in_bytes / 1e9  # known even if it cannot run
                     if args.hlo:

@@ -272,3 +272,34 @@ def test_hidden_controller_keys_match_training_features(params):
     np.testing.assert_allclose(np.asarray(s.policy_state.key[:, :19]), np.asarray(want), atol=2e-5)
     with pytest.raises(ValueError, match="feature_layer"):  # a policy built without the controller's input
         engine.decode(params, CFG, ps, 2, policy=_policy("adore", 64, (gd, state)), policy_params=state)
+
+
+@pytest.mark.parametrize("name", ["full", "h2o", "adore"])
+def test_prefill_in_groups_equals_the_whole_batch(params, ctrl, name):
+    """Prefilling 4 sequences in groups (of 1, and of 2 when 3 is asked: the largest
+    divisor of the batch) gives the whole batch's cache, policy state and first
+    tokens, then the same generated tokens and scores."""
+    kw = {} if name == "full" else dict(policy=_policy(name, 8, ctrl, **({"rebuild": 2} if name == "adore" else {})),
+                                        policy_params=ctrl[1] if name == "adore" else None)
+    ps = prompts(31, [12, 25, 5, 17])
+    ec, toks, lens = engine._prepare(CFG, ps, 6, {"chunk": 8, **{k: v for k, v in kw.items() if k == "policy"}})
+    pp = kw.get("policy_params")
+    args = (params, pp, CFG, ec, toks, lens, jax.random.key(0), SamplingParams().validate())
+    run = lambda ec: engine._prefill_jit(*args[:3], ec, *args[4:])
+    temp = lambda ec: engine._prefill_jit.lower(*args[:3], ec, *args[4:]).compile().memory_analysis().temp_size_in_bytes
+    whole = dataclasses.replace(run(ec), key=None)  # the key is the one passed in
+    assert temp(dataclasses.replace(ec, prefill_group=1)) < temp(ec)  # one sequence's temporaries at a time
+    for g in (1, 3):
+        assert engine.group_size(4, g) == {1: 1, 3: 2}[g]
+        got = dataclasses.replace(run(dataclasses.replace(ec, prefill_group=g)), key=None)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5), got, whole)
+        np.testing.assert_array_equal(got.cache.pos, whole.cache.pos)  # the slots each group chose
+    want = engine.generate(params, CFG, ps, 6, chunk=8, **kw)
+    assert engine.generate(params, CFG, ps, 6, chunk=8, prefill_group=2, **kw) == want
+    toks2 = np.array(prompts(32, [30, 30, 30]))
+    ref, _ = engine.score(params, CFG, toks2, 16, pp, chunk=8, **{k: v for k, v in kw.items() if k == "policy"})
+    got, _ = engine.score(params, CFG, toks2, 16, pp, chunk=8, prefill_group=1,
+                          **{k: v for k, v in kw.items() if k == "policy"})
+    np.testing.assert_allclose(got, ref, atol=1e-5)
+    with pytest.raises(ValueError, match="prefill group"):
+        engine.generate(params, CFG, ps, 6, prefill_group=0, **kw)

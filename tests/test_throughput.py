@@ -39,6 +39,12 @@ def test_ttft_only_times_the_prefills_alone(tmp_path):
     for r in report["rows"]:
         assert r["ttft_s"] > 0 and "step_ms" not in r and not r["rebuild"], r
     assert f"| {report['rows'][0]['ttft_s']:.2f} |" in (tmp_path / "throughput.md").read_text()
+    # --prefill-group 1: the batch of 2 prefilled one sequence at a time, with fewer temporaries
+    assert main(["--preset", "tiny", "--out", str(tmp_path / "g1"), "--ttft-only", "--prefill-group", "1"]) == 0
+    grouped = json.loads((tmp_path / "g1" / "throughput.json").read_text())
+    assert grouped["command"].endswith("--prefill-group 1")
+    for a, b in zip(grouped["rows"], report["rows"]):
+        assert a["ttft_s"] > 0 and a["prefill_temp_gb"] < b["prefill_temp_gb"], (a, b)
 
 
 def test_grid_keeps_what_fits():
@@ -240,6 +246,9 @@ def test_contradictory_flags_are_refused(capsys):
     with pytest.raises(SystemExit) as e:  # chunks of 12 steps would rebuild at steps 1 and 9 of each
         main(["--preset", "grid", "--steps", "12"])
     assert e.value.code == 2 and "multiple of 8" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["--prefill-group", "0"])
+    assert e.value.code == 2 and "--prefill-group must be >= 1" in capsys.readouterr().err
 
 
 def test_command_records_the_settings_that_change_results():

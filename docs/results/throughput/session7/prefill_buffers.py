@@ -1,6 +1,7 @@
 # Session 7 (CPU; not project code): the large buffers of the 7B prefill program at batch B, context C, compiled on the
 # CPU from abstract weights (nothing allocated). The CPU computes in f32 where the GPU keeps bf16, so sizes differ;
 # shapes tell what is held.   PYTHONPATH=. python3 docs/results/throughput/session7/prefill_buffers.py 64 2048 adore
+# (Session 8: an optional fourth argument G prefills the batch in groups of G sequences, EngineConfig.prefill_group.)
 import collections
 import re
 import sys
@@ -17,9 +18,10 @@ from models.shapes import SHAPES
 
 cfg = SHAPES["llama2-7b"]
 B, ctx, policy = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+group = int(sys.argv[4]) if len(sys.argv) > 4 else None
 params = jax.eval_shape(lambda: place_params(cfg, init_params(cfg, jax.random.key(0), jnp.bfloat16)))
 pol, pp, _ = build_policy(policy, cfg, None if policy == "full" else 1024)
-ec = engine.EngineConfig(max_new_tokens=2, prompt_len=ctx, chunk=512, policy=pol)
+ec = engine.EngineConfig(max_new_tokens=2, prompt_len=ctx, chunk=512, policy=pol, prefill_group=group)
 toks, lens = jax.ShapeDtypeStruct((B, ctx), jnp.int32), jax.ShapeDtypeStruct((B,), jnp.int32)
 run = engine._prefill_jit.lower(params, pp, cfg, ec, toks, lens, jax.random.key(0), SamplingParams().validate()).compile()
 m = run.memory_analysis()
