@@ -36,6 +36,22 @@ TINY_CONFIGS = {
 SHARDED = {"mha_untied"}  # saved as a sharded checkpoint (model.safetensors.index.json)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _drop_compiled_programs():
+    """Drop each test module's compiled programs after it. XLA's CPU backend maps
+    a few hundred memory regions per compiled program (a tiny model's `generate`:
+    about 390) until the program is freed; the whole suite's would pass Linux's
+    default limit of 65530 regions per process (vm.max_map_count), and the
+    compile that passes it crashes the process."""
+    yield
+    import gc
+
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
+
+
 def pytest_generate_tests(metafunc):
     """A test that takes `tiny_name` runs once per TINY_CONFIGS entry."""
     if "tiny_name" in metafunc.fixturenames:
