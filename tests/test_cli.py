@@ -91,5 +91,8 @@ def test_out_of_device_memory_one_line_with_a_hint(capsys):
     assert rc == 1
     assert err.startswith("adore: error: out of device memory (RESOURCE_EXHAUSTED") and "MEM_FRACTION" in err
     assert "Traceback" not in err and err.count("\n") == 1
+    def other():
+        raise RuntimeError("not memory")
+
     with pytest.raises(RuntimeError, match="not memory"):  # other runtime errors keep their traceback
-        run_main(lambda: (_ for _ in ()).throw(RuntimeError("not memory")))
+        run_main(other)

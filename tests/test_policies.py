@@ -279,11 +279,11 @@ def test_prefill_in_groups_equals_the_whole_batch(params, ctrl, name):
     """Prefilling 4 sequences in groups (of 1, and of 2 when 3 is asked: the largest
     divisor of the batch) gives the whole batch's cache, policy state and first
     tokens, then the same generated tokens and scores."""
-    kw = {} if name == "full" else dict(policy=_policy(name, 8, ctrl, **({"rebuild": 2} if name == "adore" else {})),
-                                        policy_params=ctrl[1] if name == "adore" else None)
+    pol = {} if name == "full" else {"policy": _policy(name, 8, ctrl, **({"rebuild": 2} if name == "adore" else {}))}
+    pp = ctrl[1] if name == "adore" else None
+    kw = dict(pol, policy_params=pp)
     ps = prompts(31, [12, 25, 5, 17])
-    ec, toks, lens = engine._prepare(CFG, ps, 6, {"chunk": 8, **{k: v for k, v in kw.items() if k == "policy"}})
-    pp = kw.get("policy_params")
+    ec, toks, lens = engine._prepare(CFG, ps, 6, {"chunk": 8, **pol})
     args = (params, pp, CFG, ec, toks, lens, jax.random.key(0), SamplingParams().validate())
     run = lambda ec: engine._prefill_jit(*args[:3], ec, *args[4:])
     temp = lambda ec: engine._prefill_jit.lower(*args[:3], ec, *args[4:]).compile().memory_analysis().temp_size_in_bytes
@@ -297,9 +297,8 @@ def test_prefill_in_groups_equals_the_whole_batch(params, ctrl, name):
     want = engine.generate(params, CFG, ps, 6, chunk=8, **kw)
     assert engine.generate(params, CFG, ps, 6, chunk=8, prefill_group=2, **kw) == want
     toks2 = np.array(prompts(32, [30, 30, 30]))
-    ref, _ = engine.score(params, CFG, toks2, 16, pp, chunk=8, **{k: v for k, v in kw.items() if k == "policy"})
-    got, _ = engine.score(params, CFG, toks2, 16, pp, chunk=8, prefill_group=1,
-                          **{k: v for k, v in kw.items() if k == "policy"})
+    ref, _ = engine.score(params, CFG, toks2, 16, pp, chunk=8, **pol)
+    got, _ = engine.score(params, CFG, toks2, 16, pp, chunk=8, prefill_group=1, **pol)
     np.testing.assert_allclose(got, ref, atol=1e-5)
     with pytest.raises(ValueError, match="prefill group"):
         engine.generate(params, CFG, ps, 6, prefill_group=0, **kw)
