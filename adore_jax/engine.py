@@ -45,6 +45,7 @@ class EngineConfig:
     policy: Policy = full_policy
     attn_fn: Callable = reference_attention
     cache_update: Callable = write_rows
+    matmul_fn: Optional[Callable] = None  # the layers' projections (adore_jax.kernels.get_matmul_fn); None: XLA
     prefill_group: Optional[int] = None  # prefill at most this many sequences at a time (None: the whole batch)
 
     def __post_init__(self):
@@ -79,10 +80,11 @@ def _run_rows(params, pp, cfg, ec: EngineConfig, cache, pstate, tokens, position
     tokens, positions, pstate = policy.select_rows(pp, pstate, cache, tokens, positions, params.embed, decode, extra)
     view = cache
     if policy.two_pass:
-        mass = forward(params, cfg, tokens, positions, cache, ec.attn_fn, True, logits_rows).mass
+        mass = forward(params, cfg, tokens, positions, cache, ec.attn_fn, True, logits_rows, matmul_fn=ec.matmul_fn).mass
         view = policy.restrict(pstate, cache, positions, mass)
     stats = policy.needs_stats and not policy.two_pass
-    out = forward(params, cfg, tokens, positions, view, ec.attn_fn, stats, logits_rows, policy.feature_layer)
+    out = forward(params, cfg, tokens, positions, view, ec.attn_fn, stats, logits_rows, policy.feature_layer,
+                  ec.matmul_fn)
     slots, pstate = policy.assign_slots(pp, pstate, cache, positions, out.mass, out.feature)
     cache = ec.cache_update(cache, out.new_k, out.new_v, slots, positions)
     return out.logits, cache, pstate

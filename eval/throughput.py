@@ -51,6 +51,7 @@ class Row:
     rebuild: int = 0
     rebuild_every: int = 1
     variant: str = ""  # "" | no-attention | no-update (step breakdown) | sliced-cache | stacked | unstacked (layers)
+    #                    | xla-matmul (the projections by XLA's matmul, not the few-row kernel)
 
     @property
     def name(self) -> str:
@@ -125,7 +126,9 @@ def _program(cfg, params, row: Row, steps: int, repeats: int, kernels):
     """(compiled decode chunk of `steps` steps, policy params, its input state) for a
     row. params may be abstract (jax.ShapeDtypeStruct leaves): then so is the state,
     and nothing is allocated."""
-    attn_fn, update_fn = kernels
+    attn_fn, update_fn, matmul_fn = kernels
+    if row.variant == "xla-matmul":
+        matmul_fn = None
     if row.variant == "no-attention":
         attn_fn = _no_attention
     if row.variant == "sliced-cache":
@@ -135,7 +138,7 @@ def _program(cfg, params, row: Row, steps: int, repeats: int, kernels):
     pol, pp, _ = build_policy(row.policy, cfg, None if row.policy == "full" else row.cache_size,
                               rebuild=row.rebuild, rebuild_every=row.rebuild_every)
     ec = engine.EngineConfig(max_new_tokens=steps * (repeats + 2) + 2, prompt_len=row.context, chunk=512,
-                             policy=pol, attn_fn=attn_fn, cache_update=update_fn)
+                             policy=pol, attn_fn=attn_fn, cache_update=update_fn, matmul_fn=matmul_fn)
     state = lambda p: synthetic_state(p, pp, cfg, ec, row.batch, row.context, jax.random.key(0))
     abstract = isinstance(jax.tree_util.tree_leaves(params)[0], jax.ShapeDtypeStruct)
     s = jax.eval_shape(state, params) if abstract else state(params)
@@ -195,7 +198,8 @@ def prefill_program(cfg, params, row: Row, kernels, prefill_group: Optional[int]
     prefill_group: sequences prefilled at a time (EngineConfig.prefill_group)."""
     pol, pp, _ = build_policy(row.policy, cfg, None if row.policy == "full" else row.cache_size, rebuild=row.rebuild)
     ec = engine.EngineConfig(max_new_tokens=2, prompt_len=row.context, chunk=min(512, row.context), policy=pol,
-                             attn_fn=kernels[0], cache_update=kernels[1], prefill_group=prefill_group)
+                             attn_fn=kernels[0], cache_update=kernels[1], matmul_fn=kernels[2],
+                             prefill_group=prefill_group)
     toks = jax.random.randint(jax.random.key(2), (row.batch, row.context), 0, cfg.vocab_size, jnp.int32)
     lens = jnp.full((row.batch,), row.context, jnp.int32)
     run = engine._prefill_jit.lower(params, pp, cfg, ec, toks, lens, jax.random.key(0), SamplingParams().validate()).compile()
@@ -203,7 +207,7 @@ def prefill_program(cfg, params, row: Row, kernels, prefill_group: Optional[int]
 
 
 def ttft_kernels(kernels, blockwise: bool = False) -> dict:
-    """{result field: (attention, update)} a TTFT row is timed with: the kernels
+    """{result field: (attention, update, matmul)} a TTFT row is timed with: the kernels
     given, and where they are the GPU kernels (whose prefill kernel takes the
     chunks) and `blockwise`, also XLA's blockwise_attention (`ttft_blockwise_s`),
     its reference."""
@@ -211,7 +215,7 @@ def ttft_kernels(kernels, blockwise: bool = False) -> dict:
 
     out = {"ttft_s": kernels}
     if blockwise and kernels[0].backend == "pallas_gpu":
-        out["ttft_blockwise_s"] = (get_attention_fn("pallas_gpu", gpu_config=GpuConfig(prefill=None)), kernels[1])
+        out["ttft_blockwise_s"] = (get_attention_fn("pallas_gpu", gpu_config=GpuConfig(prefill=None)), *kernels[1:])
     return out
 
 
@@ -337,6 +341,7 @@ def preset_rows(preset: str) -> list[Row]:
              Row(policy="adore", rebuild=8, **main), Row(policy="adore", rebuild=8, rebuild_every=REBUILD_EVERY, **main),
              Row(policy="full", variant="no-attention", **main), Row(policy="adore", rebuild=8, variant="no-attention", **main),
              Row(policy="adore", rebuild=8, variant="no-update", **main),
+             Row(policy="full", variant="xla-matmul", **main), Row(policy="adore", variant="xla-matmul", **main),
              Row(policy="full", variant="sliced-cache", **main), Row(policy="adore", variant="sliced-cache", **main),
              Row(policy="full", variant="stacked", **main), Row(policy="adore", variant="stacked", **main)]
     return rows
@@ -443,7 +448,7 @@ def main(argv=None) -> int:
                 f"{REBUILD_EVERY} rows would otherwise rebuild at another rate in each timed chunk")
     args.ttft = args.ttft or args.ttft_only
     ints = lambda text: [int(x) for x in text.split(",") if x.strip()]
-    from adore_jax.kernels import get_attention_fn, get_cache_update_fn
+    from adore_jax.kernels import get_attention_fn, get_cache_update_fn, get_matmul_fn
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -454,7 +459,7 @@ def main(argv=None) -> int:
         hf = hf_reference(hf_points(points if args.preset == "grid" else HF_MAIN if args.preset == "gpu" else []),
                           done=json.loads(hf_done.read_text()) if hf_done.exists() else (),
                           save=lambda rows: hf_done.write_text(json.dumps(rows)))
-    kernels = (get_attention_fn(), get_cache_update_fn())
+    kernels = (get_attention_fn(), get_cache_update_fn(), get_matmul_fn())
     dtype = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
     itemsize = jnp.dtype(dtype).itemsize
     copy_bw = copy_bandwidth(256 << 20 if args.preset in ("tiny", "cpu") else 2 << 30)

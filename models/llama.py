@@ -255,11 +255,18 @@ def _matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     return dot(x2).reshape(*lead, *w.shape[1:])
 
 
-def _dense(x: jax.Array, w: jax.Array, b: Optional[jax.Array] = None) -> jax.Array:
-    y = _matmul(x, w)
-    if b is not None:
-        y = y + b.astype(jnp.float32)
-    return y.astype(x.dtype)
+def _project(x: jax.Array, ws, bs, group: str, matmul_fn=None) -> list:
+    """x [..., E] times each weight of ws ([E, ...]), plus its bias (or None), in
+    x's dtype. matmul_fn (adore_jax.kernels.get_matmul_fn) may take the group:
+    then one call does all of ws (fp32 [rows, N_i] each); else XLA's matmul."""
+    lead, E = x.shape[:-1], x.shape[-1]
+    x2 = x.reshape(math.prod(lead), E)
+    flat = [w.reshape(E, -1) for w in ws]
+    if matmul_fn is not None and matmul_fn.takes(group, x2, flat):
+        ys = [y.reshape(*lead, *w.shape[1:]) for y, w in zip(matmul_fn(x2, flat), ws)]
+    else:
+        ys = [_matmul(x, w) for w in ws]
+    return [(y if b is None else y + b.astype(jnp.float32)).astype(x.dtype) for y, b in zip(ys, bs)]
 
 
 def embed_tokens(params: Params, tokens: jax.Array) -> jax.Array:
@@ -285,6 +292,7 @@ def forward(
     with_stats: bool = False,
     logits_rows: Optional[jax.Array] = None,
     feature_layer: Optional[int] = None,
+    matmul_fn=None,
 ) -> ForwardOut:
     """Run T new tokens per sequence against the cache.
 
@@ -295,6 +303,7 @@ def forward(
     feature_layer: optional l in [0, L]; also return the RMS-normalized (unit
     weight) residual stream entering layer l (l = L: after the last layer), the
     input of a hidden-state ADORE controller.
+    matmul_fn: the layers' projections (adore_jax.kernels.get_matmul_fn); None: XLA's matmul.
     """
     B, T = tokens.shape
     Hq, Hkv, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -315,19 +324,18 @@ def forward(
             else:
                 feat = jnp.where(li == feature_layer, normalized(x), feat)
         h = rms_norm(x, lp.attn_norm, cfg.rms_norm_eps)
-        q = _dense(h, lp.wq, lp.bq).reshape(B, T, Hq, D)
-        k = _dense(h, lp.wk, lp.bk).reshape(B, T, Hkv, D)
-        v = _dense(h, lp.wv, lp.bv).reshape(B, T, Hkv, D)
+        q, k, v = _project(h, (lp.wq, lp.wk, lp.wv), (lp.bq, lp.bk, lp.bv), "qkv", matmul_fn)
+        q, k, v = q.reshape(B, T, Hq, D), k.reshape(B, T, Hkv, D), v.reshape(B, T, Hkv, D)
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
         # the whole stacked cache goes in with the layer index: slicing it here would
         # copy each layer's cache before a kernel call
         res = attn_fn(q, k, v, cache.k, cache.v, cache.pos, positions, layer=li, with_stats=with_stats)
-        x = x + _dense(res.out.reshape(B, T, Hq * D).astype(x.dtype), lp.wo)
+        x = x + _project(res.out.reshape(B, T, Hq * D).astype(x.dtype), (lp.wo,), (None,), "o", matmul_fn)[0]
         h = rms_norm(x, lp.mlp_norm, cfg.rms_norm_eps)
-        gate_up = _dense(h, lp.w_gate_up).astype(jnp.float32)  # [B, T, 2, F]
+        gate_up = _project(h, (lp.w_gate_up,), (None,), "gate_up", matmul_fn)[0].astype(jnp.float32)  # [B, T, 2, F]
         gate, up = gate_up[..., 0, :], gate_up[..., 1, :]
-        x = x + _dense((jax.nn.silu(gate) * up).astype(x.dtype), lp.w_down)
+        x = x + _project((jax.nn.silu(gate) * up).astype(x.dtype), (lp.w_down,), (None,), "down", matmul_fn)[0]
         mass = res.mass if with_stats else jnp.zeros((), jnp.float32)
         return (x, feat), (k, v, mass)
 

@@ -21,7 +21,9 @@ from adore_jax.cache import KVCache, write_rows
 from adore_jax.kernels import (
     ENV_VAR,
     AttentionKernel,
+    FewRowMatmul,
     GpuConfig,
+    MatmulConfig,
     PrefillConfig,
     TpuConfig,
     blockwise_attention,
@@ -29,6 +31,9 @@ from adore_jax.kernels import (
     cache_update_tpu,
     get_attention_fn,
     get_cache_update_fn,
+    get_matmul_fn,
+    matmul_gpu,
+    reference_matmul,
     resolve_backend,
     sparse_attention_gpu,
     sparse_attention_tpu,
@@ -392,7 +397,8 @@ def test_model_forward_with_kernel(backend):
 @pytest.mark.parametrize("backend", ["pallas_gpu", "pallas_tpu"])
 def test_engine_same_tokens_with_kernels(backend):
     """The decode engine gives the same greedy tokens through the Pallas kernels
-    (interpret mode) as through the XLA reference, for full attention and ADORE."""
+    (interpret mode; on GPU the few-row matmul too) as through the XLA reference,
+    for full attention and ADORE."""
     import sys
     from pathlib import Path
 
@@ -400,12 +406,14 @@ def test_engine_same_tokens_with_kernels(backend):
     from tiny_model import CFG, prompts, tiny_controller, tiny_params
 
     from adore_jax import engine
-    from adore_jax.kernels import get_attention_fn, get_cache_update_fn
+    from adore_jax.kernels import get_attention_fn, get_cache_update_fn, get_matmul_fn
+    from adore_jax.kernels.matmul_gpu import PROJECTIONS
     from adore_jax.policies import make_policy
 
     params, ctrl = tiny_params(), tiny_controller()
     ps = prompts(40, [5, 11])
-    kernels = dict(attn_fn=get_attention_fn(backend, interpret=True), cache_update=get_cache_update_fn(backend, interpret=True))
+    kernels = dict(attn_fn=get_attention_fn(backend, interpret=True), cache_update=get_cache_update_fn(backend, interpret=True),
+                   matmul_fn=get_matmul_fn(backend, interpret=True, groups=PROJECTIONS))  # TPU: None
     for pol in (make_policy("full"), make_policy("adore", 8, rebuild=2, controller_graphdef=ctrl[0])):
         ref = engine.generate(params, CFG, ps, 10, policy=pol, policy_params=ctrl[1])
         assert engine.generate(params, CFG, ps, 10, policy=pol, policy_params=ctrl[1], **kernels) == ref
@@ -428,6 +436,111 @@ def test_stacked_cache_shape_errors():
     for fn in (sparse_attention_gpu, sparse_attention_tpu):
         with pytest.raises(ValueError, match=r"with layer=, cache_k/v must be \[L, B, S, Hkv, D\]"):
             fn(q, k, v, ck, cv, cpos, qpos, layer=0, interpret=True)  # a per-layer cache given with a layer
+
+
+# ---------------------------------------------------------------- few-row matmul
+
+MATMUL_CASES = [  # (M, K, [N_i], dtype, config)
+    (1, 64, [48], F32, MatmulConfig()),
+    (5, 200, [130, 30, 30], BF16, MatmulConfig(block_n=32, block_k=64, splits=3)),  # ragged K, N and last split
+    (16, 576, [192], BF16, MatmulConfig(block_n=64, block_k=64)),
+    (64, 96, [40, 40, 24], F32, MatmulConfig(block_n=16, block_k=32, splits=2)),
+    (9, 130, [70], F32, MatmulConfig(block_n=16, block_k=32, splits=5)),  # 5 splits of 32: the last one empty
+]
+
+
+@pytest.mark.parametrize("M,K,Ns,dtype,config", MATMUL_CASES)
+def test_few_row_matmul_matches_reference(M, K, Ns, dtype, config):
+    """Fresh random x [M, K] and weights [K, N_i]: each product equals XLA's fp32
+    matmul (interpret mode: an output element never written stays NaN)."""
+    key = jax.random.PRNGKey(next(_SEED))
+    x = jax.random.normal(key, (M, K), jnp.float32).astype(dtype)
+    ws = [jax.random.normal(jax.random.fold_in(key, i + 1), (K, N), jnp.float32).astype(dtype) for i, N in enumerate(Ns)]
+    got = run_fast(lambda x, ws: matmul_gpu(x, ws, interpret=True, config=config), x, ws)
+    assert [g.shape for g in got] == [(M, N) for N in Ns]
+    for g, w in zip(got, ws):
+        want = reference_matmul(x.astype(jnp.float32), w.astype(jnp.float32))
+        np.testing.assert_allclose(np.asarray(g), np.asarray(want), rtol=1e-5, atol=1e-4 * np.sqrt(K))
+    one = run_fast(lambda x, w: matmul_gpu(x, w, interpret=True, config=config), x, ws[0])  # a single weight: one array
+    np.testing.assert_array_equal(np.asarray(one), np.asarray(got[0]))
+
+
+def test_few_row_matmul_plan():
+    """Splits cover K in whole blocks; the pipeline's tiles fit the shared-memory budget."""
+    from adore_jax.kernels.matmul_gpu import SMEM_BYTES, plan
+
+    for M, K, N in [(8, 4096, 12288), (8, 11008, 4096), (64, 4096, 22016), (1, 576, 192), (3, 130, 70)]:
+        Mp, bn, bk, ns, ks = plan(M, K, N)
+        assert Mp >= max(16, M) and ks % bk == 0 and ns * ks >= K and (ns - 1) * ks < K
+        assert MatmulConfig().num_stages * (Mp + bn) * bk * 2 <= SMEM_BYTES
+    assert plan(8, 4096, 4096)[3] > 1 and plan(8, 4096, 32000)[3] == 1  # few column blocks: K is split
+
+
+def test_few_row_matmul_rejects_what_it_cannot_take():
+    x, w = jnp.ones((65, 32), BF16), jnp.ones((32, 16), BF16)
+    with pytest.raises(ValueError, match="matmul_gpu takes x"):
+        matmul_gpu(x, w, interpret=True)  # too many rows
+    with pytest.raises(ValueError, match="matmul_gpu takes x"):
+        matmul_gpu(x[:8], w.astype(F32), interpret=True)  # dtypes differ
+    with pytest.raises(ValueError, match="unknown projection groups"):
+        FewRowMatmul(groups=("qkv", "mlp"))
+    fn = get_matmul_fn("pallas_gpu", interpret=True)
+    assert fn.takes("qkv", x[:8], [w]) and not fn.takes("qkv", x, [w]) and not fn.takes("down", x[:8], [w])
+    assert get_matmul_fn("reference") is None and get_matmul_fn("pallas_tpu") is None
+
+
+def test_few_row_matmul_lowers_for_cuda():
+    """The Triton lowering accepts q, k and v of the 7B shape in one launch
+    (lowered for the cuda platform on the CPU)."""
+    x = jax.ShapeDtypeStruct((8, 4096), BF16)
+    ws = [jax.ShapeDtypeStruct((4096, 4096), BF16)] * 3
+    text = jax.jit(lambda x, ws: matmul_gpu(x, ws)).trace(x, ws).lower(lowering_platforms=("cuda",)).as_text()
+    assert "adore_few_row_matmul" in text and "stablehlo.dot_general" not in text  # no XLA matmul beside it
+
+
+def test_model_forward_with_few_row_matmul():
+    """The model's projections through the kernel (every group, interpret mode)
+    give the XLA matmul's logits and new keys; a chunk of more than FEW_ROWS
+    rows stays with XLA."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from tiny_model import CFG, tiny_params
+
+    from adore_jax.kernels.matmul_gpu import FEW_ROWS, PROJECTIONS
+    from models.llama import forward
+
+    params = tiny_params()
+    fn = get_matmul_fn("pallas_gpu", interpret=True, groups=PROJECTIONS)
+    B, S = 2, 8
+    shape = (CFG.num_layers, B, S, CFG.num_kv_heads, CFG.head_dim)
+    cache = KVCache(jnp.zeros(shape), jnp.zeros(shape), jnp.full((B, S), -1, jnp.int32))
+    for T in (1, 5):
+        tokens = jax.random.randint(jax.random.PRNGKey(next(_SEED)), (B, T), 0, CFG.vocab_size)
+        positions = jnp.arange(T, dtype=jnp.int32)[None].repeat(B, 0)
+        run = lambda f: forward(params, CFG, tokens, positions, cache, matmul_fn=f)
+        want, got = jax.jit(lambda: run(None))(), jax.jit(lambda: run(fn)).lower().compile(_FAST)()
+        np.testing.assert_allclose(np.asarray(got.logits), np.asarray(want.logits), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(np.asarray(got.new_k), np.asarray(want.new_k), rtol=1e-4, atol=1e-4)
+        assert "adore_few_row_matmul" in str(jax.make_jaxpr(lambda: run(fn))())
+    long = jnp.zeros((B, FEW_ROWS // B + 1), jnp.int32)
+    jaxpr = jax.make_jaxpr(lambda: forward(params, CFG, long, long, cache, matmul_fn=fn))()
+    assert "adore_few_row_matmul" not in str(jaxpr)
+
+
+def test_bench_matmul_runs(tmp_path):
+    """eval/bench_matmul.py at tiny sizes (interpret mode): the kernel agrees with
+    the reference, and every compared shape has a row for XLA and the kernel."""
+    import json
+
+    from eval import bench_matmul
+
+    out = tmp_path / "bench.json"
+    bench_matmul.main(["--smoke", "--sections", "check,compare", "--rows", "1,8", "--out", str(out)])
+    res = json.loads(out.read_text())
+    assert res["correctness_ok"] and all(r["ok"] for r in res["correctness"])
+    assert {(r["shape"], r["M"]) for r in res["compare"]} == {(s, m) for s in bench_matmul.SMOKE_SHAPES for m in (1, 8)}
 
 
 def test_bench_kernels_prefill_section_runs(tmp_path):

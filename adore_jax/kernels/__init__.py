@@ -3,6 +3,7 @@
     attn_fn = get_attention_fn()            # "auto": Pallas kernel of the default backend, reference on CPU
     attn_fn = get_attention_fn("pallas_gpu", interpret=True)   # any backend, forced
     update_fn = get_cache_update_fn()       # same switch for the in-place cache update
+    matmul_fn = get_matmul_fn()             # decode projections: the few-row kernel on GPU, else None (XLA)
 
 Backends: "reference" (XLA: adore_jax.attention.reference_attention and
 adore_jax.cache.write_rows), "pallas_gpu" (Pallas, Triton lowering),
@@ -30,6 +31,7 @@ from adore_jax.kernels.attention_gpu import GpuConfig, sparse_attention_gpu
 from adore_jax.kernels.attention_tpu import TpuConfig, sparse_attention_tpu
 from adore_jax.kernels.blockwise import blockwise_attention
 from adore_jax.kernels.cache_update import cache_update_gpu, cache_update_tpu
+from adore_jax.kernels.matmul_gpu import FewRowMatmul, MatmulConfig, matmul_gpu, reference_matmul
 from adore_jax.kernels.prefill_gpu import PrefillConfig, prefill_attention_gpu
 
 ENV_VAR = "ADORE_KERNEL_BACKEND"
@@ -45,12 +47,17 @@ __all__ = [
     "PrefillConfig",
     "TpuConfig",
     "AttentionKernel",
+    "FewRowMatmul",
+    "MatmulConfig",
     "blockwise_attention",
     "cache_update_gpu",
     "cache_update_tpu",
     "get_attention_fn",
     "get_cache_update_fn",
+    "get_matmul_fn",
+    "matmul_gpu",
     "prefill_attention_gpu",
+    "reference_matmul",
     "resolve_backend",
     "sparse_attention_gpu",
     "sparse_attention_tpu",
@@ -130,3 +137,10 @@ def get_cache_update_fn(backend: str = "auto", interpret: bool = False) -> Calla
     if name == "pallas_gpu":
         return functools.partial(cache_update_gpu, interpret=interpret)
     return functools.partial(cache_update_tpu, interpret=interpret)
+
+
+def get_matmul_fn(backend: str = "auto", interpret: bool = False, **kw) -> Optional[FewRowMatmul]:
+    """The decode projections' `matmul_fn` for `backend`: the few-row kernel on
+    "pallas_gpu" (kw: FewRowMatmul's groups, config), None (XLA's matmul, the
+    reference) elsewhere. TPU: XLA's matmul; no kernel was written for it."""
+    return FewRowMatmul(interpret=interpret, **kw) if resolve_backend(backend) == "pallas_gpu" else None

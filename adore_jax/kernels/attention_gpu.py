@@ -47,6 +47,7 @@ from adore_jax.kernels.common import (
     mass_from_scores,
     merge_partials,
     next_pow2,
+    num_sms,
     round_up,
     stacked,
 )
@@ -68,17 +69,6 @@ class GpuConfig:
     prefill: Optional[PrefillConfig] = PrefillConfig()  # chunks longer than MAX_T rows; None: blockwise_attention
 
 
-def _num_sms() -> int:
-    try:
-        d = jax.devices()[0]
-        n = getattr(d, "core_count", None)
-        if d.platform == "gpu" and n:
-            return int(n)
-    except Exception:  # pragma: no cover
-        pass
-    return 132
-
-
 def plan(B: int, Hkv: int, S: int, D: int, cfg: GpuConfig):
     """Static launch plan: (block_s, splits, split_len)."""
     bs = cfg.block_s or (64 if D >= 128 else 128)
@@ -87,10 +77,10 @@ def plan(B: int, Hkv: int, S: int, D: int, cfg: GpuConfig):
     if cfg.splits is not None:
         ns = max(1, min(cfg.splits, nblocks))
     elif cfg.ctas_per_sm:
-        ns = max(1, (cfg.ctas_per_sm * _num_sms()) // (B * Hkv))
+        ns = max(1, (cfg.ctas_per_sm * num_sms()) // (B * Hkv))
         ns = min(ns, max(1, nblocks // 2))
     else:
-        target = cfg.target_programs or 4 * _num_sms()
+        target = cfg.target_programs or 4 * num_sms()
         ns = max(1, cdiv(target, B * Hkv))
         ns = min(ns, max(1, nblocks // 2))  # at least two blocks per split when splitting
     sp = round_up(cdiv(max(S, 1), ns), bs)

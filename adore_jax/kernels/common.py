@@ -21,6 +21,18 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
+def num_sms() -> int:
+    """Streaming multiprocessors of the default GPU (132, an H200's, when not known)."""
+    try:
+        d = jax.devices()[0]
+        n = getattr(d, "core_count", None)
+        if d.platform == "gpu" and n:
+            return int(n)
+    except Exception:  # pragma: no cover
+        pass
+    return 132
+
+
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
