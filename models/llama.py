@@ -311,6 +311,8 @@ def forward(
     if feature_layer is not None and not 0 <= feature_layer <= L:
         raise ValueError(f"feature_layer must be in [0, {L}], got {feature_layer}")
     inv_freq = rope_inv_freq(cfg)
+    ang = positions.reshape(B * T).astype(jnp.float32)[:, None] * inv_freq
+    cos, sin = jnp.cos(ang), jnp.sin(ang)  # [B*T, D/2]: RoPE's tables, for a matmul_fn that fuses it
     x = embed_tokens(params, tokens)
     unit = jnp.ones((cfg.hidden_size,), x.dtype)
     normalized = lambda x: rms_norm(x, unit, cfg.rms_norm_eps).astype(jnp.float32)
@@ -323,11 +325,17 @@ def forward(
                 feat = normalized(x) if li == feature_layer else feat
             else:
                 feat = jnp.where(li == feature_layer, normalized(x), feat)
-        h = rms_norm(x, lp.attn_norm, cfg.rms_norm_eps)
-        q, k, v = _project(h, (lp.wq, lp.wk, lp.wv), (lp.bq, lp.bk, lp.bv), "qkv", matmul_fn)
-        q, k, v = q.reshape(B, T, Hq, D), k.reshape(B, T, Hkv, D), v.reshape(B, T, Hkv, D)
-        q = apply_rope(q, positions, inv_freq)
-        k = apply_rope(k, positions, inv_freq)
+        ws, bs = (lp.wq, lp.wk, lp.wv), (lp.bq, lp.bk, lp.bv)
+        x2 = x.reshape(B * T, cfg.hidden_size)
+        if matmul_fn is not None and matmul_fn.takes_norm_qkv(x2, ws, D):  # norm, q/k/v, RoPE: one kernel
+            q, k, v = matmul_fn.norm_qkv_rope(x2, lp.attn_norm, ws, bs, cos, sin, cfg.rms_norm_eps, D)
+            q, k, v = q.reshape(B, T, Hq, D), k.reshape(B, T, Hkv, D), v.reshape(B, T, Hkv, D)
+        else:
+            h = rms_norm(x, lp.attn_norm, cfg.rms_norm_eps)
+            q, k, v = _project(h, ws, bs, "qkv", matmul_fn)
+            q, k, v = q.reshape(B, T, Hq, D), k.reshape(B, T, Hkv, D), v.reshape(B, T, Hkv, D)
+            q = apply_rope(q, positions, inv_freq)
+            k = apply_rope(k, positions, inv_freq)
         # the whole stacked cache goes in with the layer index: slicing it here would
         # copy each layer's cache before a kernel call
         res = attn_fn(q, k, v, cache.k, cache.v, cache.pos, positions, layer=li, with_stats=with_stats)

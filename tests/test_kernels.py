@@ -407,7 +407,7 @@ def test_engine_same_tokens_with_kernels(backend):
 
     from adore_jax import engine
     from adore_jax.kernels import get_attention_fn, get_cache_update_fn, get_matmul_fn
-    from adore_jax.kernels.matmul_gpu import PROJECTIONS
+    from adore_jax.kernels import PROJECTIONS
     from adore_jax.policies import make_policy
 
     params, ctrl = tiny_params(), tiny_controller()
@@ -498,35 +498,81 @@ def test_few_row_matmul_lowers_for_cuda():
     assert "adore_few_row_matmul" in text and "stablehlo.dot_general" not in text  # no XLA matmul beside it
 
 
-def test_model_forward_with_few_row_matmul():
-    """The model's projections through the kernel (every group, interpret mode)
-    give the XLA matmul's logits and new keys; a chunk of more than FEW_ROWS
-    rows stays with XLA."""
-    import sys
-    from pathlib import Path
+@pytest.mark.parametrize("head_dim,bias", [(32, True), (16, False)], ids=["fused-qkv-bias", "d16-unfused"])
+def test_model_forward_with_few_row_matmul(head_dim, bias):
+    """The model's projections through the kernels (every group, interpret mode)
+    give the XLA matmul's logits and new keys: with head dim 32 q, k and v run
+    fused with the norm and RoPE (biases too); with 16 they cannot, and run
+    through the plain few-row kernel. A chunk of more than FEW_ROWS rows stays
+    with XLA."""
+    from adore_jax.kernels import PROJECTIONS
+    from adore_jax.kernels.matmul_gpu import FEW_ROWS
+    from models.llama import LlamaConfig, forward, init_params
 
-    sys.path.insert(0, str(Path(__file__).parent))
-    from tiny_model import CFG, tiny_params
-
-    from adore_jax.kernels.matmul_gpu import FEW_ROWS, PROJECTIONS
-    from models.llama import forward
-
-    params = tiny_params()
+    cfg = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
+                      num_kv_heads=2, head_dim=head_dim, max_position_embeddings=256, attention_bias=bias)
+    params = init_params(cfg, jax.random.PRNGKey(next(_SEED)), scale=0.3)
     fn = get_matmul_fn("pallas_gpu", interpret=True, groups=PROJECTIONS)
     B, S = 2, 8
-    shape = (CFG.num_layers, B, S, CFG.num_kv_heads, CFG.head_dim)
+    shape = (cfg.num_layers, B, S, cfg.num_kv_heads, cfg.head_dim)
     cache = KVCache(jnp.zeros(shape), jnp.zeros(shape), jnp.full((B, S), -1, jnp.int32))
     for T in (1, 5):
-        tokens = jax.random.randint(jax.random.PRNGKey(next(_SEED)), (B, T), 0, CFG.vocab_size)
-        positions = jnp.arange(T, dtype=jnp.int32)[None].repeat(B, 0)
-        run = lambda f: forward(params, CFG, tokens, positions, cache, matmul_fn=f)
+        tokens = jax.random.randint(jax.random.PRNGKey(next(_SEED)), (B, T), 0, cfg.vocab_size)
+        positions = jnp.array([[9, 3, 4, 5, 6][:T], [0, 1, 2, 3, -1][:T]], jnp.int32)
+        run = lambda f: forward(params, cfg, tokens, positions, cache, matmul_fn=f)
         want, got = jax.jit(lambda: run(None))(), jax.jit(lambda: run(fn)).lower().compile(_FAST)()
         np.testing.assert_allclose(np.asarray(got.logits), np.asarray(want.logits), rtol=1e-4, atol=1e-4)
         np.testing.assert_allclose(np.asarray(got.new_k), np.asarray(want.new_k), rtol=1e-4, atol=1e-4)
-        assert "adore_few_row_matmul" in str(jax.make_jaxpr(lambda: run(fn))())
+        np.testing.assert_allclose(np.asarray(got.new_v), np.asarray(want.new_v), rtol=1e-4, atol=1e-4)
+        jaxpr = str(jax.make_jaxpr(lambda: run(fn))())
+        assert ("adore_norm_qkv_rope" in jaxpr) == (head_dim == 32) and "adore_few_row_matmul" in jaxpr
     long = jnp.zeros((B, FEW_ROWS // B + 1), jnp.int32)
-    jaxpr = jax.make_jaxpr(lambda: forward(params, CFG, long, long, cache, matmul_fn=fn))()
-    assert "adore_few_row_matmul" not in str(jaxpr)
+    jaxpr = str(jax.make_jaxpr(lambda: forward(params, cfg, long, long, cache, matmul_fn=fn))())
+    assert "adore_few_row_matmul" not in jaxpr and "adore_norm_qkv_rope" not in jaxpr
+
+
+NORM_QKV_CASES = [  # (M, E, D, Hq, Hkv, bias, dtype)
+    (5, 200, 32, 4, 2, True, F32),  # ragged E, a padding row at position -1
+    (8, 256, 64, 4, 4, False, BF16),
+    (1, 96, 32, 3, 1, True, BF16),
+]
+
+
+@pytest.mark.parametrize("M,E,D,Hq,Hkv,bias,dtype", NORM_QKV_CASES)
+def test_norm_qkv_rope_matches_reference(M, E, D, Hq, Hkv, bias, dtype):
+    """Fresh random rows, norm weight, q/k/v weights and biases: the fused kernel
+    gives the XLA reference's q, k, v (interpret mode: unwritten outputs stay NaN)."""
+    from adore_jax.kernels import norm_qkv_rope_gpu, reference_norm_qkv_rope
+    from adore_jax.kernels.qkv_gpu import rope_tables
+
+    ks = jax.random.split(jax.random.PRNGKey(next(_SEED)), 8)
+    x = jax.random.normal(ks[0], (M, E)).astype(dtype)
+    nw = (1 + 0.1 * jax.random.normal(ks[1], (E,))).astype(dtype)
+    heads = (Hq, Hkv, Hkv)
+    ws = [(0.1 * jax.random.normal(ks[2 + i], (E, h * D))).astype(dtype) for i, h in enumerate(heads)]
+    bs = [jax.random.normal(ks[5 + i], (h * D,)).astype(dtype) if bias else None for i, h in enumerate(heads)]
+    pos = jnp.array([7, 100, -1, 3, 2048, 5, 6, 9][:M])
+    cos, sin = rope_tables(pos, 1.0 / (10000 ** (jnp.arange(0, D, 2) / D)))
+    want = reference_norm_qkv_rope(x, nw, ws, bs, cos, sin, eps=1e-5, head_dim=D)
+    got = run_fast(lambda *a: norm_qkv_rope_gpu(*a, eps=1e-5, head_dim=D, interpret=True,
+                                                config=MatmulConfig(block_k=64)), x, nw, ws, bs, cos, sin)
+    tol = 1e-5 if dtype == F32 else 2e-2
+    for g, w in zip(got, want):
+        assert g.dtype == dtype and g.shape == w.shape
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32), rtol=tol, atol=tol)
+
+
+def test_norm_qkv_rope_lowers_for_cuda():
+    """The Triton lowering accepts the fused kernel at the 7B shape (lowered for
+    the cuda platform on the CPU)."""
+    from adore_jax.kernels import norm_qkv_rope_gpu
+
+    S = jax.ShapeDtypeStruct
+    args = (S((8, 4096), BF16), S((4096,), BF16), [S((4096, 4096), BF16)] * 3, [None] * 3, S((8, 64), F32),
+            S((8, 64), F32))
+    fn = lambda x, nw, ws, bs, c, s: norm_qkv_rope_gpu(x, nw, ws, bs, c, s, eps=1e-5, head_dim=128)
+    text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert "adore_norm_qkv_rope" in text and "stablehlo.dot_general" not in text
 
 
 def test_bench_matmul_runs(tmp_path):

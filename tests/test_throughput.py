@@ -65,7 +65,7 @@ def test_fixed_budget_batches_fit_their_compiled_programs():
     from models.shapes import SHAPES
 
     cfg, ctx = SHAPES["tiny"], 4096
-    ref = (get_attention_fn("reference"), get_cache_update_fn("reference"))
+    ref = (get_attention_fn("reference"), get_cache_update_fn("reference"), None)
     params = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0), jnp.float32))
     one = program_peak_bytes(_program(cfg, params, Row("tiny", "full", 1, ctx), 2, 1, ref)[0])
     limit = 6 * one  # room for a few sequences of full attention
@@ -134,10 +134,10 @@ def test_ttft_on_gpu_can_be_timed_against_blockwise_too():
     from eval.throughput import ttft_kernels
 
     update = get_cache_update_fn("reference")
-    assert list(ttft_kernels((get_attention_fn("reference"), update), blockwise=True)) == ["ttft_s"]
-    both = ttft_kernels((get_attention_fn("pallas_gpu"), update), blockwise=True)
+    assert list(ttft_kernels((get_attention_fn("reference"), update, None), blockwise=True)) == ["ttft_s"]
+    both = ttft_kernels((get_attention_fn("pallas_gpu"), update, None), blockwise=True)
     assert list(both) == ["ttft_s", "ttft_blockwise_s"]
-    assert list(ttft_kernels((get_attention_fn("pallas_gpu"), update))) == ["ttft_s"]  # --ttft without --ttft-blockwise
+    assert list(ttft_kernels((get_attention_fn("pallas_gpu"), update, None))) == ["ttft_s"]  # --ttft without --ttft-blockwise
     assert both["ttft_blockwise_s"][0]._fn.keywords["config"].prefill is None
     assert both["ttft_s"][0]._fn.keywords["config"].prefill is not None
 

@@ -146,30 +146,3 @@ def matmul_gpu(x: jax.Array, ws, *, interpret: bool = False, config: MatmulConfi
     outs = [p[0] if ns == 1 else p.sum(0) for p in partials]
     return outs if many else outs[0]
 
-
-PROJECTIONS = ("qkv", "o", "gate_up", "down")  # the decode layer's matmul groups, as models.llama.forward names them
-
-
-@dataclasses.dataclass(frozen=True)
-class FewRowMatmul:
-    """models.llama.forward's `matmul_fn`: the projection groups in `groups` go
-    through `matmul_gpu` (q, k and v in one launch) when a step has at most
-    FEW_ROWS rows; other groups, and longer chunks, stay with XLA's matmul.
-    The default groups are the ones the kernel read faster than XLA on an H200
-    (docs/KERNELS.md "Few-row matmul"). Hashable: a jit static argument."""
-
-    groups: tuple[str, ...] = ("qkv", "o")
-    interpret: bool = False
-    config: MatmulConfig = MatmulConfig()
-
-    def __post_init__(self):
-        unknown = set(self.groups) - set(PROJECTIONS)
-        if unknown:
-            raise ValueError(f"unknown projection groups {sorted(unknown)} (choose from {PROJECTIONS})")
-
-    def takes(self, group: str, x: jax.Array, ws) -> bool:
-        """Whether x [M, K] times ws ([K, N_i]) of this group goes to the kernel."""
-        return group in self.groups and supported(x, ws)
-
-    def __call__(self, x: jax.Array, ws) -> list:
-        return matmul_gpu(x, list(ws), interpret=self.interpret, config=self.config)

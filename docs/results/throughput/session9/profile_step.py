@@ -1,0 +1,116 @@
+"""Session 9 experiment: where a 7B decode step's time goes, kernel by kernel (one H200).
+
+    PYTHONPATH=. python3 docs/results/throughput/session9/profile_step.py OUT_DIR [ROW ...]
+
+Each row (eval.throughput's rows at llama2-7b, B=8, 16K; names below) is compiled
+as in eval.throughput, warmed, then one chunk of STEPS decode steps runs under
+jax.profiler. The GPU plane of the trace is read back with jax's ProfileData:
+every kernel on the GPU's streams, summed by name and by kind (matmul, attention,
+cache update, other fusions, memset/copy), and the idle time between kernels
+(the chunk's span minus the union of kernel intervals). Per step, in us.
+Writes OUT_DIR/profile_step.json; prints a table last.
+"""
+import collections
+import glob
+import json
+import sys
+import tempfile
+
+import jax
+from jax._src.lib import _profile_data
+
+from adore_jax.kernels import get_attention_fn, get_cache_update_fn, get_matmul_fn
+from adore_jax.sampling import SamplingParams
+from eval.throughput import Row, _program, random_params
+from models.shapes import SHAPES
+
+STEPS = 8
+MAIN = dict(shape="llama2-7b", batch=8, context=16384)
+ROWS = {
+    "adore": Row(policy="adore", **MAIN),
+    "adore-xla-matmul": Row(policy="adore", variant="xla-matmul", **MAIN),
+    "full-no-attention": Row(policy="full", variant="no-attention", **MAIN),
+    "adore-r8": Row(policy="adore", rebuild=8, **MAIN),
+    "full": Row(policy="full", **MAIN),
+}
+KINDS = (("attention", ("adore_sparse_attention",)), ("update", ("cache_update", "adore_cache")),
+         ("matmul", ("adore_few_row_matmul", "gemm", "xmma", "cutlass", "cublas", "matmul", "dot")),
+         ("memset/copy", ("memset", "memcpy", "copy")))
+
+
+def kind(name: str) -> str:
+    low = name.lower()
+    return next((k for k, keys in KINDS if any(s in low for s in keys)), "other")
+
+
+def profile(row: Row, params, kernels) -> dict:
+    cfg = SHAPES[row.shape]
+    run, pp, s = _program(cfg, params, row, STEPS, 1, kernels)
+    sp = SamplingParams().validate()
+    for _ in range(3):
+        s = run(params, pp, s, sp)
+    jax.block_until_ready(s)
+    d = tempfile.mkdtemp()
+    jax.profiler.start_trace(d)
+    s = run(params, pp, s, sp)
+    jax.block_until_ready(s)
+    jax.profiler.stop_trace()
+    (path,) = glob.glob(f"{d}/**/*.xplane.pb", recursive=True)
+    data = _profile_data.ProfileData.from_file(path)
+    lines, events = {}, []
+    for plane in data.planes:
+        if not plane.name.startswith("/device:GPU"):
+            continue
+        for line in plane.lines:
+            evs = list(line.events)
+            lines[f"{plane.name} | {line.name}"] = len(evs)
+            if "stream" in line.name.lower() and "xla" not in line.name.lower():
+                events += [(e.start_ns, e.end_ns, e.name) for e in evs]
+    events.sort()
+    busy, cur_s, cur_e = 0.0, None, None
+    for a, b, _ in events:
+        if cur_e is None or a > cur_e:
+            busy += 0 if cur_e is None else cur_e - cur_s
+            cur_s, cur_e = a, b
+        else:
+            cur_e = max(cur_e, b)
+    busy += 0 if cur_e is None else cur_e - cur_s
+    span = (max(e[1] for e in events) - events[0][0]) if events else 0.0
+    by_name, by_kind = collections.defaultdict(lambda: [0, 0.0]), collections.defaultdict(lambda: [0, 0.0])
+    for a, b, n in events:
+        for table, key in ((by_name, n), (by_kind, kind(n))):
+            table[key][0] += 1
+            table[key][1] += b - a
+    per_step = lambda ns: ns / STEPS / 1e3
+    top = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:25]
+    return {"row": row.name, "lines": lines, "kernels_per_step": len(events) / STEPS,
+            "span_us": per_step(span), "busy_us": per_step(busy), "idle_us": per_step(span - busy),
+            "by_kind": {k: {"count": c / STEPS, "us": per_step(t)} for k, (c, t) in by_kind.items()},
+            "top": [{"name": n[:160], "kind": kind(n), "count": c / STEPS, "us": per_step(t)} for n, (c, t) in top]}
+
+
+def main():
+    out, names = sys.argv[1], sys.argv[2:] or ["adore", "adore-xla-matmul", "full-no-attention"]
+    params = random_params(SHAPES["llama2-7b"], jax.numpy.bfloat16)
+    kernels = (get_attention_fn(), get_cache_update_fn(), get_matmul_fn())
+    results = []
+    for name in names:
+        r = profile(ROWS[name], params, kernels)
+        results.append(r)
+        json.dump(results, open(f"{out}/profile_step.json", "w"), indent=1)
+        print(json.dumps({k: r[k] for k in ("row", "kernels_per_step", "span_us", "busy_us", "idle_us")}), flush=True)
+    print("\nper decode step, us (llama2-7b, B=8, 16K; one chunk of", STEPS, "steps under jax.profiler)")
+    kinds = ["matmul", "attention", "update", "other", "memset/copy"]
+    print(f"{'row':>34} | {'kernels':>7} {'span':>7} {'idle':>6} | " + " ".join(f"{k:>16}" for k in kinds))
+    for r in results:
+        cells = " ".join(f"{r['by_kind'].get(k, {}).get('us', 0):9.0f} ({r['by_kind'].get(k, {}).get('count', 0):4.0f})"
+                         for k in kinds)
+        print(f"{r['row']:>34} | {r['kernels_per_step']:7.0f} {r['span_us']:7.0f} {r['idle_us']:6.0f} | {cells}")
+    for r in results:
+        print(f"\n{r['row']}: top kernels (us per step, count per step)")
+        for t in r["top"][:15]:
+            print(f"  {t['us']:8.1f} {t['count']:5.0f}  {t['kind']:>11}  {t['name'][:100]}")
+
+
+if __name__ == "__main__":
+    main()
