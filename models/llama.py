@@ -325,13 +325,12 @@ def forward(
                 feat = normalized(x) if li == feature_layer else feat
             else:
                 feat = jnp.where(li == feature_layer, normalized(x), feat)
-        ws, bs = (lp.wq, lp.wk, lp.wv), (lp.bq, lp.bk, lp.bv)
-        x2 = x.reshape(B * T, cfg.hidden_size)
-        if matmul_fn is not None and matmul_fn.takes_norm_qkv(x2, ws, D):  # norm, q/k/v, RoPE: one kernel
-            q, k, v = matmul_fn.norm_qkv_rope(x2, lp.attn_norm, ws, bs, cos, sin, cfg.rms_norm_eps, D)
+        h = rms_norm(x, lp.attn_norm, cfg.rms_norm_eps)
+        ws, bs, h2 = (lp.wq, lp.wk, lp.wv), (lp.bq, lp.bk, lp.bv), h.reshape(B * T, cfg.hidden_size)
+        if matmul_fn is not None and matmul_fn.takes_qkv_rope(h2, ws, D):  # q, k, v and RoPE: one kernel
+            q, k, v = matmul_fn.qkv_rope(h2, ws, bs, cos, sin, D)
             q, k, v = q.reshape(B, T, Hq, D), k.reshape(B, T, Hkv, D), v.reshape(B, T, Hkv, D)
         else:
-            h = rms_norm(x, lp.attn_norm, cfg.rms_norm_eps)
             q, k, v = _project(h, ws, bs, "qkv", matmul_fn)
             q, k, v = q.reshape(B, T, Hq, D), k.reshape(B, T, Hkv, D), v.reshape(B, T, Hkv, D)
             q = apply_rope(q, positions, inv_freq)

@@ -498,12 +498,12 @@ def test_few_row_matmul_lowers_for_cuda():
     assert "adore_few_row_matmul" in text and "stablehlo.dot_general" not in text  # no XLA matmul beside it
 
 
-@pytest.mark.parametrize("head_dim,bias", [(32, True), (16, False)], ids=["fused-qkv-bias", "d16-unfused"])
+@pytest.mark.parametrize("head_dim,bias", [(32, True), (16, False)], ids=["qkv-rope-bias", "d16-unfused"])
 def test_model_forward_with_few_row_matmul(head_dim, bias):
     """The model's projections through the kernels (every group, interpret mode)
     give the XLA matmul's logits and new keys: with head dim 32 q, k and v run
-    fused with the norm and RoPE (biases too); with 16 they cannot, and run
-    through the plain few-row kernel. A chunk of more than FEW_ROWS rows stays
+    with RoPE in one kernel (biases too); with 16 they cannot, and run through
+    the plain few-row kernel. A chunk of more than FEW_ROWS rows stays
     with XLA."""
     from adore_jax.kernels import PROJECTIONS
     from adore_jax.kernels.matmul_gpu import FEW_ROWS
@@ -525,54 +525,52 @@ def test_model_forward_with_few_row_matmul(head_dim, bias):
         np.testing.assert_allclose(np.asarray(got.new_k), np.asarray(want.new_k), rtol=1e-4, atol=1e-4)
         np.testing.assert_allclose(np.asarray(got.new_v), np.asarray(want.new_v), rtol=1e-4, atol=1e-4)
         jaxpr = str(jax.make_jaxpr(lambda: run(fn))())
-        assert ("adore_norm_qkv_rope" in jaxpr) == (head_dim == 32) and "adore_few_row_matmul" in jaxpr
+        assert ("adore_qkv_rope" in jaxpr) == (head_dim == 32) and "adore_few_row_matmul" in jaxpr
     long = jnp.zeros((B, FEW_ROWS // B + 1), jnp.int32)
     jaxpr = str(jax.make_jaxpr(lambda: forward(params, cfg, long, long, cache, matmul_fn=fn))())
-    assert "adore_few_row_matmul" not in jaxpr and "adore_norm_qkv_rope" not in jaxpr
+    assert "adore_few_row_matmul" not in jaxpr and "adore_qkv_rope" not in jaxpr
 
 
-NORM_QKV_CASES = [  # (M, E, D, Hq, Hkv, bias, dtype)
+QKV_ROPE_CASES = [  # (M, E, D, Hq, Hkv, bias, dtype)
     (5, 200, 32, 4, 2, True, F32),  # ragged E, a padding row at position -1
     (8, 256, 64, 4, 4, False, BF16),
     (1, 96, 32, 3, 1, True, BF16),
 ]
 
 
-@pytest.mark.parametrize("M,E,D,Hq,Hkv,bias,dtype", NORM_QKV_CASES)
-def test_norm_qkv_rope_matches_reference(M, E, D, Hq, Hkv, bias, dtype):
-    """Fresh random rows, norm weight, q/k/v weights and biases: the fused kernel
-    gives the XLA reference's q, k, v (interpret mode: unwritten outputs stay NaN)."""
-    from adore_jax.kernels import norm_qkv_rope_gpu, reference_norm_qkv_rope
+@pytest.mark.parametrize("M,E,D,Hq,Hkv,bias,dtype", QKV_ROPE_CASES)
+def test_qkv_rope_matches_reference(M, E, D, Hq, Hkv, bias, dtype):
+    """Fresh random rows, q/k/v weights and biases: the kernel gives the XLA
+    reference's q, k, v (interpret mode: unwritten outputs stay NaN)."""
+    from adore_jax.kernels import qkv_rope_gpu, reference_qkv_rope
     from adore_jax.kernels.qkv_gpu import rope_tables
 
     ks = jax.random.split(jax.random.PRNGKey(next(_SEED)), 8)
-    x = jax.random.normal(ks[0], (M, E)).astype(dtype)
-    nw = (1 + 0.1 * jax.random.normal(ks[1], (E,))).astype(dtype)
+    h = jax.random.normal(ks[0], (M, E)).astype(dtype)
     heads = (Hq, Hkv, Hkv)
-    ws = [(0.1 * jax.random.normal(ks[2 + i], (E, h * D))).astype(dtype) for i, h in enumerate(heads)]
-    bs = [jax.random.normal(ks[5 + i], (h * D,)).astype(dtype) if bias else None for i, h in enumerate(heads)]
+    ws = [(0.1 * jax.random.normal(ks[2 + i], (E, n * D))).astype(dtype) for i, n in enumerate(heads)]
+    bs = [jax.random.normal(ks[5 + i], (n * D,)).astype(dtype) if bias else None for i, n in enumerate(heads)]
     pos = jnp.array([7, 100, -1, 3, 2048, 5, 6, 9][:M])
     cos, sin = rope_tables(pos, 1.0 / (10000 ** (jnp.arange(0, D, 2) / D)))
-    want = reference_norm_qkv_rope(x, nw, ws, bs, cos, sin, eps=1e-5, head_dim=D)
-    got = run_fast(lambda *a: norm_qkv_rope_gpu(*a, eps=1e-5, head_dim=D, interpret=True,
-                                                config=MatmulConfig(block_k=64)), x, nw, ws, bs, cos, sin)
+    want = reference_qkv_rope(h, ws, bs, cos, sin, head_dim=D)
+    got = run_fast(lambda *a: qkv_rope_gpu(*a, head_dim=D, interpret=True, config=MatmulConfig(block_k=64)),
+                   h, ws, bs, cos, sin)
     tol = 1e-5 if dtype == F32 else 2e-2
     for g, w in zip(got, want):
         assert g.dtype == dtype and g.shape == w.shape
         np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32), rtol=tol, atol=tol)
 
 
-def test_norm_qkv_rope_lowers_for_cuda():
-    """The Triton lowering accepts the fused kernel at the 7B shape (lowered for
-    the cuda platform on the CPU)."""
-    from adore_jax.kernels import norm_qkv_rope_gpu
+def test_qkv_rope_lowers_for_cuda():
+    """The Triton lowering accepts the kernel at the 7B shape (lowered for the
+    cuda platform on the CPU)."""
+    from adore_jax.kernels import qkv_rope_gpu
 
     S = jax.ShapeDtypeStruct
-    args = (S((8, 4096), BF16), S((4096,), BF16), [S((4096, 4096), BF16)] * 3, [None] * 3, S((8, 64), F32),
-            S((8, 64), F32))
-    fn = lambda x, nw, ws, bs, c, s: norm_qkv_rope_gpu(x, nw, ws, bs, c, s, eps=1e-5, head_dim=128)
+    args = (S((8, 4096), BF16), [S((4096, 4096), BF16)] * 3, [None] * 3, S((8, 64), F32), S((8, 64), F32))
+    fn = lambda h, ws, bs, c, s: qkv_rope_gpu(h, ws, bs, c, s, head_dim=128)
     text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-    assert "adore_norm_qkv_rope" in text and "stablehlo.dot_general" not in text
+    assert "adore_qkv_rope" in text and "stablehlo.dot_general" not in text
 
 
 def test_bench_matmul_runs(tmp_path):

@@ -33,7 +33,7 @@ from adore_jax.kernels.blockwise import blockwise_attention
 from adore_jax.kernels.cache_update import cache_update_gpu, cache_update_tpu
 from adore_jax.kernels.matmul_gpu import MatmulConfig, matmul_gpu, reference_matmul
 from adore_jax.kernels.projections import PROJECTIONS, FewRowMatmul
-from adore_jax.kernels.qkv_gpu import norm_qkv_rope_gpu, reference_norm_qkv_rope
+from adore_jax.kernels.qkv_gpu import qkv_rope_gpu, reference_qkv_rope
 from adore_jax.kernels.prefill_gpu import PrefillConfig, prefill_attention_gpu
 
 ENV_VAR = "ADORE_KERNEL_BACKEND"
@@ -59,10 +59,10 @@ __all__ = [
     "get_cache_update_fn",
     "get_matmul_fn",
     "matmul_gpu",
-    "norm_qkv_rope_gpu",
+    "qkv_rope_gpu",
     "prefill_attention_gpu",
     "reference_matmul",
-    "reference_norm_qkv_rope",
+    "reference_qkv_rope",
     "resolve_backend",
     "sparse_attention_gpu",
     "sparse_attention_tpu",

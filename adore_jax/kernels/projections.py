@@ -10,7 +10,7 @@ import dataclasses
 import jax
 
 from adore_jax.kernels.matmul_gpu import MatmulConfig, matmul_gpu, supported
-from adore_jax.kernels.qkv_gpu import norm_qkv_rope_gpu
+from adore_jax.kernels.qkv_gpu import qkv_rope_gpu
 from adore_jax.kernels.qkv_gpu import supported as qkv_supported
 
 
@@ -21,8 +21,7 @@ PROJECTIONS = ("qkv", "o", "gate_up", "down")  # the decode layer's matmul group
 class FewRowMatmul:
     """models.llama.forward's `matmul_fn`: the projection groups in `groups` go
     through `matmul_gpu` when a step has at most FEW_ROWS rows; "qkv" runs with
-    the norm before it and RoPE after it in one launch (kernels/qkv_gpu.py)
-    where the head dim allows. Other groups, and longer chunks, stay with XLA.
+    RoPE in one launch (kernels/qkv_gpu.py) where the head dim allows. Other groups, and longer chunks, stay with XLA.
     The default groups are the ones the kernel read faster than XLA on an H200
     (docs/KERNELS.md "Few-row matmul"). Hashable: a jit static argument."""
 
@@ -42,12 +41,11 @@ class FewRowMatmul:
     def __call__(self, x: jax.Array, ws) -> list:
         return matmul_gpu(x, list(ws), interpret=self.interpret, config=self.config)
 
-    def takes_norm_qkv(self, x: jax.Array, ws, head_dim: int) -> bool:
-        """Whether the "qkv" group runs fused with the norm before it and RoPE after
-        it (kernels/qkv_gpu.py) for x [M, E] and weights ws [E, H_i * head_dim]."""
-        return "qkv" in self.groups and qkv_supported(x, ws, head_dim)
+    def takes_qkv_rope(self, h: jax.Array, ws, head_dim: int) -> bool:
+        """Whether the "qkv" group runs with RoPE in one launch (kernels/qkv_gpu.py)
+        for h [M, E] and weights ws [E, H_i * head_dim]."""
+        return "qkv" in self.groups and qkv_supported(h, ws, head_dim)
 
-    def norm_qkv_rope(self, x, norm_w, ws, bs, cos, sin, eps: float, head_dim: int) -> list:
-        """rope(rms_norm(x) @ ws + bs) (no RoPE on the third): kernels/qkv_gpu.py, x [M, E], cos/sin [M, D/2]."""
-        return norm_qkv_rope_gpu(x, norm_w, ws, bs, cos, sin, eps=eps, head_dim=head_dim, interpret=self.interpret,
-                                 config=self.config)
+    def qkv_rope(self, h, ws, bs, cos, sin, head_dim: int) -> list:
+        """rope(h @ ws + bs) (no RoPE on the third): kernels/qkv_gpu.py, h [M, E], cos/sin [M, D/2]."""
+        return qkv_rope_gpu(h, ws, bs, cos, sin, head_dim=head_dim, interpret=self.interpret, config=self.config)
