@@ -7,7 +7,10 @@ as in eval.throughput, warmed, then one chunk of STEPS decode steps runs under
 jax.profiler. The GPU plane of the trace is read back with jax's ProfileData:
 every kernel on the GPU's streams, summed by name and by kind (matmul, attention,
 cache update, other fusions, memset/copy), and the idle time between kernels
-(the chunk's span minus the union of kernel intervals). Per step, in us.
+(the span minus the union of kernel intervals), in us. On the H200 the trace
+held one step's kernels (32 attention calls), not the chunk's eight: the
+numbers are that step's (session 9's first runs divided them by 8; their JSON
+was multiplied back).
 Writes OUT_DIR/profile_step.json; prints a table last.
 """
 import collections
@@ -81,12 +84,12 @@ def profile(row: Row, params, kernels) -> dict:
         for table, key in ((by_name, n), (by_kind, kind(n))):
             table[key][0] += 1
             table[key][1] += b - a
-    per_step = lambda ns: ns / STEPS / 1e3
+    us = lambda ns: ns / 1e3  # the trace holds one step (see above)
     top = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:25]
-    return {"row": row.name, "lines": lines, "kernels_per_step": len(events) / STEPS,
-            "span_us": per_step(span), "busy_us": per_step(busy), "idle_us": per_step(span - busy),
-            "by_kind": {k: {"count": c / STEPS, "us": per_step(t)} for k, (c, t) in by_kind.items()},
-            "top": [{"name": n[:160], "kind": kind(n), "count": c / STEPS, "us": per_step(t)} for n, (c, t) in top]}
+    return {"row": row.name, "lines": lines, "kernels_per_step": len(events),
+            "span_us": us(span), "busy_us": us(busy), "idle_us": us(span - busy),
+            "by_kind": {k: {"count": c, "us": us(t)} for k, (c, t) in by_kind.items()},
+            "top": [{"name": n[:160], "kind": kind(n), "count": c, "us": us(t)} for n, (c, t) in top]}
 
 
 def main():
@@ -99,7 +102,7 @@ def main():
         results.append(r)
         json.dump(results, open(f"{out}/profile_step.json", "w"), indent=1)
         print(json.dumps({k: r[k] for k in ("row", "kernels_per_step", "span_us", "busy_us", "idle_us")}), flush=True)
-    print("\nper decode step, us (llama2-7b, B=8, 16K; one chunk of", STEPS, "steps under jax.profiler)")
+    print("\nus in the trace, one decode step (llama2-7b, B=8, 16K)")
     kinds = ["matmul", "attention", "update", "other", "memset/copy"]
     print(f"{'row':>34} | {'kernels':>7} {'span':>7} {'idle':>6} | " + " ".join(f"{k:>16}" for k in kinds))
     for r in results:
