@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adore_jax.attention import reference_attention
-from adore_jax.cache import KVCache, write_rows
+from adore_jax.cache import KVCache
+from adore_jax.kernels import default_kernels
 from adore_jax.policies import Policy, full_policy
 from adore_jax.sampling import SamplingParams, row_keys, sample
 from models.llama import LlamaConfig, Params, forward
@@ -43,12 +43,20 @@ class EngineConfig:
     eos_ids: tuple[int, ...] = ()
     pad_id: int = 0
     policy: Policy = full_policy
-    attn_fn: Callable = reference_attention
-    cache_update: Callable = write_rows
-    matmul_fn: Optional[Callable] = None  # the layers' projections (adore_jax.kernels.get_matmul_fn); None: XLA
+    # The kernels; "auto": adore_jax.kernels.default_kernels() (Pallas on GPU, XLA's reference elsewhere)
+    attn_fn: Union[Callable, str] = "auto"  # adore_jax.kernels.get_attention_fn
+    cache_update: Union[Callable, str] = "auto"  # adore_jax.kernels.get_cache_update_fn
+    matmul_fn: Union[Callable, str, None] = "auto"  # the layers' projections (adore_jax.kernels.get_matmul_fn); None: XLA
     prefill_group: Optional[int] = None  # prefill at most this many sequences at a time (None: the whole batch)
 
     def __post_init__(self):
+        auto = [f for f in ("attn_fn", "cache_update", "matmul_fn") if isinstance(getattr(self, f), str)]
+        if auto:
+            defaults = default_kernels()
+            for f in auto:
+                if getattr(self, f) != "auto":
+                    raise ValueError(f"{f} must be a function or 'auto', got {getattr(self, f)!r}")
+                object.__setattr__(self, f, defaults[f])
         if self.prefill_group is not None and self.prefill_group < 1:
             raise ValueError(f"prefill group must be >= 1 sequence, got {self.prefill_group}")
 

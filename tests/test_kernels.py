@@ -351,6 +351,32 @@ def test_resolve_backend_and_env(monkeypatch):
         get_cache_update_fn("mosaic")
 
 
+def test_engine_picks_the_platform_kernels_by_default(monkeypatch):
+    """EngineConfig's "auto" kernels: XLA's reference on CPU; the Pallas GPU
+    kernels where the platform (or ADORE_KERNEL_BACKEND) says GPU; on TPU the
+    reference unless the variable asks for the TPU kernels (not run on TPU
+    hardware). Equal settings give equal, hashable configs (one compile)."""
+    import adore_jax.kernels as kernels
+    from adore_jax.engine import EngineConfig
+
+    make = lambda **kw: EngineConfig(max_new_tokens=2, prompt_len=16, chunk=16, **kw)
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    ec = make()
+    assert (ec.attn_fn.backend, ec.cache_update, ec.matmul_fn) == ("reference", write_rows, None)
+    assert make() == ec and hash(make()) == hash(ec)
+    assert make(matmul_fn=None).matmul_fn is None and make(attn_fn=reference_attention).attn_fn is reference_attention
+    with pytest.raises(ValueError, match="attn_fn must be a function or 'auto'"):
+        make(attn_fn="pallas")
+    monkeypatch.setenv(ENV_VAR, "pallas_gpu")
+    ec = make()
+    assert ec.attn_fn.backend == "pallas_gpu" and isinstance(ec.matmul_fn, FewRowMatmul) and make() == ec
+    monkeypatch.delenv(ENV_VAR)
+    monkeypatch.setattr(kernels.jax, "default_backend", lambda: "tpu")
+    assert make().attn_fn.backend == "reference"
+    monkeypatch.setenv(ENV_VAR, "pallas_tpu")
+    assert make().attn_fn.backend == "pallas_tpu"
+
+
 def test_with_stats_refused_by_kernel_without_stats():
     args = make_inputs(1, 1, 2, 1, 16, 8, F32)
     no_stats = AttentionKernel("pallas_gpu", lambda q, *a, **kw: AttentionOut(q), supports_stats=False)

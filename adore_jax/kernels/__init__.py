@@ -3,7 +3,8 @@
     attn_fn = get_attention_fn()            # "auto": Pallas kernel of the default backend, reference on CPU
     attn_fn = get_attention_fn("pallas_gpu", interpret=True)   # any backend, forced
     update_fn = get_cache_update_fn()       # same switch for the in-place cache update
-    matmul_fn = get_matmul_fn()             # decode projections: the few-row kernel on GPU, else None (XLA)
+    matmul_fn = get_matmul_fn()             # decode projections: the few-row kernels on GPU, else None (XLA)
+    default_kernels()                       # the three above, as the decode engine picks them by default
 
 Backends: "reference" (XLA: adore_jax.attention.reference_attention and
 adore_jax.cache.write_rows), "pallas_gpu" (Pallas, Triton lowering),
@@ -55,6 +56,7 @@ __all__ = [
     "blockwise_attention",
     "cache_update_gpu",
     "cache_update_tpu",
+    "default_kernels",
     "get_attention_fn",
     "get_cache_update_fn",
     "get_matmul_fn",
@@ -119,8 +121,14 @@ def get_attention_fn(
     gpu_config: Optional[GpuConfig] = None,
     tpu_config: Optional[TpuConfig] = None,
 ) -> AttentionKernel:
-    """Attention function for `backend` ("auto" | "reference" | "pallas_gpu" | "pallas_tpu")."""
-    name = resolve_backend(backend)
+    """Attention function for `backend` ("auto" | "reference" | "pallas_gpu" | "pallas_tpu").
+    Equal arguments give the same object, so jitted callers that take it as a
+    static argument compile once."""
+    return _attention_fn(resolve_backend(backend), interpret, gpu_config, tpu_config)
+
+
+@functools.lru_cache(maxsize=None)
+def _attention_fn(name: str, interpret: bool, gpu_config, tpu_config) -> AttentionKernel:
     if name == "reference":
         fn = reference_attention
     elif name == "pallas_gpu":
@@ -136,7 +144,11 @@ def get_cache_update_fn(backend: str = "auto", interpret: bool = False) -> Calla
     The reference is adore_jax.cache.write_rows (XLA scatter); the kernels write
     in place through input_output_aliases (donate the cache in the caller's jit).
     """
-    name = resolve_backend(backend)
+    return _cache_update_fn(resolve_backend(backend), interpret)
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_update_fn(name: str, interpret: bool) -> Callable[..., KVCache]:
     if name == "reference":
         return write_rows
     if name == "pallas_gpu":
@@ -149,3 +161,15 @@ def get_matmul_fn(backend: str = "auto", interpret: bool = False, **kw) -> Optio
     "pallas_gpu" (kw: FewRowMatmul's groups, config), None (XLA's matmul, the
     reference) elsewhere. TPU: XLA's matmul; no kernel was written for it."""
     return FewRowMatmul(interpret=interpret, **kw) if resolve_backend(backend) == "pallas_gpu" else None
+
+
+def default_kernels() -> dict:
+    """The decode engine's kernels when none are given (EngineConfig's "auto"):
+    {attn_fn, cache_update, matmul_fn} of the Pallas GPU kernels on GPU, or of
+    the backend ADORE_KERNEL_BACKEND names; XLA's reference elsewhere. The TPU
+    kernels have not run on TPU hardware, so on TPU they are opt-in
+    (ADORE_KERNEL_BACKEND=pallas_tpu)."""
+    name = resolve_backend("auto")
+    if name == "pallas_tpu" and not os.environ.get(ENV_VAR, "").strip():
+        name = "reference"
+    return dict(attn_fn=get_attention_fn(name), cache_update=get_cache_update_fn(name), matmul_fn=get_matmul_fn(name))

@@ -37,7 +37,7 @@ ROWS = {
     "full": Row(policy="full", **MAIN),
 }
 KINDS = (("attention", ("adore_sparse_attention",)), ("update", ("cache_update", "adore_cache")),
-         ("matmul", ("adore_few_row_matmul", "gemm", "xmma", "cutlass", "cublas", "matmul", "dot")),
+         ("matmul", ("adore_few_row_matmul", "qkv_rope", "gemm", "xmma", "cutlass", "cublas", "matmul", "dot")),
          ("memset/copy", ("memset", "memcpy", "copy")))
 
 
