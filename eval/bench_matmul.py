@@ -33,8 +33,9 @@ import jax
 import jax.numpy as jnp
 
 from adore_jax.kernels.matmul_gpu import MatmulConfig, matmul_gpu, plan, reference_matmul
-from adore_jax.kernels.qkv_gpu import qkv_rope_gpu, reference_qkv_rope, rope_tables
+from adore_jax.kernels.qkv_gpu import qkv_rope_gpu, reference_qkv_rope
 from eval.bench_kernels import bench, rand
+from models.llama import rope_tables
 
 SHAPES = {"qkv": [(4096, 4096)] * 3, "o": [(4096, 4096)], "gate_up": [(4096, 22016)], "down": [(11008, 4096)],
           "lm_head": [(4096, 32000)]}  # name: the weights [K, N] of one call

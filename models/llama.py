@@ -228,11 +228,17 @@ def rope_inv_freq(cfg: LlamaConfig) -> jax.Array:
     return jnp.where(medium, smoothed, scaled)
 
 
+def rope_tables(positions: jax.Array, inv_freq: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """RoPE's (cos, sin), each [..., D/2] fp32, for positions [...] and inverse frequencies [D/2]."""
+    ang = positions.astype(jnp.float32)[..., None] * inv_freq
+    return jnp.cos(ang), jnp.sin(ang)
+
+
 def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: jax.Array) -> jax.Array:
     """Rotate-half RoPE. x [B, T, H, D], positions [B, T] (any int; -1 rows are padding)."""
-    ang = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
-    cos = jnp.cos(jnp.concatenate([ang, ang], -1))[:, :, None, :]
-    sin = jnp.sin(jnp.concatenate([ang, ang], -1))[:, :, None, :]
+    cos, sin = rope_tables(positions, inv_freq)  # [B, T, D/2]
+    cos = jnp.concatenate([cos, cos], -1)[:, :, None, :]
+    sin = jnp.concatenate([sin, sin], -1)[:, :, None, :]
     xf = x.astype(jnp.float32)
     half = x.shape[-1] // 2
     rot = jnp.concatenate([-xf[..., half:], xf[..., :half]], -1)
@@ -311,8 +317,7 @@ def forward(
     if feature_layer is not None and not 0 <= feature_layer <= L:
         raise ValueError(f"feature_layer must be in [0, {L}], got {feature_layer}")
     inv_freq = rope_inv_freq(cfg)
-    ang = positions.reshape(B * T).astype(jnp.float32)[:, None] * inv_freq
-    cos, sin = jnp.cos(ang), jnp.sin(ang)  # [B*T, D/2]: RoPE's tables, for a matmul_fn that fuses it
+    cos, sin = rope_tables(positions.reshape(B * T), inv_freq)  # [B*T, D/2], for a matmul_fn that applies RoPE
     x = embed_tokens(params, tokens)
     unit = jnp.ones((cfg.hidden_size,), x.dtype)
     normalized = lambda x: rms_norm(x, unit, cfg.rms_norm_eps).astype(jnp.float32)

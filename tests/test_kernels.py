@@ -569,7 +569,7 @@ def test_qkv_rope_matches_reference(M, E, D, Hq, Hkv, bias, dtype):
     """Fresh random rows, q/k/v weights and biases: the kernel gives the XLA
     reference's q, k, v (interpret mode: unwritten outputs stay NaN)."""
     from adore_jax.kernels import qkv_rope_gpu, reference_qkv_rope
-    from adore_jax.kernels.qkv_gpu import rope_tables
+    from models.llama import rope_tables
 
     ks = jax.random.split(jax.random.PRNGKey(next(_SEED)), 8)
     h = jax.random.normal(ks[0], (M, E)).astype(dtype)

@@ -13,7 +13,6 @@ from adore_jax.kernels.matmul_gpu import MatmulConfig, matmul_gpu, supported
 from adore_jax.kernels.qkv_gpu import qkv_rope_gpu
 from adore_jax.kernels.qkv_gpu import supported as qkv_supported
 
-
 PROJECTIONS = ("qkv", "o", "gate_up", "down")  # the decode layer's matmul groups, as models.llama.forward names them
 
 
@@ -21,9 +20,11 @@ PROJECTIONS = ("qkv", "o", "gate_up", "down")  # the decode layer's matmul group
 class FewRowMatmul:
     """models.llama.forward's `matmul_fn`: the projection groups in `groups` go
     through `matmul_gpu` when a step has at most FEW_ROWS rows; "qkv" runs with
-    RoPE in one launch (kernels/qkv_gpu.py) where the head dim allows. Other groups, and longer chunks, stay with XLA.
-    The default groups are the ones the kernel read faster than XLA on an H200
-    (docs/KERNELS.md "Few-row matmul"). Hashable: a jit static argument."""
+    RoPE in one launch (kernels/qkv_gpu.py) where the head dim allows. Other
+    groups, and longer chunks, stay with XLA. The default groups made the 7B
+    decode step faster than XLA's matmul on an H200; gate/up, down and the LM
+    head read as fast or faster in XLA (docs/KERNELS.md, "Session 9").
+    Hashable: a jit static argument."""
 
     groups: tuple[str, ...] = ("qkv", "o")
     interpret: bool = False

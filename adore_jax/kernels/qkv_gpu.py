@@ -11,7 +11,8 @@ its D weight columns as two halves of D/2, which are RoPE's pairs
 registers.
 
 `reference_qkv_rope` is the same computation in XLA, in models/llama.py's order
-of roundings (products in fp32, bias, h's dtype, RoPE in fp32, h's dtype).
+of roundings (products in fp32, bias, h's dtype, RoPE in fp32, h's dtype);
+cos and sin come from models.llama.rope_tables.
 """
 
 from __future__ import annotations
@@ -27,12 +28,6 @@ from jax.experimental.pallas import triton as plgpu
 
 from adore_jax.kernels.common import cdiv, next_pow2
 from adore_jax.kernels.matmul_gpu import FEW_ROWS, SMEM_BYTES, MatmulConfig
-
-
-def rope_tables(positions: jax.Array, inv_freq: jax.Array):
-    """(cos, sin), each [..., D/2] fp32, for positions [...] and inverse frequencies [D/2]."""
-    ang = positions.astype(jnp.float32)[..., None] * inv_freq
-    return jnp.cos(ang), jnp.sin(ang)
 
 
 def reference_qkv_rope(h, ws: Sequence, bs: Sequence, cos, sin, *, head_dim: int,
