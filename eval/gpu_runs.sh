@@ -104,6 +104,14 @@ groups)  # one GPU, resumable (session 9): the 7B TTFT at B=64 under JAX's defau
   [ -f $R/s8_2k/throughput.json ] || on 0 s8_2k $GRID_DECODE --shapes smollm2-135m --batches 8 --contexts 2048 \
     --out $R/s8_2k
   ;;
+kernels)  # one GPU, resumable (for session 10): the main run with session 9's few-row projection kernels (its
+          # xla-matmul rows are the reference), the 7B step's kernel-by-kernel profile, the 7B B=8 16K grid rows
+  [ -f $R/main/throughput.json ] || on 0 main python3 -m eval.throughput --preset gpu --fixed-budget --out $R/main
+  mkdir -p $R/profile
+  [ -f $R/profile/profile_step.json ] || on 0 profile python3 docs/results/throughput/session9/profile_step.py \
+    $R/profile adore adore-xla-matmul full-no-attention
+  [ -f $R/g7b8/throughput.json ] || on 0 g7b8 $GRID_DECODE --shapes llama2-7b --batches 8 --contexts 16384 --out $R/g7b8
+  ;;
 quality2)  # with the model (carry .carry/p2, .carry/parts): a hidden-state controller, ADORE with sinks, fp32 agreement
   [ -d .carry/parts/quality_parts ] && mkdir -p "$R/quality" && cp -rn .carry/parts/quality_parts/. "$R/quality/.parts/"
   on 0 agreement $EVAL agreement --size full --dtype float32 --out "$R/quality_fp32" &
@@ -114,7 +122,7 @@ quality2)  # with the model (carry .carry/p2, .carry/parts): a hidden-state cont
 assemble)  # every quality row is in .parts by now: write the reports (grid rows are assembled off the GPU)
   on 0 assemble_quality $EVAL all $Q &
   ;;
-*) echo "usage: bash eval/gpu_runs.sh bench|quality|throughput|grid|single|single_grid|grid_rest|cond_sweep|loops|groups|quality2|assemble" >&2; exit 2 ;;
+*) echo "usage: bash eval/gpu_runs.sh bench|quality|throughput|grid|single|single_grid|grid_rest|cond_sweep|loops|groups|kernels|quality2|assemble" >&2; exit 2 ;;
 esac
 wait
 mkdir -p "$OUT" && tar czf "$OUT/runs.tgz" --exclude='*.hlo.txt' -C /tmp runs  # one file (the tool returns few)
