@@ -122,10 +122,9 @@ def step_bytes(cfg: LlamaConfig, params, row: Row, itemsize: int) -> int:
     return weights + row.batch * (kv * cfg.kv_bytes_per_token * itemsize + hist)
 
 
-def _program(cfg, params, row: Row, steps: int, repeats: int, kernels):
-    """(compiled decode chunk of `steps` steps, policy params, its input state) for a
-    row. params may be abstract (jax.ShapeDtypeStruct leaves): then so is the state,
-    and nothing is allocated."""
+def row_kernels(row: Row, kernels):
+    """(attention, cache update, matmul_fn) a row runs with: the kernels given, with
+    the one its variant leaves out or changes replaced."""
     attn_fn, update_fn, matmul_fn = kernels
     if row.variant == "xla-matmul":
         matmul_fn = None
@@ -135,6 +134,14 @@ def _program(cfg, params, row: Row, steps: int, repeats: int, kernels):
         attn_fn = _sliced_cache(attn_fn)
     if row.variant == "no-update":
         update_fn = _no_update
+    return attn_fn, update_fn, matmul_fn
+
+
+def _program(cfg, params, row: Row, steps: int, repeats: int, kernels):
+    """(compiled decode chunk of `steps` steps, policy params, its input state) for a
+    row. params may be abstract (jax.ShapeDtypeStruct leaves): then so is the state,
+    and nothing is allocated."""
+    attn_fn, update_fn, matmul_fn = row_kernels(row, kernels)
     pol, pp, _ = build_policy(row.policy, cfg, None if row.policy == "full" else row.cache_size,
                               rebuild=row.rebuild, rebuild_every=row.rebuild_every)
     ec = engine.EngineConfig(max_new_tokens=steps * (repeats + 2) + 2, prompt_len=row.context, chunk=512,

@@ -587,6 +587,18 @@ def test_qkv_rope_matches_reference(M, E, D, Hq, Hkv, bias, dtype):
         np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32), rtol=tol, atol=tol)
 
 
+def test_qkv_rope_rejects_what_it_cannot_take():
+    """A head dim under 32 or not a power of two, weights not whole heads, or a
+    bias list of another length: a ValueError naming what it takes."""
+    from adore_jax.kernels import qkv_rope_gpu
+
+    h, cs = jnp.ones((4, 64), BF16), jnp.ones((4, 16), F32)
+    w = jnp.ones((64, 96), BF16)
+    for ws, bs, D in [([w], [None], 16), ([w], [None], 48), ([w], [None], 64), ([w, w], [None], 32)]:
+        with pytest.raises(ValueError, match="qkv_rope_gpu takes h"):
+            qkv_rope_gpu(h, ws, bs, cs, cs, head_dim=D, rope=(True,) * len(ws), interpret=True)
+
+
 def test_qkv_rope_lowers_for_cuda():
     """The Triton lowering accepts the kernel at the 7B shape (lowered for the
     cuda platform on the CPU)."""
@@ -611,6 +623,14 @@ def test_bench_matmul_runs(tmp_path):
     res = json.loads(out.read_text())
     assert res["correctness_ok"] and all(r["ok"] for r in res["correctness"])
     assert {(r["shape"], r["M"]) for r in res["compare"]} == {(s, m) for s in bench_matmul.SMOKE_SHAPES for m in (1, 8)}
+
+
+def test_bench_matmul_bad_rows_exit_2(capsys):
+    from eval import bench_matmul
+
+    with pytest.raises(SystemExit) as e:
+        bench_matmul.main(["--smoke", "--rows", "8,x"])
+    assert e.value.code == 2 and "--rows must be comma-separated integers" in capsys.readouterr().err
 
 
 def test_bench_kernels_prefill_section_runs(tmp_path):

@@ -259,3 +259,17 @@ def test_command_records_the_settings_that_change_results():
         "XLA_FLAGS='--xla_gpu_enable_command_buffer= --x=1' XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 "
         "python -m eval.throughput --preset grid --batches 64")
     assert command_line([], {}) == "python -m eval.throughput"
+
+
+def test_row_variants_pick_their_kernels():
+    """Each step-breakdown variant replaces only its own kernel; xla-matmul runs
+    the projections with XLA's matmul (None), the reference of the few-row kernels."""
+    from adore_jax.kernels import get_matmul_fn
+    from eval.throughput import Row, _no_attention, _no_update, row_kernels
+
+    kernels = (get_attention_fn("pallas_gpu"), get_cache_update_fn("pallas_gpu"), get_matmul_fn("pallas_gpu"))
+    row = lambda v: Row("tiny", "adore", 2, 256, variant=v)
+    assert row_kernels(row(""), kernels) == kernels
+    assert row_kernels(row("xla-matmul"), kernels) == (*kernels[:2], None)
+    assert row_kernels(row("no-attention"), kernels) == (_no_attention, *kernels[1:])
+    assert row_kernels(row("no-update"), kernels) == (kernels[0], _no_update, kernels[2])

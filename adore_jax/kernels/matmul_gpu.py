@@ -46,16 +46,23 @@ def reference_matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     return jnp.einsum("mk,kn->mn", x, w, preferred_element_type=jnp.float32)
 
 
+def tiles(M: int, K: int, cols: int, cfg: MatmulConfig, itemsize: int) -> tuple[int, int]:
+    """(rows padded to a power of two >= 16, block_k): block_k is cfg's (at most K's
+    power of two), halved until the x and w tiles of all stages fit SMEM_BYTES."""
+    Mp = max(16, next_pow2(M))
+    bk = max(16, min(cfg.block_k, next_pow2(K)))
+    while bk > 16 and cfg.num_stages * (Mp + cols) * bk * itemsize > SMEM_BYTES:
+        bk //= 2
+    return Mp, bk
+
+
 def plan(M: int, K: int, N: int, cfg: MatmulConfig = MatmulConfig(), itemsize: int = 2):
     """Static launch plan: (rows padded, block_n, block_k, splits, K per split).
     N is the weights' columns together. block_k is halved until the pipeline's
     tiles fit SMEM_BYTES. At 8 rows on an H200 the best configs ran about one
     program per SM (docs/KERNELS.md, "Session 9")."""
-    Mp = max(16, next_pow2(M))
     bn = max(16, min(cfg.block_n, next_pow2(N)))
-    bk = max(16, min(cfg.block_k, next_pow2(K)))
-    while bk > 16 and cfg.num_stages * (Mp + bn) * bk * itemsize > SMEM_BYTES:
-        bk //= 2
+    Mp, bk = tiles(M, K, bn, cfg, itemsize)
     nblocks_k = cdiv(K, bk)
     ns = cfg.splits or max(1, num_sms() // cdiv(N, bn))
     ns = max(1, min(ns, nblocks_k))

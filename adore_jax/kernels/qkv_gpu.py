@@ -27,7 +27,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from adore_jax.kernels.common import cdiv, next_pow2
-from adore_jax.kernels.matmul_gpu import FEW_ROWS, SMEM_BYTES, MatmulConfig
+from adore_jax.kernels.matmul_gpu import FEW_ROWS, MatmulConfig, tiles
+from adore_jax.kernels.matmul_gpu import supported as matmul_supported
 
 
 def reference_qkv_rope(h, ws: Sequence, bs: Sequence, cos, sin, *, head_dim: int,
@@ -49,13 +50,10 @@ def reference_qkv_rope(h, ws: Sequence, bs: Sequence, cos, sin, *, head_dim: int
 
 
 def supported(x, ws, head_dim: int) -> bool:
-    """x [M <= FEW_ROWS, E] and weights [E, H_i * D] of x's float dtype, D a power of two >= 32."""
-    return (
-        x.ndim == 2 and 0 < x.shape[0] <= FEW_ROWS and jnp.issubdtype(x.dtype, jnp.floating)
-        and head_dim >= 32 and head_dim == next_pow2(head_dim)
-        and all(w.ndim == 2 and w.shape[0] == x.shape[1] and w.shape[1] % head_dim == 0 and w.dtype == x.dtype
-                for w in ws)
-    )
+    """`matmul_gpu`'s operands (x [M <= FEW_ROWS, E], weights [E, N_i] of x's float
+    dtype) whose N_i are whole heads of D, a power of two >= 32."""
+    return (matmul_supported(x, ws) and head_dim >= 32 and head_dim == next_pow2(head_dim)
+            and all(w.shape[1] % head_dim == 0 for w in ws))
 
 
 def _kernel(*refs, M, Mp, E, D, heads, has_bias, rope, bk, precision):
@@ -126,10 +124,7 @@ def qkv_rope_gpu(h, ws: Sequence, bs: Sequence, cos, sin, *, head_dim: int,
     config = config or MatmulConfig()
     M, E = h.shape
     D = head_dim
-    Mp = max(16, next_pow2(M))
-    bk = max(16, min(config.block_k, next_pow2(E)))
-    while bk > 16 and config.num_stages * (Mp + D) * bk * h.dtype.itemsize > SMEM_BYTES:
-        bk //= 2
+    Mp, bk = tiles(M, E, D, config, h.dtype.itemsize)
     heads = tuple(w.shape[1] // D for w in ws)
     has_bias = tuple(b is not None for b in bs)
     kernel = functools.partial(
