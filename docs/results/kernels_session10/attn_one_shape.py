@@ -5,11 +5,17 @@ once, writes almost nothing), cuDNN and XLA's reference, with launch settings
 swept. Each op timed as in eval/bench_kernels.py (inputs rotated past L2, back
 to back in one jit, median of 5). K+V bytes / time in TB/s. One H200.
 
-    PYTHONPATH=. python3 docs/results/kernels_session10/attn_one_shape.py OUT.json [plan]
+    PYTHONPATH=. python3 docs/results/kernels_session10/attn_one_shape.py OUT.json [plan[:S,S...]]
 
 With `plan`, the split count alone (the default plan, 2 splits, and the plan's
 target of 3 programs per SM instead of 4) at every shape of eval/bench_kernels.py
-(SHAPES x SLOTS x TS), with cuDNN (attn_plan.json).
+(SHAPES x SLOTS x TS), with cuDNN (attn_plan.json); with `plan:8192,16384`, at
+those slot counts and T = 1 (attn_plan_long.json). With `stacked`, the same three
+settings at (8,32,32,128), T = 1, over a cache of L layers read at its last layer
+(as in the model), L in {1, 4}, S in {16384, 16498}: a cache over 4 GB switches
+Pallas's pointer offsets to 64 bits (attn_stacked.json). With `tail`, the default
+(3 splits), 2 and 4 splits at (8,32,32,128), T = 1, S in {16384, 16448, 16498}: 16448 is a whole
+number of 64-slot blocks that no split count divides, 16498 is not (attn_tail.json).
 """
 import dataclasses
 import json
@@ -18,7 +24,7 @@ import sys
 import jax
 import jax.numpy as jnp
 
-from adore_jax.kernels import GpuConfig
+from adore_jax.kernels import GpuConfig, sparse_attention_gpu
 from adore_jax.kernels.common import num_sms
 from eval.bench_kernels import SHAPES, SLOTS, TS, attn_set, bench, cudnn, kv_bytes, n_sets, ours, xla_ref
 
@@ -44,16 +50,46 @@ CONFIGS = {
 }
 cases = [(8, 32, 32, 128, 1024, 1), (8, 32, 8, 128, 1024, 1), (8, 32, 32, 128, 4096, 1)]
 refs = {"pure_read": pure_read, "cudnn": cudnn, "xla_ref": xla_ref()}
-if sys.argv[2:] == ["plan"]:
+if sys.argv[2:] and sys.argv[2].startswith("plan"):
     CONFIGS = {"default": GpuConfig(), "splits2": GpuConfig(splits=2), "target3": GpuConfig(target_programs=3 * num_sms())}
-    cases = [(*sh, S, T) for S in SLOTS for sh in SHAPES for T in TS]
+    slots = [int(x) for x in sys.argv[2][5:].split(",")] if ":" in sys.argv[2] else SLOTS
+    cases = [(*sh, S, T) for S in slots for sh in SHAPES for T in (TS if slots is SLOTS else [1])]
     refs = {"cudnn": cudnn}
+layers = {}  # case -> L, for `stacked`
+if sys.argv[2:] == ["stacked"]:
+    CONFIGS = {"default": GpuConfig(), "splits2": GpuConfig(splits=2), "target3": GpuConfig(target_programs=3 * num_sms())}
+    cases = [(8, 32, 32, 128, S, 1) for S in (16384, 16498)] * 2
+    layers = {i: (1 if i < 2 else 4) for i in range(4)}
+    refs = {}
+if sys.argv[2:] == ["tail"]:  # the default plan gives 3 splits here; each case twice
+    CONFIGS = {"default": GpuConfig(), "splits2": GpuConfig(splits=2), "splits4": GpuConfig(splits=4)}
+    cases = [(8, 32, 32, 128, S, 1) for S in (16384, 16448, 16498)] * 2
+    refs = {}
+
+
+def stacked_set(s, L):
+    """attn_set's cache repeated over L layers: [L, B, S, Hkv, D]."""
+    q, k, v, ck, cv, cpos, qpos = s
+    return (q, k, v, jnp.broadcast_to(ck, (L, *ck.shape)) + 0, jnp.broadcast_to(cv, (L, *cv.shape)) + 0, cpos, qpos)
+
+
+def ours_at_last_layer(cfg, L):
+    def f(q, k, v, ck, cv, cpos, qpos):
+        return sparse_attention_gpu(q, k, v, ck, cv, cpos, qpos, layer=jnp.int32(L - 1), config=cfg).out
+
+    return f
+
+
 out = []
-for B, Hq, Hkv, D, S, T in cases:
+for i, (B, Hq, Hkv, D, S, T) in enumerate(cases):
     nbytes = kv_bytes(B, Hkv, D, S)
     sets = [attn_set(700 + u, B, Hq, Hkv, D, S, T) for u in range(n_sets(nbytes))]
     impls = {**refs, **{n: ours(c) for n, c in CONFIGS.items()}}
     row = {"shape": [B, Hq, Hkv, D, S, T]}
+    if i in layers:
+        sets = [stacked_set(st, layers[i]) for st in sets]
+        impls = {n: ours_at_last_layer(c, layers[i]) for n, c in CONFIGS.items()}
+        row["layers"] = layers[i]
     for name, f in impls.items():
         try:
             t, ts = bench(f, sets, reps=5)
@@ -68,4 +104,4 @@ for B, Hq, Hkv, D, S, T in cases:
 names = [*refs, *CONFIGS]
 print("K+V TB/s (B,Hq,Hkv,D,S,T):", " ".join(names))
 for r in out:
-    print(r["shape"], " ".join(f"{r[n]['TBps']:.2f}" if "TBps" in r.get(n, {}) else "err" for n in names))
+    print(r["shape"], r.get("layers", ""), " ".join(f"{r[n]['TBps']:.2f}" if "TBps" in r.get(n, {}) else "err" for n in names))
