@@ -39,6 +39,7 @@ from adore_jax.kernels import (
     sparse_attention_tpu,
 )
 from adore_jax.kernels.attention_gpu import plan
+from adore_jax.kernels.common import num_sms
 
 _SEED = itertools.count(1000)
 _FAST = {"xla_backend_optimization_level": 0}
@@ -113,6 +114,8 @@ GPU_CASES = [
     (2, 1, 8, 1, 32, 50, F32, "empty", GpuConfig(block_s=16, splits=2), True),  # MQA, all-empty cache
     (2, 9, 8, 8, 16, 33, F32, "full", GpuConfig(block_s=16, splits=1), False),  # one split: direct write
     (1, 2, 3, 1, 64, 200, BF16, "partial", GpuConfig(), False),  # default plan
+    (2, 1, 4, 2, 32, 9, F32, "partial", GpuConfig(), True),  # a cache shorter than one block
+    (1, 2, 4, 4, 32, 70, BF16, "partial", GpuConfig(block_s=16, splits=4), True),  # tail block overlaps the split before
 ]
 
 
@@ -273,9 +276,13 @@ def test_long_chunks_fall_back_to_reference(fn):
 
 
 def test_gpu_plan_splits_cover_slots():
-    for B, Hkv, S, D in [(8, 8, 1024, 128), (32, 3, 8192, 64), (8, 32, 4096, 128), (1, 1, 37, 64), (4, 2, 1000, 128)]:
+    target = 4 * num_sms()
+    for B, Hkv, S, D in [(8, 8, 1024, 128), (32, 3, 8192, 64), (8, 32, 4096, 128), (1, 1, 37, 64), (4, 2, 1000, 128),
+                         (64, 32, 1024, 128)]:
         bs, ns, sp = plan(B, Hkv, S, D, GpuConfig())
         assert sp % bs == 0 and ns * sp >= S and (ns - 1) * sp < S
+        assert B * Hkv * ns <= max(target, B * Hkv)  # no partial second wave
+    assert plan(8, 32, 16498, 128, GpuConfig())[1] == target // 256  # the 7B decode shape: whole waves
 
 
 # ---------------------------------------------------------------- cache update

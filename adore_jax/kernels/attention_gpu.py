@@ -62,7 +62,7 @@ class GpuConfig:
     num_warps: int = 4
     num_stages: Optional[int] = None  # None: 2 when G*T <= 16 rows (smaller smem, more CTAs per SM), else 3
     splits: Optional[int] = None  # splits of S per (b, kv head); None: auto (below)
-    target_programs: Optional[int] = None  # auto splits: ceil(target / (B * Hkv)); None: 4 x SMs
+    target_programs: Optional[int] = None  # auto splits: floor(target / (B * Hkv)); None: 4 x SMs (one wave)
     ctas_per_sm: Optional[int] = None  # if set, auto splits fill one wave: floor(ctas_per_sm * SMs / (B * Hkv))
     merge: str = "kernel"  # "kernel" (atomic last-arriver merge) or "xla"
     merge_loads: str = "plain"  # how the last program reads the partials: "plain" or "volatile"
@@ -79,9 +79,9 @@ def plan(B: int, Hkv: int, S: int, D: int, cfg: GpuConfig):
     elif cfg.ctas_per_sm:
         ns = max(1, (cfg.ctas_per_sm * num_sms()) // (B * Hkv))
         ns = min(ns, max(1, nblocks // 2))
-    else:
+    else:  # at most `target` programs: over it, a last partial wave leaves SMs idle (docs/KERNELS.md, session 10)
         target = cfg.target_programs or 4 * num_sms()
-        ns = max(1, cdiv(target, B * Hkv))
+        ns = max(1, target // (B * Hkv))
         ns = min(ns, max(1, nblocks // 2))  # at least two blocks per split when splitting
     sp = round_up(cdiv(max(S, 1), ns), bs)
     ns = max(1, cdiv(S, sp))
@@ -141,13 +141,16 @@ def _kernel(*refs, T, G, D, S, R, Rr, bs, Sp, NS, Tp, scale, merge, with_scores,
     q = plgpu.load(q_ref.at[t_of_r[:, None], hq_of_r[:, None], d[None, :]], mask=row_ok2, other=0)
     rpos = plgpu.load(qpos_ref.at[t_of_r], mask=row_ok, other=-1)
 
-    def update(carry, k, v, kpos, col0):
+    def update(carry, k, v, kpos, col0, own=None):
         o, m, l = carry
         s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision, preferred_element_type=f32) * scale
         allowed = (kpos[None, :] >= 0) & (kpos[None, :] <= rpos[:, None])
         s = jnp.where(allowed, s, NEG_INF)
         if with_scores:
-            sc_ref[:, pl.ds(col0, s.shape[1])] = s
+            if own is None:
+                sc_ref[:, pl.ds(col0, s.shape[1])] = s
+            else:  # columns another block owns keep the scores it wrote
+                plgpu.store(sc_ref.at[:, pl.ds(col0, s.shape[1])], s, mask=jnp.broadcast_to(own[None, :], s.shape))
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         alpha = jnp.exp(m - m_new)
         p = jnp.where(allowed, jnp.exp(s - m_new[:, None]), 0.0)
@@ -157,39 +160,39 @@ def _kernel(*refs, T, G, D, S, R, Rr, bs, Sp, NS, Tp, scale, merge, with_scores,
 
     carry = (jnp.zeros((R, D), f32), jnp.full((R,), NEG_INF, f32), jnp.zeros((R,), f32))
 
-    # Full blocks of this split (unmasked loads).
+    # The blocks of this split, one loop body for all of them: a partial last
+    # block is read as the whole block that ends at slot S (overlapping the one
+    # before it), its slots already counted masked out by position. So the
+    # kernel's code, and with it how many programs fit on an SM, does not depend
+    # on S (docs/KERNELS.md, session 10).
     split_start = j * Sp
-    n_full_total = S // bs
+    n_blocks_total = cdiv(S, bs)
     if S % Sp == 0:
-        n_full = Sp // bs  # static: every split is full
+        n_blocks = Sp // bs  # static: every split is full
     else:
-        n_full = jnp.clip(n_full_total - split_start // bs, 0, Sp // bs)
+        n_blocks = jnp.clip(n_blocks_total - split_start // bs, 0, Sp // bs)
+    cols = jnp.arange(bs, dtype=jnp.int32)
 
     def body(i, c):
-        start = pl.multiple_of(split_start + i * bs, bs)
+        lo = split_start + i * bs  # first slot this block owns
+        if S < bs:  # a cache shorter than one block: masked loads
+            ok = lo + cols < S
+            ok2 = jnp.broadcast_to(ok[:, None], (bs, D))
+            k = plgpu.load(ck_ref.at[lyr, pl.ds(lo, bs), :], mask=ok2, other=0)
+            v = plgpu.load(cv_ref.at[lyr, pl.ds(lo, bs), :], mask=ok2, other=0)
+            kpos = plgpu.load(cpos_ref.at[pl.ds(lo, bs)], mask=ok, other=-1)
+            return update(c, k, v, kpos, lo)
+        start = pl.multiple_of(lo, bs) if S % bs == 0 else jnp.minimum(lo, S - bs)
         k = ck_ref[lyr, pl.ds(start, bs), :]
         v = cv_ref[lyr, pl.ds(start, bs), :]
         kpos = cpos_ref[pl.ds(start, bs)]
-        return update(c, k, v, kpos, start)
+        own = None
+        if S % bs:
+            own = start + cols >= lo
+            kpos = jnp.where(own, kpos, -1)
+        return update(c, k, v, kpos, start, own)
 
-    if n_full_total:  # (the loop body slices bs slots: only trace it when S >= bs)
-        carry = lax.fori_loop(0, n_full, body, carry)
-
-    # Partial last block of the cache (masked loads), in the split that holds it.
-    if S % bs:
-        tail = n_full_total * bs
-        j_tail = tail // Sp
-
-        def do_tail(c):
-            start = tail + 0 * j  # dynamic start: the slice runs past S, the mask covers it
-            ok = (tail + jnp.arange(bs, dtype=jnp.int32)) < S
-            ok2 = jnp.broadcast_to(ok[:, None], (bs, D))
-            k = plgpu.load(ck_ref.at[lyr, pl.ds(start, bs), :], mask=ok2, other=0)
-            v = plgpu.load(cv_ref.at[lyr, pl.ds(start, bs), :], mask=ok2, other=0)
-            kpos = plgpu.load(cpos_ref.at[pl.ds(start, bs)], mask=ok, other=-1)
-            return update(c, k, v, kpos, tail)
-
-        carry = lax.cond(j == j_tail, do_tail, lambda c: c, carry)
+    carry = lax.fori_loop(0, n_blocks, body, carry)
 
     # The T new rows, in the last split.
     def do_new(c):

@@ -16,6 +16,10 @@ settings at (8,32,32,128), T = 1, over a cache of L layers read at its last laye
 Pallas's pointer offsets to 64 bits (attn_stacked.json). With `tail`, the default
 (3 splits), 2 and 4 splits at (8,32,32,128), T = 1, S in {16384, 16448, 16498}: 16448 is a whole
 number of 64-slot blocks that no split count divides, 16498 is not (attn_tail.json).
+With `waves` (after the kernel change: one loop body for every block, and the
+plan's splits rounded down to whole waves): first a check of the new default
+against XLA's reference on the device, then the new default against the same
+kernel under the old plan (splits rounded up) and cuDNN (attn_waves.json).
 """
 import dataclasses
 import json
@@ -66,6 +70,27 @@ if sys.argv[2:] == ["tail"]:  # the default plan gives 3 splits here; each case 
     cases = [(8, 32, 32, 128, S, 1) for S in (16384, 16448, 16498)] * 2
     refs = {}
 
+def old_plan_splits(B, Hkv, S, D):
+    """The split count of the plan before session 10's change (rounded up: ceil(4 x SMs / (B * Hkv)))."""
+    bs = 64 if D >= 128 else 128
+    bs = max(16, min(bs, (1 << S.bit_length()) // 2))
+    return max(1, min(-(-4 * num_sms() // (B * Hkv)), max(1, -(-S // bs) // 2)))
+
+
+if sys.argv[2:] == ["waves"]:
+    for B, Hq, Hkv, D, S, T, stats in [(8, 32, 32, 128, 16498, 1, False), (8, 32, 8, 128, 1000, 9, True),
+                                        (32, 9, 3, 64, 4100, 1, True), (2, 8, 2, 64, 9, 2, True)]:
+        a = attn_set(1, B, Hq, Hkv, D, S, T)
+        got, ref = jax.jit(ours(GpuConfig(), with_stats=stats))(*a), jax.jit(xla_ref(stats))(*a)
+        errs = [float(jnp.max(jnp.abs(x.astype(jnp.float32) - y.astype(jnp.float32)))) for x, y in
+                zip(jax.tree.leaves(got), jax.tree.leaves(ref))]
+        print("check", (B, Hq, Hkv, D, S, T), "stats" if stats else "", "max abs err", errs, flush=True)
+    cases = [(8, 32, 32, 128, 1024, 1), (8, 32, 32, 128, 16384, 1), (8, 32, 32, 128, 16498, 1),
+             (8, 32, 8, 128, 4096, 1), (8, 32, 8, 128, 4096, 9), (8, 32, 8, 128, 16384, 1),
+             (32, 9, 3, 64, 1024, 1), (32, 9, 3, 64, 8192, 1), (32, 9, 3, 64, 8192, 9)]
+    CONFIGS = {"default": GpuConfig(), "old_plan": None}
+    refs = {"cudnn": cudnn}
+
 
 def stacked_set(s, L):
     """attn_set's cache repeated over L layers: [L, B, S, Hkv, D]."""
@@ -84,18 +109,19 @@ out = []
 for i, (B, Hq, Hkv, D, S, T) in enumerate(cases):
     nbytes = kv_bytes(B, Hkv, D, S)
     sets = [attn_set(700 + u, B, Hq, Hkv, D, S, T) for u in range(n_sets(nbytes))]
-    impls = {**refs, **{n: ours(c) for n, c in CONFIGS.items()}}
+    configs = {n: c or GpuConfig(splits=old_plan_splits(B, Hkv, S, D)) for n, c in CONFIGS.items()}
+    impls = {**refs, **{n: ours(c) for n, c in configs.items()}}
     row = {"shape": [B, Hq, Hkv, D, S, T]}
     if i in layers:
         sets = [stacked_set(st, layers[i]) for st in sets]
-        impls = {n: ours_at_last_layer(c, layers[i]) for n, c in CONFIGS.items()}
+        impls = {n: ours_at_last_layer(c, layers[i]) for n, c in configs.items()}
         row["layers"] = layers[i]
     for name, f in impls.items():
         try:
             t, ts = bench(f, sets, reps=5)
             row[name] = {"us": t * 1e6, "TBps": nbytes / t / 1e12, "times_us": [x * 1e6 for x in ts]}
-            if name in CONFIGS:
-                row[name]["cfg"] = dataclasses.asdict(CONFIGS[name])
+            if name in configs:
+                row[name]["cfg"] = dataclasses.asdict(configs[name])
         except Exception as e:  # a config that does not compile: recorded, the rest still run
             row[name] = {"error": repr(e)[-600:]}
     out.append(row)
