@@ -3,11 +3,15 @@
 Grid (B, Hkv, NS): one program per (sequence, KV head, split of the slots).
 Each program loads the G * T query rows of its KV head once (rows r = t*G + g,
 padded to a power of two >= 16), then streams its share of the cache K/V
-straight from the cache layout [B, S, Hkv, D] (no transpose, each K/V row read
-once), with an online softmax in fp32. Given `layer`, the kernel reads that
-layer of the stacked [L, B, S, Hkv, D] cache itself (the index is a kernel
-input), so a layer scan passes the whole cache without slicing (copying) it. The last split also takes the T new
-rows. Splits are merged with their log-sum-exp either
+straight from the cache layout [B, S, Hkv, D] (no transpose), with an online
+softmax in fp32. Every block runs the same code: a partial last block is read
+as the whole block ending at slot S, and the slots it shares with the block
+before are masked by position (so each K/V row counts once, and fewer than one
+block's rows are read twice). The plan splits the slots so the programs fill at
+most one wave. Given `layer`, the kernel reads that layer of the stacked
+[L, B, S, Hkv, D] cache itself (the index is a kernel input), so a layer scan
+passes the whole cache without slicing (copying) it. The last split also takes
+the T new rows. Splits are merged with their log-sum-exp either
 
 * merge="kernel" (default): each split writes its partial (m, l, unnormalised
   o) to a small scratch output, bumps an atomic counter (after a CTA barrier;
@@ -62,8 +66,7 @@ class GpuConfig:
     num_warps: int = 4
     num_stages: Optional[int] = None  # None: 2 when G*T <= 16 rows (smaller smem, more CTAs per SM), else 3
     splits: Optional[int] = None  # splits of S per (b, kv head); None: auto (below)
-    target_programs: Optional[int] = None  # auto splits: floor(target / (B * Hkv)); None: 4 x SMs (one wave)
-    ctas_per_sm: Optional[int] = None  # if set, auto splits fill one wave: floor(ctas_per_sm * SMs / (B * Hkv))
+    ctas_per_sm: int = 4  # auto splits: at most one wave of this many programs per SM, floor(ctas_per_sm * SMs / (B * Hkv))
     merge: str = "kernel"  # "kernel" (atomic last-arriver merge) or "xla"
     merge_loads: str = "plain"  # how the last program reads the partials: "plain" or "volatile"
     prefill: Optional[PrefillConfig] = PrefillConfig()  # chunks longer than MAX_T rows; None: blockwise_attention
@@ -76,12 +79,8 @@ def plan(B: int, Hkv: int, S: int, D: int, cfg: GpuConfig):
     nblocks = max(1, cdiv(S, bs))
     if cfg.splits is not None:
         ns = max(1, min(cfg.splits, nblocks))
-    elif cfg.ctas_per_sm:
+    else:  # one wave at most: a last partial wave leaves SMs idle (docs/KERNELS.md, session 10)
         ns = max(1, (cfg.ctas_per_sm * num_sms()) // (B * Hkv))
-        ns = min(ns, max(1, nblocks // 2))
-    else:  # at most `target` programs: over it, a last partial wave leaves SMs idle (docs/KERNELS.md, session 10)
-        target = cfg.target_programs or 4 * num_sms()
-        ns = max(1, target // (B * Hkv))
         ns = min(ns, max(1, nblocks // 2))  # at least two blocks per split when splitting
     sp = round_up(cdiv(max(S, 1), ns), bs)
     ns = max(1, cdiv(S, sp))

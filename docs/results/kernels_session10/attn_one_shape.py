@@ -7,8 +7,8 @@ to back in one jit, median of 5). K+V bytes / time in TB/s. One H200.
 
     PYTHONPATH=. python3 docs/results/kernels_session10/attn_one_shape.py OUT.json [plan[:S,S...]]
 
-With `plan`, the split count alone (the default plan, 2 splits, and the plan's
-target of 3 programs per SM instead of 4) at every shape of eval/bench_kernels.py
+With `plan`, the split count alone (the default plan, 2 splits, and the plan
+of the time rounding up 3 programs per SM instead of 4) at every shape of eval/bench_kernels.py
 (SHAPES x SLOTS x TS), with cuDNN (attn_plan.json); with `plan:8192,16384`, at
 those slot counts and T = 1 (attn_plan_long.json). With `stacked`, the same three
 settings at (8,32,32,128), T = 1, over a cache of L layers read at its last layer
@@ -20,6 +20,9 @@ With `waves` (after the kernel change: one loop body for every block, and the
 plan's splits rounded down to whole waves): first a check of the new default
 against XLA's reference on the device, then the new default against the same
 kernel under the old plan (splits rounded up) and cuDNN (attn_waves.json).
+
+All modes but `waves` ran before that change, so their `default` is the kernel
+with a separate tail-block path and the plan rounding up.
 """
 import dataclasses
 import json
@@ -34,8 +37,19 @@ from eval.bench_kernels import SHAPES, SLOTS, TS, attn_set, bench, cudnn, kv_byt
 
 
 def pure_read(q, k, v, ck, cv, cpos, qpos):
-    """Every K/V byte read once (fp32 sum over the slots): the read-only floor for this op size."""
+    """Every K/V byte read once, by XLA (an fp32 sum over the slots)."""
     return jnp.sum(ck, axis=1, dtype=jnp.float32) + jnp.sum(cv, axis=1, dtype=jnp.float32)
+
+
+def rounded_up(per_sm):
+    """The plan before session 10's change, as explicit splits for one case:
+    ceil(per_sm x SMs / (B * Hkv)), at least two blocks a split."""
+    def cfg(B, Hkv, S, D):
+        bs = 64 if D >= 128 else 128
+        bs = max(16, min(bs, (1 << S.bit_length()) // 2))
+        return GpuConfig(splits=max(1, min(-(-per_sm * num_sms() // (B * Hkv)), max(1, -(-S // bs) // 2))))
+
+    return cfg
 
 
 CONFIGS = {
@@ -55,13 +69,13 @@ CONFIGS = {
 cases = [(8, 32, 32, 128, 1024, 1), (8, 32, 8, 128, 1024, 1), (8, 32, 32, 128, 4096, 1)]
 refs = {"pure_read": pure_read, "cudnn": cudnn, "xla_ref": xla_ref()}
 if sys.argv[2:] and sys.argv[2].startswith("plan"):
-    CONFIGS = {"default": GpuConfig(), "splits2": GpuConfig(splits=2), "target3": GpuConfig(target_programs=3 * num_sms())}
+    CONFIGS = {"default": GpuConfig(), "splits2": GpuConfig(splits=2), "target3": rounded_up(3)}
     slots = [int(x) for x in sys.argv[2][5:].split(",")] if ":" in sys.argv[2] else SLOTS
     cases = [(*sh, S, T) for S in slots for sh in SHAPES for T in (TS if slots is SLOTS else [1])]
     refs = {"cudnn": cudnn}
 layers = {}  # case -> L, for `stacked`
 if sys.argv[2:] == ["stacked"]:
-    CONFIGS = {"default": GpuConfig(), "splits2": GpuConfig(splits=2), "target3": GpuConfig(target_programs=3 * num_sms())}
+    CONFIGS = {"default": GpuConfig(), "splits2": GpuConfig(splits=2), "target3": rounded_up(3)}
     cases = [(8, 32, 32, 128, S, 1) for S in (16384, 16498)] * 2
     layers = {i: (1 if i < 2 else 4) for i in range(4)}
     refs = {}
@@ -70,11 +84,6 @@ if sys.argv[2:] == ["tail"]:  # the default plan gives 3 splits here; each case 
     cases = [(8, 32, 32, 128, S, 1) for S in (16384, 16448, 16498)] * 2
     refs = {}
 
-def old_plan_splits(B, Hkv, S, D):
-    """The split count of the plan before session 10's change (rounded up: ceil(4 x SMs / (B * Hkv)))."""
-    bs = 64 if D >= 128 else 128
-    bs = max(16, min(bs, (1 << S.bit_length()) // 2))
-    return max(1, min(-(-4 * num_sms() // (B * Hkv)), max(1, -(-S // bs) // 2)))
 
 
 if sys.argv[2:] == ["waves"]:
@@ -88,7 +97,7 @@ if sys.argv[2:] == ["waves"]:
     cases = [(8, 32, 32, 128, 1024, 1), (8, 32, 32, 128, 16384, 1), (8, 32, 32, 128, 16498, 1),
              (8, 32, 8, 128, 4096, 1), (8, 32, 8, 128, 4096, 9), (8, 32, 8, 128, 16384, 1),
              (32, 9, 3, 64, 1024, 1), (32, 9, 3, 64, 8192, 1), (32, 9, 3, 64, 8192, 9)]
-    CONFIGS = {"default": GpuConfig(), "old_plan": None}
+    CONFIGS = {"default": GpuConfig(), "old_plan": rounded_up(4)}
     refs = {"cudnn": cudnn}
 
 
@@ -109,7 +118,7 @@ out = []
 for i, (B, Hq, Hkv, D, S, T) in enumerate(cases):
     nbytes = kv_bytes(B, Hkv, D, S)
     sets = [attn_set(700 + u, B, Hq, Hkv, D, S, T) for u in range(n_sets(nbytes))]
-    configs = {n: c or GpuConfig(splits=old_plan_splits(B, Hkv, S, D)) for n, c in CONFIGS.items()}
+    configs = {n: c if isinstance(c, GpuConfig) else c(B, Hkv, S, D) for n, c in CONFIGS.items()}
     impls = {**refs, **{n: ours(c) for n, c in configs.items()}}
     row = {"shape": [B, Hq, Hkv, D, S, T]}
     if i in layers:

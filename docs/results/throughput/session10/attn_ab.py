@@ -8,7 +8,9 @@ eval.throughput's timing (16 steps a chunk, median of 5). One H200.
 attn_ab_prefetch.json: '{"prefetch": {}, "no-prefetch": {"pos_prefetch": false}}', run with a
 `pos_prefetch` field (the next block's slot positions loaded one loop step ahead)
 that was removed after this run showed no difference.
-attn_ab_splits.json: '{"default": {}, "splits2": {"splits": 2}, "target3": {"target_programs": 396}}'.
+attn_ab_splits.json: '{"default": {}, "splits2": {"splits": 2}}', before the kernel change of session 10.
+attn_ab_waves.json: '{"default": {}, "splits3": {"splits": 3}}', after it (one loop body for
+every block, splits rounded down to whole waves).
 """
 import json
 import sys
