@@ -332,12 +332,10 @@ def forward(
                 feat = jnp.where(li == feature_layer, normalized(x), feat)
         h = rms_norm(x, lp.attn_norm, cfg.rms_norm_eps)
         ws, bs, h2 = (lp.wq, lp.wk, lp.wv), (lp.bq, lp.bk, lp.bv), h.reshape(B * T, cfg.hidden_size)
-        if matmul_fn is not None and matmul_fn.takes_qkv_rope(h2, ws, D):  # q, k, v and RoPE: one kernel
-            q, k, v = matmul_fn.qkv_rope(h2, ws, bs, cos, sin, D)
-            q, k, v = q.reshape(B, T, Hq, D), k.reshape(B, T, Hkv, D), v.reshape(B, T, Hkv, D)
-        else:
-            q, k, v = _project(h, ws, bs, "qkv", matmul_fn)
-            q, k, v = q.reshape(B, T, Hq, D), k.reshape(B, T, Hkv, D), v.reshape(B, T, Hkv, D)
+        fused = matmul_fn is not None and matmul_fn.takes_qkv_rope(h2, ws, D)  # q, k, v and RoPE: one kernel
+        q, k, v = matmul_fn.qkv_rope(h2, ws, bs, cos, sin, D) if fused else _project(h, ws, bs, "qkv", matmul_fn)
+        q, k, v = q.reshape(B, T, Hq, D), k.reshape(B, T, Hkv, D), v.reshape(B, T, Hkv, D)
+        if not fused:
             q = apply_rope(q, positions, inv_freq)
             k = apply_rope(k, positions, inv_freq)
         # the whole stacked cache goes in with the layer index: slicing it here would
