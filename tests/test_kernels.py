@@ -38,7 +38,7 @@ from adore_jax.kernels import (
     sparse_attention_gpu,
     sparse_attention_tpu,
 )
-from adore_jax.kernels.attention_gpu import plan
+from adore_jax.kernels.attention_gpu import auto_splits, plan
 from adore_jax.kernels.common import num_sms
 
 _SEED = itertools.count(1000)
@@ -276,13 +276,25 @@ def test_long_chunks_fall_back_to_reference(fn):
 
 
 def test_gpu_plan_splits_cover_slots():
-    target = 4 * num_sms()
+    sms = num_sms()
     for B, Hkv, S, D in [(8, 8, 1024, 128), (32, 3, 8192, 64), (8, 32, 4096, 128), (1, 1, 37, 64), (4, 2, 1000, 128),
-                         (64, 32, 1024, 128)]:
-        bs, ns, sp = plan(B, Hkv, S, D, GpuConfig())
-        assert sp % bs == 0 and ns * sp >= S and (ns - 1) * sp < S
-        assert B * Hkv * ns <= max(target, B * Hkv)  # no partial second wave
-    assert plan(8, 32, 16498, 128, GpuConfig())[1] == target // 256  # the 7B decode shape: whole waves
+                         (64, 32, 1024, 128), (1, 8, 16384, 128)]:
+        for rows, per_sm in [(16, 4), (64, 2)]:
+            bs, ns, sp = plan(B, Hkv, S, D, GpuConfig(), rows)
+            assert sp % bs == 0 and ns * sp >= S and (ns - 1) * sp < S
+            waves = -(-B * Hkv * ns // (per_sm * sms))
+            assert waves == 1 or B * Hkv * ns > 0.85 * waves * per_sm * sms  # no mostly idle last wave
+    assert plan(8, 32, 16498, 128, GpuConfig())[1] == 4 * sms // 256  # the 7B decode shape: one wave
+    assert plan(8, 8, 4096, 128, GpuConfig(), 64)[1] == 2 * sms // 64  # 2 programs an SM from 32 rows
+    assert plan(8, 8, 4096, 128, GpuConfig(ctas_per_sm=4), 64)[1] == 4 * sms // 64
+
+
+def test_gpu_auto_splits_fewest_near_best():
+    assert auto_splits(256, 528, 8) == 2  # exactly one wave
+    assert auto_splits(96, 264, 64) == 5  # 1.82 waves: within 12% of the limit, where 2 splits fill 73% of one
+    assert auto_splits(96, 264, 4) == 2  # few blocks: 2 splits (one wave) beat 4 (1.45 waves)
+    assert auto_splits(2048, 528, 16) == 1  # more programs than the GPU holds: no splitting
+    assert auto_splits(8, 528, 1) == 1
 
 
 # ---------------------------------------------------------------- cache update

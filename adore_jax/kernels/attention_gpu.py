@@ -7,8 +7,8 @@ straight from the cache layout [B, S, Hkv, D] (no transpose), with an online
 softmax in fp32. Every block runs the same code: a partial last block is read
 as the whole block ending at slot S, and the slots it shares with the block
 before are masked by position (so each K/V row counts once, and fewer than one
-block's rows are read twice). The plan splits the slots so the programs fill at
-most one wave. Given `layer`, the kernel reads that layer of the stacked
+block's rows are read twice). The plan splits the slots into whole waves of
+programs (`auto_splits`). Given `layer`, the kernel reads that layer of the stacked
 [L, B, S, Hkv, D] cache itself (the index is a kernel input), so a layer scan
 passes the whole cache without slicing (copying) it. The last split also takes
 the T new rows. Splits are merged with their log-sum-exp either
@@ -66,22 +66,31 @@ class GpuConfig:
     num_warps: int = 4
     num_stages: Optional[int] = None  # None: 2 when G*T <= 16 rows (smaller smem, more CTAs per SM), else 3
     splits: Optional[int] = None  # splits of S per (b, kv head); None: auto (below)
-    ctas_per_sm: int = 4  # auto splits: at most one wave of this many programs per SM, floor(ctas_per_sm * SMs / (B * Hkv))
+    ctas_per_sm: Optional[int] = None  # programs resident per SM, for the auto splits; None: 4 for <= 16 query rows, else 2
     merge: str = "kernel"  # "kernel" (atomic last-arriver merge) or "xla"
     merge_loads: str = "plain"  # how the last program reads the partials: "plain" or "volatile"
     prefill: Optional[PrefillConfig] = PrefillConfig()  # chunks longer than MAX_T rows; None: blockwise_attention
 
 
-def plan(B: int, Hkv: int, S: int, D: int, cfg: GpuConfig):
-    """Static launch plan: (block_s, splits, split_len)."""
+def auto_splits(programs: int, resident: int, max_splits: int) -> int:
+    """Splits of the slots for `programs` (b, kv head) pairs on a GPU that holds
+    `resident` programs at once: the fewest within 12% of the least wave-quantized
+    time, ceil(programs * ns / resident) / ns (a last partial wave leaves SMs idle;
+    docs/KERNELS.md, sessions 10 and 11)."""
+    cost = [cdiv(programs * ns, resident) / ns for ns in range(1, max_splits + 1)]
+    return 1 + next(i for i, c in enumerate(cost) if c <= 1.12 * min(cost))
+
+
+def plan(B: int, Hkv: int, S: int, D: int, cfg: GpuConfig, rows: int = 16):
+    """Static launch plan for `rows` (padded) query rows a program: (block_s, splits, split_len)."""
     bs = cfg.block_s or (64 if D >= 128 else 128)
     bs = max(16, min(bs, next_pow2(S + 1) // 2))  # a power of two <= S (16 when S < 16)
     nblocks = max(1, cdiv(S, bs))
     if cfg.splits is not None:
         ns = max(1, min(cfg.splits, nblocks))
-    else:  # one wave at most: a last partial wave leaves SMs idle (docs/KERNELS.md, session 10)
-        ns = max(1, (cfg.ctas_per_sm * num_sms()) // (B * Hkv))
-        ns = min(ns, max(1, nblocks // 2))  # at least two blocks per split when splitting
+    else:  # measured residency: registers allow 2 programs an SM from 32 rows (docs/KERNELS.md, session 11)
+        per_sm = cfg.ctas_per_sm or (4 if rows <= 16 else 2)
+        ns = auto_splits(B * Hkv, per_sm * num_sms(), max(1, nblocks // 2))  # two blocks a split at least
     sp = round_up(cdiv(max(S, 1), ns), bs)
     ns = max(1, cdiv(S, sp))
     return bs, ns, sp
@@ -278,9 +287,9 @@ def sparse_attention_gpu(
     L = cache_k.shape[0]
     if config.merge not in ("kernel", "xla"):
         raise ValueError(f"unknown merge {config.merge!r} (kernel, xla)")
-    bs, NS, Sp = plan(B, Hkv, S, D, config)
     Rr = G * T
     R = max(16, next_pow2(Rr))
+    bs, NS, Sp = plan(B, Hkv, S, D, config, R)
     Tp = max(16, next_pow2(T))
     stages = config.num_stages or (2 if R <= 16 else 3)
     merge = config.merge

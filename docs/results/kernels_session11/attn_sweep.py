@@ -1,0 +1,66 @@
+"""Session 11 experiment: launch settings of the decode attention kernel where
+issue 4's targets are missed (T = 9 with GQA, where G*T query rows pad to 32 or 64;
+the T = 1 points of session 10's table not re-measured after its kernel change),
+against cuDNN and a copy of the same K/V bytes (-ck, -cv: read + write, as in
+eval/bench_kernels.py). Each op timed as there (inputs rotated past L2, back to
+back in one jit, median of 5). K+V bytes / time in TB/s. One H200.
+
+    PYTHONPATH=. python3 docs/results/kernels_session11/attn_sweep.py OUT.json [DEADLINE_S]
+"""
+import dataclasses
+import json
+import sys
+import time
+
+import jax
+
+from adore_jax.kernels import GpuConfig
+from eval.bench_kernels import attn_set, bench, cudnn, kv_bytes, n_sets, ours
+
+T0 = time.time()
+DEADLINE = float(sys.argv[2]) if sys.argv[2:] else 500.0
+WIDE = {  # for the cases with 32 or 64 query rows
+    "default": GpuConfig(),
+    "cta2": GpuConfig(ctas_per_sm=2),
+    "cta3": GpuConfig(ctas_per_sm=3),
+    "st2": GpuConfig(num_stages=2),
+    "st2_cta3": GpuConfig(num_stages=2, ctas_per_sm=3),
+    "st2_cta2": GpuConfig(num_stages=2, ctas_per_sm=2),
+    "bs32": GpuConfig(block_s=32),
+    "bs32_cta2": GpuConfig(block_s=32, ctas_per_sm=2),
+    "bs32_st4": GpuConfig(block_s=32, num_stages=4),
+    "w8": GpuConfig(num_warps=8),
+    "w8_st2": GpuConfig(num_warps=8, num_stages=2),
+}
+NARROW = {n: WIDE[n] for n in ("default", "cta2", "cta3", "st2", "bs32")} | {"st3": GpuConfig(num_stages=3)}
+cases = [(sh, S, 9, WIDE) for sh in [(8, 32, 8, 128), (32, 9, 3, 64)] for S in (1024, 4096, 8192)]
+cases += [((8, 32, 8, 128), S, 1, NARROW) for S in (4096, 8192)]
+cases += [((8, 32, 32, 128), S, 1, NARROW) for S in (1024, 4096, 8192)]
+cases += [((32, 9, 3, 64), 8192, 1, NARROW), ((8, 32, 32, 128), 4096, 9, NARROW)]
+
+out = []
+for (B, Hq, Hkv, D), S, T, configs in cases:
+    if time.time() - T0 > DEADLINE:
+        print("deadline: skipped", (B, Hq, Hkv, D, S, T), flush=True)
+        continue
+    nbytes = kv_bytes(B, Hkv, D, S)
+    sets = [attn_set(900 + u, B, Hq, Hkv, D, S, T) for u in range(n_sets(nbytes))]
+    impls = {"copy": lambda q, k, v, ck, cv, *_: (-ck, -cv), "cudnn": cudnn, **{n: ours(c) for n, c in configs.items()}}
+    row = {"shape": [B, Hq, Hkv, D, S, T]}
+    for name, f in impls.items():
+        try:
+            t, ts = bench(f, sets, reps=5)
+            tb = (2 if name == "copy" else 1) * nbytes / t / 1e12
+            row[name] = {"us": t * 1e6, "TBps": tb, "times_us": [x * 1e6 for x in ts]}
+            if name in configs:
+                row[name]["cfg"] = dataclasses.asdict(configs[name])
+        except Exception as e:  # a config that does not compile: recorded, the rest still run
+            row[name] = {"error": repr(e)[-600:]}
+    out.append(row)
+    json.dump(out, open(sys.argv[1], "w"), indent=1)
+    print(f"[{time.time() - T0:5.0f}s]", row["shape"], {n: round(v["TBps"], 2) for n, v in row.items() if "TBps" in v}, flush=True)
+    del sets
+names = ["copy", "cudnn", *WIDE, "st3"]
+print("K+V TB/s (copy: read + written); B,Hq,Hkv,D,S,T |", " ".join(names))
+for r in out:
+    print(r["shape"], "|", " ".join(f"{r[n]['TBps']:.2f}" if "TBps" in r.get(n, {}) else "-" for n in names))
