@@ -287,6 +287,7 @@ def test_gpu_plan_splits_cover_slots():
     assert plan(8, 32, 16498, 128, GpuConfig())[1] == 4 * sms // 256  # the 7B decode shape: one wave
     assert plan(8, 8, 4096, 128, GpuConfig(), 64)[1] == 2 * sms // 64  # 2 programs an SM from 32 rows
     assert plan(8, 8, 4096, 128, GpuConfig(ctas_per_sm=4), 64)[1] == 4 * sms // 64
+    assert plan(32, 3, 4096, 64, GpuConfig())[0] == 128 and plan(32, 3, 4096, 64, GpuConfig(), 32)[0] == 64
 
 
 def test_gpu_auto_splits_fewest_near_best():

@@ -62,7 +62,7 @@ from adore_jax.kernels.prefill_gpu import PrefillConfig, prefill_attention_gpu
 class GpuConfig:
     """Tuning knobs of the GPU kernel (static)."""
 
-    block_s: Optional[int] = None  # slots per loop step; None: 64 for D >= 128, else 128
+    block_s: Optional[int] = None  # slots per loop step; None: 64 for D >= 128 or >= 32 query rows, else 128
     num_warps: int = 4
     num_stages: Optional[int] = None  # None: 2 when G*T <= 16 rows (smaller smem, more CTAs per SM), else 3
     splits: Optional[int] = None  # splits of S per (b, kv head); None: auto (below)
@@ -83,7 +83,7 @@ def auto_splits(programs: int, resident: int, max_splits: int) -> int:
 
 def plan(B: int, Hkv: int, S: int, D: int, cfg: GpuConfig, rows: int = 16):
     """Static launch plan for `rows` (padded) query rows a program: (block_s, splits, split_len)."""
-    bs = cfg.block_s or (64 if D >= 128 else 128)
+    bs = cfg.block_s or (64 if D >= 128 or rows >= 32 else 128)  # docs/KERNELS.md, session 11
     bs = max(16, min(bs, next_pow2(S + 1) // 2))  # a power of two <= S (16 when S < 16)
     nblocks = max(1, cdiv(S, bs))
     if cfg.splits is not None:
