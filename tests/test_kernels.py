@@ -114,6 +114,7 @@ GPU_CASES = [
     (2, 1, 8, 1, 32, 50, F32, "empty", GpuConfig(block_s=16, splits=2), True),  # MQA, all-empty cache
     (2, 9, 8, 8, 16, 33, F32, "full", GpuConfig(block_s=16, splits=1), False),  # one split: direct write
     (1, 2, 3, 1, 64, 200, BF16, "partial", GpuConfig(), False),  # default plan
+    (2, 9, 9, 3, 64, 300, BF16, "partial", GpuConfig(), True),  # default plan at 27 rows, D=64: 64-slot blocks, tail
     (2, 1, 4, 2, 32, 9, F32, "partial", GpuConfig(), True),  # a cache shorter than one block
     (1, 2, 4, 4, 32, 70, BF16, "partial", GpuConfig(block_s=16, splits=4), True),  # tail block overlaps the split before
 ]
@@ -293,7 +294,7 @@ def test_gpu_plan_splits_cover_slots():
 def test_gpu_auto_splits_fewest_near_best():
     assert auto_splits(256, 528, 8) == 2  # exactly one wave
     assert auto_splits(96, 264, 64) == 5  # 1.82 waves: within 12% of the limit, where 2 splits fill 73% of one
-    assert auto_splits(96, 264, 4) == 2  # few blocks: 2 splits (one wave) beat 4 (1.45 waves)
+    assert auto_splits(96, 264, 4) == 2  # few blocks: 2 splits (one wave) tie 4 (1.45 waves); the fewest
     assert auto_splits(2048, 528, 16) == 1  # more programs than the GPU holds: no splitting
     assert auto_splits(8, 528, 1) == 1
 

@@ -88,7 +88,7 @@ def plan(B: int, Hkv: int, S: int, D: int, cfg: GpuConfig, rows: int = 16):
     nblocks = max(1, cdiv(S, bs))
     if cfg.splits is not None:
         ns = max(1, min(cfg.splits, nblocks))
-    else:  # measured residency: registers allow 2 programs an SM from 32 rows (docs/KERNELS.md, session 11)
+    else:  # residency inferred from timings: 2 programs an SM from 32 rows (docs/KERNELS.md, session 11)
         per_sm = cfg.ctas_per_sm or (4 if rows <= 16 else 2)
         ns = auto_splits(B * Hkv, per_sm * num_sms(), max(1, nblocks // 2))  # two blocks a split at least
     sp = round_up(cdiv(max(S, 1), ns), bs)
