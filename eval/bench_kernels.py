@@ -45,6 +45,8 @@ import numpy as np
 from adore_jax.attention import reference_attention
 from adore_jax.cache import KVCache, write_rows
 from adore_jax.kernels import GpuConfig, PrefillConfig, blockwise_attention, cache_update_gpu, sparse_attention_gpu
+from adore_jax.kernels.attention_gpu import plan
+from adore_jax.kernels.common import next_pow2
 from eval.bandwidth import copy_bandwidth as measured_copy_bandwidth
 
 SHAPES = [(8, 32, 8, 128), (32, 9, 3, 64), (8, 32, 32, 128)]  # (B, Hq, Hkv, D)
@@ -85,6 +87,24 @@ def bench(op, sets, reps=7, min_call_s=0.02):
         jax.block_until_ready(out)
         times.append((time.perf_counter() - t) / (n * len(sets)))
     return statistics.median(times), times
+
+
+def time_ops(impls, sets, nbytes, configs=(), copies=()):
+    """{name: {us, TBps, times_us[, cfg]}} for each op in impls, timed by `bench`
+    (reps=5): nbytes / time, twice that for the names in `copies` (read + written),
+    with the GpuConfig of the names in `configs`. An op that fails records its error
+    and the rest still run."""
+    row = {}
+    for name, f in impls.items():
+        try:
+            t, ts = bench(f, sets, reps=5)
+            tb = (2 if name in copies else 1) * nbytes / t / 1e12
+            row[name] = {"us": t * 1e6, "TBps": tb, "times_us": [x * 1e6 for x in ts]}
+            if name in configs:
+                row[name]["cfg"] = dataclasses.asdict(configs[name])
+        except Exception as e:  # a config that does not compile
+            row[name] = {"error": repr(e)[-600:]}
+    return row
 
 
 def _warm(call, seconds=0.05):
@@ -311,14 +331,14 @@ def attention_section(results, copy_bw, smoke, interpret, deadline):
     results["attention"] = rows
 
 
-SWEEP = {  # name -> config (block_s "half"/"double": half/twice the default block); earlier sweeps: docs/KERNELS.md
-    "default": GpuConfig(),
-    "st3": GpuConfig(num_stages=3),
-    "wave2": GpuConfig(ctas_per_sm=2),
-    "w8": GpuConfig(num_warps=8),
-    "w8_double": GpuConfig(num_warps=8, block_s="double"),
-    "half": GpuConfig(block_s="half"),
-    "one_split": GpuConfig(splits=1),  # no merge, no counter memset: the per-call fixed cost without them
+SWEEP = {  # name -> (config, its block as a multiple of the default plan's); earlier sweeps: docs/KERNELS.md
+    "default": (GpuConfig(), 1),
+    "st3": (GpuConfig(num_stages=3), 1),
+    "wave2": (GpuConfig(ctas_per_sm=2), 1),
+    "w8": (GpuConfig(num_warps=8), 1),
+    "w8_double": (GpuConfig(num_warps=8), 2),
+    "half": (GpuConfig(), 0.5),
+    "one_split": (GpuConfig(splits=1), 1),  # no merge, no counter memset: the per-call fixed cost without them
 }
 
 
@@ -334,10 +354,10 @@ def sweep_section(results, copy_bw, smoke, interpret, deadline):
         U = n_sets(nbytes)
         sets = [attn_set(500 + u, B, Hq, Hkv, D, S, T) for u in range(U)]
         row = {"B": B, "Hq": Hq, "Hkv": Hkv, "D": D, "S": S, "T": T}
-        base_bs = 64 if D >= 128 else 128
-        for name, cfg in SWEEP.items():
-            if cfg.block_s in ("half", "double"):
-                cfg = dataclasses.replace(cfg, block_s=base_bs // 2 if cfg.block_s == "half" else base_bs * 2)
+        base_bs = plan(B, Hkv, S, D, GpuConfig(), max(16, next_pow2(Hq // Hkv * T)))[0]
+        for name, (cfg, scale) in SWEEP.items():
+            if scale != 1:
+                cfg = dataclasses.replace(cfg, block_s=max(16, int(base_bs * scale)))
             try:
                 t, _ = bench(ours(cfg, interpret=interpret), sets, reps=5)
                 row[name] = {"us": t * 1e6, "TBps": nbytes / t / 1e12, "cfg": dataclasses.asdict(cfg)}

@@ -223,6 +223,13 @@ def test_gpu_prefill_kernel_can_be_turned_off():
     assert "adore_prefill_attention" in str(on) and "adore_prefill_attention" not in str(off)
 
 
+@pytest.mark.parametrize("kw", [dict(block_s=48), dict(block_s=8), dict(splits=0), dict(ctas_per_sm=0), dict(num_stages=-1),
+                                dict(num_warps=0), dict(merge="atomic"), dict(merge_loads="cached")])
+def test_gpu_config_rejects_bad_values(kw):
+    with pytest.raises(ValueError, match="GpuConfig"):
+        GpuConfig(**kw)
+
+
 @pytest.mark.parametrize("kw", [dict(block_s=48), dict(block_s=8), dict(rows=0), dict(num_warps=0)])
 def test_prefill_config_rejects_bad_values(kw):
     with pytest.raises(ValueError, match="PrefillConfig"):
@@ -668,3 +675,23 @@ def test_bench_kernels_prefill_section_runs(tmp_path):
     assert len(variants) == len(bench_kernels.PREFILL_SWEEP)
     for k in variants + ["blockwise"]:
         assert row[k]["us"] > 0 and row[k]["rel_err_vs_blockwise"] < 1e-2, (k, row[k])
+
+
+def test_bench_time_ops_records_rates_configs_and_errors():
+    """eval/bench_kernels.time_ops: bytes / time for an op, twice that for a copy
+    (read + written), the config of a kernel setting, and an error for an op that
+    fails without stopping the others."""
+    from eval.bench_kernels import time_ops
+
+    x = jnp.ones((256, 256), jnp.float32)
+    cfg = GpuConfig(splits=2)
+
+    def broken(a):
+        raise ValueError("does not compile")
+
+    row = time_ops({"neg": lambda a: -a, "copy": lambda a: -a, "bad": broken}, [(x,), (x + 1,)], x.nbytes,
+                   configs={"neg": cfg}, copies=("copy",))
+    assert row["neg"]["us"] > 0 and row["neg"]["TBps"] == pytest.approx(x.nbytes / row["neg"]["us"] / 1e6)
+    assert row["copy"]["TBps"] == pytest.approx(2 * x.nbytes / row["copy"]["us"] / 1e6)
+    assert row["neg"]["cfg"]["splits"] == 2 and "cfg" not in row["copy"]
+    assert "does not compile" in row["bad"]["error"]

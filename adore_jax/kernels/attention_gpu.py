@@ -71,6 +71,19 @@ class GpuConfig:
     merge_loads: str = "plain"  # how the last program reads the partials: "plain" or "volatile"
     prefill: Optional[PrefillConfig] = PrefillConfig()  # chunks longer than MAX_T rows; None: blockwise_attention
 
+    def __post_init__(self):
+        if self.block_s is not None and (self.block_s < 16 or self.block_s != next_pow2(self.block_s)):
+            raise ValueError(f"GpuConfig: block_s must be None or a power of two >= 16; got {self.block_s}")
+        for name in ("num_stages", "splits", "ctas_per_sm"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"GpuConfig: {name} must be None or >= 1; got {getattr(self, name)}")
+        if self.num_warps < 1:
+            raise ValueError(f"GpuConfig: num_warps must be >= 1; got {self.num_warps}")
+        if self.merge not in ("kernel", "xla"):
+            raise ValueError(f"GpuConfig: unknown merge {self.merge!r} (kernel, xla)")
+        if self.merge_loads not in ("plain", "volatile"):
+            raise ValueError(f"GpuConfig: unknown merge_loads {self.merge_loads!r} (plain, volatile)")
+
 
 def auto_splits(programs: int, resident: int, max_splits: int) -> int:
     """Splits of the slots for `programs` (b, kv head) pairs on a GPU that holds
@@ -285,8 +298,6 @@ def sparse_attention_gpu(
         return AttentionOut(prefill_attention_gpu(q, k, v, cache_k, cache_v, cache_pos, q_pos, layer, scale=scale,
                                                   interpret=interpret, config=config.prefill))
     L = cache_k.shape[0]
-    if config.merge not in ("kernel", "xla"):
-        raise ValueError(f"unknown merge {config.merge!r} (kernel, xla)")
     Rr = G * T
     R = max(16, next_pow2(Rr))
     bs, NS, Sp = plan(B, Hkv, S, D, config, R)

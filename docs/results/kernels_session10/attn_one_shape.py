@@ -24,7 +24,6 @@ kernel under the old plan (splits rounded up) and cuDNN (attn_waves.json).
 All modes but `waves` ran before that change, so their `default` is the kernel
 with a separate tail-block path and the plan rounding up.
 """
-import dataclasses
 import json
 import sys
 
@@ -33,7 +32,7 @@ import jax.numpy as jnp
 
 from adore_jax.kernels import GpuConfig, sparse_attention_gpu
 from adore_jax.kernels.common import num_sms
-from eval.bench_kernels import SHAPES, SLOTS, TS, attn_set, bench, cudnn, kv_bytes, n_sets, ours, xla_ref
+from eval.bench_kernels import SHAPES, SLOTS, TS, attn_set, cudnn, kv_bytes, n_sets, ours, time_ops, xla_ref
 
 
 def pure_read(q, k, v, ck, cv, cpos, qpos):
@@ -125,14 +124,7 @@ for i, (B, Hq, Hkv, D, S, T) in enumerate(cases):
         sets = [stacked_set(st, layers[i]) for st in sets]
         impls = {n: ours_at_last_layer(c, layers[i]) for n, c in configs.items()}
         row["layers"] = layers[i]
-    for name, f in impls.items():
-        try:
-            t, ts = bench(f, sets, reps=5)
-            row[name] = {"us": t * 1e6, "TBps": nbytes / t / 1e12, "times_us": [x * 1e6 for x in ts]}
-            if name in configs:
-                row[name]["cfg"] = dataclasses.asdict(configs[name])
-        except Exception as e:  # a config that does not compile: recorded, the rest still run
-            row[name] = {"error": repr(e)[-600:]}
+    row.update(time_ops(impls, sets, nbytes, configs))
     out.append(row)
     json.dump(out, open(sys.argv[1], "w"), indent=1)
     del sets

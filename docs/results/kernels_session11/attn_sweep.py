@@ -14,7 +14,6 @@ With `confirm` (after the block size for >= 32 rows at D = 64 became 64 slots):
 a check against XLA's reference on the device, then the new default against
 block_s=128 at (32,9,3,64), T = 9 (attn_confirm.json).
 """
-import dataclasses
 import json
 import sys
 import time
@@ -22,7 +21,7 @@ import time
 import jax
 
 from adore_jax.kernels import GpuConfig
-from eval.bench_kernels import attn_set, bench, cudnn, kv_bytes, n_sets, ours
+from eval.bench_kernels import attn_set, cudnn, kv_bytes, n_sets, ours, time_ops
 
 T0 = time.time()
 DEADLINE = float(sys.argv[2]) if sys.argv[2:] else 500.0
@@ -77,16 +76,7 @@ for (B, Hq, Hkv, D), S, T, configs in cases:
     nbytes = kv_bytes(B, Hkv, D, S)
     sets = [attn_set(900 + u, B, Hq, Hkv, D, S, T) for u in range(n_sets(nbytes))]
     impls = {"copy": lambda q, k, v, ck, cv, *_: (-ck, -cv), "cudnn": cudnn, **{n: ours(c) for n, c in configs.items()}}
-    row = {"shape": [B, Hq, Hkv, D, S, T]}
-    for name, f in impls.items():
-        try:
-            t, ts = bench(f, sets, reps=5)
-            tb = (2 if name == "copy" else 1) * nbytes / t / 1e12
-            row[name] = {"us": t * 1e6, "TBps": tb, "times_us": [x * 1e6 for x in ts]}
-            if name in configs:
-                row[name]["cfg"] = dataclasses.asdict(configs[name])
-        except Exception as e:  # a config that does not compile: recorded, the rest still run
-            row[name] = {"error": repr(e)[-600:]}
+    row = {"shape": [B, Hq, Hkv, D, S, T], **time_ops(impls, sets, nbytes, configs, copies=("copy",))}
     out.append(row)
     json.dump(out, open(sys.argv[1], "w"), indent=1)
     print(f"[{time.time() - T0:5.0f}s]", row["shape"], {n: round(v["TBps"], 2) for n, v in row.items() if "TBps" in v}, flush=True)
