@@ -298,6 +298,16 @@ def test_gpu_plan_splits_cover_slots():
     assert plan(32, 3, 4096, 64, GpuConfig())[0] == 128 and plan(32, 3, 4096, 64, GpuConfig(), 32)[0] == 64
 
 
+def test_gpu_plan_one_row_splits_at_the_bench_shapes(monkeypatch):
+    """At T = 1 (16 padded rows, 4 programs an SM of an H200's 132) the split counts
+    session 10 measured: one wave, floor(528 / (B * Hkv)), two blocks a split at least."""
+    monkeypatch.setattr("adore_jax.kernels.attention_gpu.num_sms", lambda: 132)
+    got = {(B, Hkv, S): plan(B, Hkv, S, D, GpuConfig())[1] for B, Hkv, D in [(8, 8, 128), (32, 3, 64), (8, 32, 128)]
+           for S in (1024, 4096, 8192)}
+    assert got == {(8, 8, 1024): 8, (8, 8, 4096): 8, (8, 8, 8192): 8, (32, 3, 1024): 4, (32, 3, 4096): 5,
+                   (32, 3, 8192): 5, (8, 32, 1024): 2, (8, 32, 4096): 2, (8, 32, 8192): 2}
+
+
 def test_gpu_auto_splits_fewest_near_best():
     assert auto_splits(256, 528, 8) == 2  # exactly one wave
     assert auto_splits(96, 264, 64) == 5  # 1.82 waves: within 12% of the limit, where 2 splits fill 73% of one
