@@ -21,9 +21,12 @@
    (--deadline bounds the whole run). Results and history: docs/KERNELS.md.
 
 Timing (METHOD.md): random bf16 data, compile + warm-up first, U different
-input sets inside one jitted call (rotation past the 50 MB L2), calls issued
-back to back, median over repeats of time / (calls * U). A short table is
-printed last; everything goes to the JSON file.
+input sets inside one jitted call (rotation past the 50 MB L2). --timer device
+(the default): the GPU's busy time per op in a jax.profiler trace of three calls
+(eval/trace.py; median over the calls), so an op of 15-40 us is not measured by
+how fast the host launches it; --timer wall: calls issued back to back, median
+over repeats of the host's time / (calls * U). A short table is printed last;
+everything goes to the JSON file.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from adore_jax.kernels import GpuConfig, PrefillConfig, blockwise_attention, cac
 from adore_jax.kernels.attention_gpu import plan
 from adore_jax.kernels.common import next_pow2
 from eval.bandwidth import copy_bandwidth as measured_copy_bandwidth
+from eval.trace import busy_ns, gpu_events
 
 SHAPES = [(8, 32, 8, 128), (32, 9, 3, 64), (8, 32, 32, 128)]  # (B, Hq, Hkv, D)
 SLOTS = [1024, 4096, 8192]
@@ -69,11 +73,15 @@ def log(*a):
 # ---------------------------------------------------------------- timing
 
 
-def bench(op, sets, reps=7, min_call_s=0.02):
-    """Median seconds per op: `op(*s)` for every s in sets inside one jit, calls back to back."""
+def bench(op, sets, reps=7, min_call_s=0.02, timer="wall"):
+    """Seconds per op: `op(*s)` for every s in sets inside one jit, calls back to back.
+    timer="wall": median over reps of the host's clock; "device": the GPU's busy time
+    in a profiler trace (kernels only: no host launch gaps), `device_seconds`."""
     multi = jax.jit(lambda sets: [op(*s) for s in sets])
     jax.block_until_ready(multi(sets))  # compile
     _warm(lambda: multi(sets))
+    if timer == "device":
+        return device_seconds(lambda: multi(sets), len(sets))
     t = time.perf_counter()
     jax.block_until_ready(multi(sets))
     per_call = max(time.perf_counter() - t, 1e-6)
@@ -89,15 +97,28 @@ def bench(op, sets, reps=7, min_call_s=0.02):
     return statistics.median(times), times
 
 
-def time_ops(impls, sets, nbytes, configs=(), copies=()):
+def device_seconds(call, n_ops, calls=3):
+    """GPU-busy seconds per op while call() (n_ops ops) runs `calls` times in one
+    profiler trace: (median over calls, per call). The union of the kernels' intervals
+    counts, so the gaps where the GPU waits for the host do not (METHOD.md: at 15-40 us
+    an op, the wall clock of back-to-back calls measures the host's launches)."""
+    events = gpu_events(lambda: [call() for _ in range(calls)])
+    if not events or len(events) % calls:
+        raise RuntimeError(f"{len(events)} GPU events in the trace for {calls} calls")
+    k = len(events) // calls
+    per = [busy_ns(events[i * k:(i + 1) * k]) * 1e-9 / n_ops for i in range(calls)]
+    return statistics.median(per), per
+
+
+def time_ops(impls, sets, nbytes, configs=(), copies=(), timer="wall"):
     """{name: {us, TBps, times_us[, cfg]}} for each op in impls, timed by `bench`
-    (reps=5): nbytes / time, twice that for the names in `copies` (read + written),
+    (reps=5, `timer`): nbytes / time, twice that for the names in `copies` (read + written),
     with the GpuConfig of the names in `configs`. An op that fails records its error
     and the rest still run."""
     row = {}
     for name, f in impls.items():
         try:
-            t, ts = bench(f, sets, reps=5)
+            t, ts = bench(f, sets, reps=5, timer=timer)
             tb = (2 if name in copies else 1) * nbytes / t / 1e12
             row[name] = {"us": t * 1e6, "TBps": tb, "times_us": [x * 1e6 for x in ts]}
             if name in configs:
@@ -114,11 +135,20 @@ def _warm(call, seconds=0.05):
         jax.block_until_ready(call())
 
 
-def bench_chain(step, state, extra_sets, reps=7, min_call_s=0.02):
+def bench_chain(step, state, extra_sets, reps=7, min_call_s=0.02, timer="wall"):
     """Like bench for an op that consumes and returns donated state (the cache)."""
     multi = jax.jit(lambda st, sets: _chain(step, st, sets), donate_argnums=0)
     state = multi(state, extra_sets)
     state = jax.block_until_ready(multi(state, extra_sets))
+    if timer == "device":
+        box = [state]
+
+        def call():
+            box[0] = multi(box[0], extra_sets)
+            return box[0]
+
+        t, ts = device_seconds(call, len(extra_sets))
+        return t, ts, box[0]
     t = time.perf_counter()
     state = jax.block_until_ready(multi(state, extra_sets))
     per_call = max(time.perf_counter() - t, 1e-6)
@@ -293,7 +323,7 @@ def baseline_check(args):
     return out
 
 
-def attention_section(results, copy_bw, smoke, interpret, deadline):
+def attention_section(results, copy_bw, smoke, interpret, deadline, timer):
     rows = []
     shapes = [(2, 4, 2, 32)] if smoke else SHAPES
     slots = [64] if smoke else SLOTS
@@ -316,7 +346,7 @@ def attention_section(results, copy_bw, smoke, interpret, deadline):
             impls["xla_ref_stats"] = xla_ref(with_stats=True)
         for name, fn in impls.items():
             try:
-                t, ts = bench(fn, sets)
+                t, ts = bench(fn, sets, timer=timer)
                 row[name] = {"us": t * 1e6, "TBps": nbytes / t / 1e12, "times_us": [x * 1e6 for x in ts]}
             except Exception:
                 row[name] = {"error": traceback.format_exc()[-1500:]}
@@ -342,7 +372,7 @@ SWEEP = {  # name -> (config, its block as a multiple of the default plan's); ea
 }
 
 
-def sweep_section(results, copy_bw, smoke, interpret, deadline):
+def sweep_section(results, copy_bw, smoke, interpret, deadline, timer):
     rows = []
     shapes = [(2, 4, 2, 32)] if smoke else SHAPES
     slots = [64] if smoke else SWEEP_SLOTS
@@ -359,7 +389,7 @@ def sweep_section(results, copy_bw, smoke, interpret, deadline):
             if scale != 1:
                 cfg = dataclasses.replace(cfg, block_s=max(16, int(base_bs * scale)))
             try:
-                t, _ = bench(ours(cfg, interpret=interpret), sets, reps=5)
+                t, _ = bench(ours(cfg, interpret=interpret), sets, reps=5, timer=timer)
                 row[name] = {"us": t * 1e6, "TBps": nbytes / t / 1e12, "cfg": dataclasses.asdict(cfg)}
             except Exception:
                 row[name] = {"error": traceback.format_exc()[-800:]}
@@ -395,7 +425,7 @@ def cudnn_prefill(P):
     return f
 
 
-def prefill_section(results, smoke, interpret, deadline):
+def prefill_section(results, smoke, interpret, deadline, timer):
     rows = []
     (B, Hq, Hkv, D, S, T), fills = ((1, 4, 2, 16, 80, 20), [40]) if smoke else ((8, 32, 32, 128, 16386, 512), [4096, 12288])
     for P in fills:
@@ -413,7 +443,7 @@ def prefill_section(results, smoke, interpret, deadline):
         for name, fn in impls.items():
             try:
                 err = rel_err(jax.jit(fn)(*args), ref)
-                t, ts = bench(fn, [args], reps=5)
+                t, ts = bench(fn, [args], reps=5, timer=timer)
                 row[name] = {"us": t * 1e6, "TFLOPs": flops / t / 1e12, "rel_err_vs_blockwise": err}
             except Exception:
                 row[name] = {"error": traceback.format_exc()[-1500:]}
@@ -438,7 +468,7 @@ def update_inputs(L, B, S, Hkv, D, T, n_sets, seed=0):
     return cache, sets
 
 
-def update_section(results, smoke, interpret, deadline):
+def update_section(results, smoke, interpret, deadline, timer):
     rows = []
     cases = [(32, 8, 1024, 8, 128), (30, 32, 1024, 3, 64), (32, 8, 1024, 32, 128), (32, 8, 8192, 8, 128)]
     if smoke:
@@ -452,7 +482,7 @@ def update_section(results, smoke, interpret, deadline):
         for name, fn in (("ours", lambda c, *a: cache_update_gpu(c, *a, interpret=interpret)), ("write_rows", write_rows)):
             try:
                 cache, sets = update_inputs(L, B, S, Hkv, D, T, 8, seed=S + T)
-                t, ts, cache = bench_chain(fn, cache, sets)
+                t, ts, cache = bench_chain(fn, cache, sets, timer=timer)
                 row[name] = {"us": t * 1e6, "TBps": row["bytes"] / t / 1e12, "times_us": [x * 1e6 for x in ts]}
                 del cache
             except Exception:
@@ -465,7 +495,8 @@ def update_section(results, smoke, interpret, deadline):
 
 def table(results, copy_bw):
     lines = []
-    lines.append(f"copy bandwidth {copy_bw:.2f} TB/s (read+write); attention: K+V TB/s (us)")
+    lines.append(f"copy bandwidth {copy_bw:.2f} TB/s (read+write); attention: K+V TB/s (us); "
+                 f"timer: {results.get('timer', 'wall')}")
     lines.append("%copy@S: against a copy of the same K+V bytes timed the same way (its TB/s in parentheses)")
     hdr = (f"{'B,Hq,Hkv,D':>13} {'S':>5} {'T':>2} | {'ours':>12} {'xla-ref':>12} {'pl-decode':>12} {'cudnn':>12} | "
            f"{'%copy':>5} {'%copy@S':>12} {'cudnn/ours':>10}")
@@ -525,13 +556,16 @@ def main(argv=None):
     ap.add_argument("--deadline", type=float, default=330.0, help="seconds after which remaining cases are skipped")
     ap.add_argument("--sections", default="copy,check,sweep,attn,update,prefill")
     ap.add_argument("--check-cases", type=int, default=7)
+    ap.add_argument("--timer", choices=("device", "wall"), default="device",
+                    help="device: GPU-busy time from a profiler trace; wall: the host's clock (on CPU: wall)")
     args = ap.parse_args(argv)
     interpret = jax.default_backend() == "cpu"
     if interpret and not args.smoke:
         sys.exit("no GPU: run with --smoke on CPU (interpret mode), or on the GPU machine")
+    timer = "wall" if interpret else args.timer
     dev = jax.devices()[0]
     results = {"device": str(dev), "device_kind": getattr(dev, "device_kind", "?"), "jax": jax.__version__,
-               "cores": getattr(dev, "core_count", None), "args": vars(args)}
+               "cores": getattr(dev, "core_count", None), "args": vars(args), "timer": timer}
     log("device", results["device_kind"], "jax", jax.__version__, "SMs", results["cores"])
     secs = args.sections.split(",")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
@@ -546,16 +580,16 @@ def main(argv=None):
         results["correctness_ok"] = correctness(results, args.smoke, interpret, args.check_cases)
         save()
     if "attn" in secs:
-        attention_section(results, copy_bw_tb, args.smoke, interpret, args.deadline * 0.75)
+        attention_section(results, copy_bw_tb, args.smoke, interpret, args.deadline * 0.75, timer)
         save()
     if "update" in secs:
-        update_section(results, args.smoke, interpret, args.deadline * 0.82)
+        update_section(results, args.smoke, interpret, args.deadline * 0.82, timer)
         save()
     if "prefill" in secs:
-        prefill_section(results, args.smoke, interpret, args.deadline * 0.9)
+        prefill_section(results, args.smoke, interpret, args.deadline * 0.9, timer)
         save()
     if "sweep" in secs:
-        sweep_section(results, copy_bw_tb, args.smoke, interpret, args.deadline)
+        sweep_section(results, copy_bw_tb, args.smoke, interpret, args.deadline, timer)
         save()
     results["wall_s"] = time.time() - T0
     save()

@@ -116,6 +116,7 @@ GPU_CASES = [
     (1, 2, 3, 1, 64, 200, BF16, "partial", GpuConfig(), False),  # default plan
     (2, 9, 9, 3, 64, 300, BF16, "partial", GpuConfig(), True),  # default plan at 27 rows, D=64: 64-slot blocks, tail
     (2, 1, 4, 2, 32, 9, F32, "partial", GpuConfig(), True),  # a cache shorter than one block
+    (1, 1, 4, 2, 128, 100, BF16, "partial", GpuConfig(), True),  # default plan at D=128, T=1: 32-slot blocks, 2 splits, tail
     (1, 2, 4, 4, 32, 70, BF16, "partial", GpuConfig(block_s=16, splits=4), True),  # tail block overlaps the split before
 ]
 
@@ -287,33 +288,46 @@ def test_gpu_plan_splits_cover_slots():
     sms = num_sms()
     for B, Hkv, S, D in [(8, 8, 1024, 128), (32, 3, 8192, 64), (8, 32, 4096, 128), (1, 1, 37, 64), (4, 2, 1000, 128),
                          (64, 32, 1024, 128), (1, 8, 16384, 128)]:
-        for rows, per_sm in [(16, 4), (64, 2)]:
-            bs, ns, sp = plan(B, Hkv, S, D, GpuConfig(), rows)
-            assert sp % bs == 0 and ns * sp >= S and (ns - 1) * sp < S
-            waves = -(-B * Hkv * ns // (per_sm * sms))
-            assert waves == 1 or B * Hkv * ns > 0.85 * waves * per_sm * sms  # no mostly idle last wave
-    assert plan(8, 32, 16498, 128, GpuConfig())[1] == 4 * sms // 256  # the 7B decode shape: one wave
+        for rows in (16, 64):
+            bs, ns, sp, stages = plan(B, Hkv, S, D, GpuConfig(), rows)
+            assert sp % bs == 0 and ns * sp >= S and (ns - 1) * sp < S and stages >= 3
+            if rows == 64:  # rounds of 2 programs an SM: no mostly idle last round
+                rounds = -(-B * Hkv * ns // (2 * sms))
+                assert rounds == 1 or B * Hkv * ns > 0.85 * rounds * 2 * sms
+            else:  # about two programs an SM where the blocks allow; no split where there are
+                assert B * Hkv * ns >= 1.9 * sms or ns >= S // bs // 2
+                assert ns == 1 or B * Hkv < 1.9 * sms
     assert plan(8, 8, 4096, 128, GpuConfig(), 64)[1] == 2 * sms // 64  # 2 programs an SM from 32 rows
     assert plan(8, 8, 4096, 128, GpuConfig(ctas_per_sm=4), 64)[1] == 4 * sms // 64
-    assert plan(32, 3, 4096, 64, GpuConfig())[0] == 128 and plan(32, 3, 4096, 64, GpuConfig(), 32)[0] == 64
+    # blocks and stages: 32 x 4 up to 16 rows at D = 128, 64 x 3 at D = 64 and from 32 rows
+    assert plan(8, 8, 4096, 128, GpuConfig())[::3] == (32, 4) and plan(8, 8, 4096, 128, GpuConfig(), 32)[::3] == (64, 3)
+    assert plan(32, 3, 4096, 64, GpuConfig())[::3] == (64, 3) and plan(32, 3, 4096, 64, GpuConfig(), 32)[::3] == (64, 3)
+    assert plan(8, 8, 4096, 128, GpuConfig(block_s=128, num_stages=2))[::3] == (128, 2)
 
 
 def test_gpu_plan_one_row_splits_at_the_bench_shapes(monkeypatch):
-    """At T = 1 (16 padded rows, 4 programs an SM of an H200's 132) the split counts
-    session 10 measured: one wave, floor(528 / (B * Hkv)), two blocks a split at least."""
+    """Up to 16 rows (T = 1) on an H200's 132 SMs, the split counts session 12 measured
+    (docs/KERNELS.md): none for MHA at B = 8 (256 programs), 4 for 64 or 96 (b, kv head)
+    pairs, 2 for SmolLM2's B = 64 step; the 7B step's 16498 slots: none."""
     monkeypatch.setattr("adore_jax.kernels.attention_gpu.num_sms", lambda: 132)
     got = {(B, Hkv, S): plan(B, Hkv, S, D, GpuConfig())[1] for B, Hkv, D in [(8, 8, 128), (32, 3, 64), (8, 32, 128)]
            for S in (1024, 4096, 8192)}
-    assert got == {(8, 8, 1024): 8, (8, 8, 4096): 8, (8, 8, 8192): 8, (32, 3, 1024): 4, (32, 3, 4096): 5,
-                   (32, 3, 8192): 5, (8, 32, 1024): 2, (8, 32, 4096): 2, (8, 32, 8192): 2}
+    assert got == {(8, 8, 1024): 4, (8, 8, 4096): 4, (8, 8, 8192): 4, (32, 3, 1024): 4, (32, 3, 4096): 4,
+                   (32, 3, 8192): 4, (8, 32, 1024): 1, (8, 32, 4096): 1, (8, 32, 8192): 1}
+    assert plan(64, 3, 1024, 64, GpuConfig())[1] == 2 and plan(8, 32, 16498, 128, GpuConfig())[1] == 1
 
 
 def test_gpu_auto_splits_fewest_near_best():
-    assert auto_splits(256, 528, 8) == 2  # exactly one wave
-    assert auto_splits(96, 264, 64) == 5  # 1.82 waves: within 12% of the limit, where 2 splits fill 73% of one
-    assert auto_splits(96, 264, 4) == 2  # few blocks: 2 splits (one wave) tie 4 (1.45 waves); the fewest
+    assert auto_splits(256, 528, 8) == 2  # exactly one round of 4 an SM
+    assert auto_splits(96, 264, 64) == 5  # 1.82 rounds: within 12% of the limit, where 2 splits fill 73% of one
+    assert auto_splits(96, 264, 4) == 2  # few blocks: 2 splits (one round) tie 4 (1.45 rounds); the fewest
     assert auto_splits(2048, 528, 16) == 1  # more programs than the GPU holds: no splitting
     assert auto_splits(8, 528, 1) == 1
+    # counted one program an SM, from 1.9 programs an SM (up to 16 rows)
+    assert auto_splits(256, 132, 16, 1.9 * 132) == 1  # 1.94 an SM already
+    assert auto_splits(64, 132, 64, 1.9 * 132) == 4  # 4 splits: 1.94 an SM; 6 and 8 cost the same
+    assert auto_splits(96, 132, 8, 1.9 * 132) == 4  # 3 splits would leave a third of the SMs with 3 programs
+    assert auto_splits(8, 132, 2, 1.9 * 132) == 2  # too few blocks to reach 1.9 an SM: the most splits allowed
 
 
 # ---------------------------------------------------------------- cache update

@@ -60,13 +60,13 @@ from adore_jax.kernels.prefill_gpu import PrefillConfig, prefill_attention_gpu
 
 @dataclasses.dataclass(frozen=True)
 class GpuConfig:
-    """Tuning knobs of the GPU kernel (static)."""
+    """Tuning knobs of the GPU kernel (static). None: the plan's choice (`plan`)."""
 
-    block_s: Optional[int] = None  # slots per loop step; None: 64 for D >= 128 or >= 32 query rows, else 128
+    block_s: Optional[int] = None  # slots per loop step; None: 32 (D >= 128) or 64 up to 16 query rows, 64 from 32
     num_warps: int = 4
-    num_stages: Optional[int] = None  # None: 2 when G*T <= 16 rows (smaller smem, more CTAs per SM), else 3
+    num_stages: Optional[int] = None  # None: 4 (D >= 128) or 3 up to 16 query rows, 3 from 32
     splits: Optional[int] = None  # splits of S per (b, kv head); None: auto (below)
-    ctas_per_sm: Optional[int] = None  # programs resident per SM, for the auto splits; None: 4 for <= 16 query rows, else 2
+    ctas_per_sm: Optional[int] = None  # programs an SM runs side by side, in the split cost; None: 1 up to 16 rows, else 2
     merge: str = "kernel"  # "kernel" (atomic last-arriver merge) or "xla"
     merge_loads: str = "plain"  # how the last program reads the partials: "plain" or "volatile"
     prefill: Optional[PrefillConfig] = PrefillConfig()  # chunks longer than MAX_T rows; None: blockwise_attention
@@ -85,28 +85,39 @@ class GpuConfig:
             raise ValueError(f"GpuConfig: unknown merge_loads {self.merge_loads!r} (plain, volatile)")
 
 
-def auto_splits(programs: int, resident: int, max_splits: int) -> int:
-    """Splits of the slots for `programs` (b, kv head) pairs on a GPU that holds
-    `resident` programs at once: the fewest within 12% of the least wave-quantized
-    time, ceil(programs * ns / resident) / ns (a last partial wave leaves SMs idle;
-    docs/KERNELS.md, sessions 10 and 11)."""
-    cost = [cdiv(programs * ns, resident) / ns for ns in range(1, max_splits + 1)]
-    return 1 + next(i for i, c in enumerate(cost) if c <= 1.12 * min(cost))
+def auto_splits(programs: int, side_by_side: int, max_splits: int, min_programs: float = 0) -> int:
+    """Splits of the slots for `programs` (b, kv head) pairs on a GPU that runs
+    `side_by_side` programs at once: among the split counts giving at least
+    `min_programs` programs (all of them if none does), the fewest within 12% of the
+    least ceil(programs * ns / side_by_side) / ns, the time of the busiest SM (a
+    last partial round leaves SMs idle; docs/KERNELS.md, sessions 10 to 12)."""
+    counts = [ns for ns in range(1, max_splits + 1) if programs * ns >= min_programs] or [max_splits]
+    cost = {ns: cdiv(programs * ns, side_by_side) / ns for ns in counts}
+    return next(ns for ns in counts if cost[ns] <= 1.12 * min(cost.values()))
 
 
 def plan(B: int, Hkv: int, S: int, D: int, cfg: GpuConfig, rows: int = 16):
-    """Static launch plan for `rows` (padded) query rows a program: (block_s, splits, split_len)."""
-    bs = cfg.block_s or (64 if D >= 128 or rows >= 32 else 128)  # docs/KERNELS.md, session 11
+    """Static launch plan for `rows` (padded) query rows a program: (block_s, splits, split_len, stages).
+
+    Up to 16 rows (T = 1, and MHA up to T = 16): small blocks in a deep pipeline
+    (32 slots x 4 stages at D >= 128, 64 x 3 below), and splits only until every SM
+    has about two programs (1.9), each SM counted as running one at a time. From 32
+    rows: 64-slot blocks, 3 stages, 2 programs an SM. Measured in docs/KERNELS.md,
+    sessions 10 to 12."""
+    few = rows <= 16
+    bs = cfg.block_s or (32 if few and D >= 128 else 64)
+    stages = cfg.num_stages or (4 if few and D >= 128 else 3)
     bs = max(16, min(bs, next_pow2(S + 1) // 2))  # a power of two <= S (16 when S < 16)
     nblocks = max(1, cdiv(S, bs))
     if cfg.splits is not None:
         ns = max(1, min(cfg.splits, nblocks))
-    else:  # residency inferred from timings: 2 programs an SM from 32 rows (docs/KERNELS.md, session 11)
-        per_sm = cfg.ctas_per_sm or (4 if rows <= 16 else 2)
-        ns = auto_splits(B * Hkv, per_sm * num_sms(), max(1, nblocks // 2))  # two blocks a split at least
+    else:
+        per_sm = cfg.ctas_per_sm or (1 if few else 2)
+        ns = auto_splits(B * Hkv, per_sm * num_sms(), max(1, nblocks // 2),  # two blocks a split at least
+                         1.9 * num_sms() if few else 0)
     sp = round_up(cdiv(max(S, 1), ns), bs)
     ns = max(1, cdiv(S, sp))
-    return bs, ns, sp
+    return bs, ns, sp, stages
 
 
 def _pow2_head(D: int) -> bool:
@@ -300,9 +311,8 @@ def sparse_attention_gpu(
     L = cache_k.shape[0]
     Rr = G * T
     R = max(16, next_pow2(Rr))
-    bs, NS, Sp = plan(B, Hkv, S, D, config, R)
+    bs, NS, Sp, stages = plan(B, Hkv, S, D, config, R)
     Tp = max(16, next_pow2(T))
-    stages = config.num_stages or (2 if R <= 16 else 3)
     merge = config.merge
     use_counter = merge == "kernel" and NS > 1
     cache_pos = cache_pos.astype(jnp.int32)

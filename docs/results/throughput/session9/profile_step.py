@@ -14,17 +14,15 @@ was multiplied back).
 Writes OUT_DIR/profile_step.json; prints a table last.
 """
 import collections
-import glob
 import json
 import sys
-import tempfile
 
 import jax
-from jax._src.lib import _profile_data
 
 from adore_jax.kernels import get_attention_fn, get_cache_update_fn, get_matmul_fn
 from adore_jax.sampling import SamplingParams
 from eval.throughput import Row, _program, random_params
+from eval.trace import busy_ns, gpu_events
 from models.shapes import SHAPES
 
 STEPS = 8
@@ -53,31 +51,8 @@ def profile(row: Row, params, kernels) -> dict:
     for _ in range(3):
         s = run(params, pp, s, sp)
     jax.block_until_ready(s)
-    d = tempfile.mkdtemp()
-    jax.profiler.start_trace(d)
-    s = run(params, pp, s, sp)
-    jax.block_until_ready(s)
-    jax.profiler.stop_trace()
-    (path,) = glob.glob(f"{d}/**/*.xplane.pb", recursive=True)
-    data = _profile_data.ProfileData.from_file(path)
-    lines, events = {}, []
-    for plane in data.planes:
-        if not plane.name.startswith("/device:GPU"):
-            continue
-        for line in plane.lines:
-            evs = list(line.events)
-            lines[f"{plane.name} | {line.name}"] = len(evs)
-            if "stream" in line.name.lower() and "xla" not in line.name.lower():
-                events += [(e.start_ns, e.end_ns, e.name) for e in evs]
-    events.sort()
-    busy, cur_s, cur_e = 0.0, None, None
-    for a, b, _ in events:
-        if cur_e is None or a > cur_e:
-            busy += 0 if cur_e is None else cur_e - cur_s
-            cur_s, cur_e = a, b
-        else:
-            cur_e = max(cur_e, b)
-    busy += 0 if cur_e is None else cur_e - cur_s
+    events = gpu_events(lambda: run(params, pp, s, sp))
+    busy = busy_ns(events)
     span = (max(e[1] for e in events) - events[0][0]) if events else 0.0
     by_name, by_kind = collections.defaultdict(lambda: [0, 0.0]), collections.defaultdict(lambda: [0, 0.0])
     for a, b, n in events:
@@ -86,7 +61,7 @@ def profile(row: Row, params, kernels) -> dict:
             table[key][1] += b - a
     us = lambda ns: ns / 1e3  # the trace holds one step (see above)
     top = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:25]
-    return {"row": row.name, "lines": lines, "kernels_per_step": len(events),
+    return {"row": row.name, "kernels_per_step": len(events),
             "span_us": us(span), "busy_us": us(busy), "idle_us": us(span - busy),
             "by_kind": {k: {"count": c, "us": us(t)} for k, (c, t) in by_kind.items()},
             "top": [{"name": n[:160], "kind": kind(n), "count": c, "us": us(t)} for n, (c, t) in top]}
