@@ -18,8 +18,10 @@ def gpu_events(call) -> list[tuple[int, int, str]]:
 
     d = tempfile.mkdtemp()
     jax.profiler.start_trace(d)
-    jax.block_until_ready(call())
-    jax.profiler.stop_trace()
+    try:
+        jax.block_until_ready(call())
+    finally:  # a failing call must not leave the profiler running for the next one
+        jax.profiler.stop_trace()
     (path,) = glob.glob(f"{d}/**/*.xplane.pb", recursive=True)
     data = _profile_data.ProfileData.from_file(path)
     events = []
