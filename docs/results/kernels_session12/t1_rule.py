@@ -7,10 +7,13 @@ same K/V bytes, at every bench shape with <= 16 rows a program, ADORE's 7B step
 (inputs rotated past L2; TIMER wall: the host's clock, median of 5; device: the
 GPU's busy time in a profiler trace); ROUNDS rounds. One H200.
 
-    PYTHONPATH=. python3 docs/results/kernels_session12/t1_rule.py OUT_DIR [DEADLINE_S] [ROUNDS] [TIMER] [grid]
+    PYTHONPATH=. python3 docs/results/kernels_session12/t1_rule.py OUT_DIR [DEADLINE_S] [ROUNDS] [TIMER] [grid|grid9]
 
-With `grid` (and the device timer): splits x stages x block size at the GQA
-cases with <= 16 rows at S = 1024 and 4096 and the SmolLM2 step (t1_grid.json).
+Call 2 ran it with the wall timer (t1_rule_wall.json), call 3 with the device timer
+(t1_rule_device.json; the file is written as t1_rule.json). With `grid` (and the
+device timer): splits x stages x block size at the GQA cases with <= 16 rows at
+S = 1024 and 4096 and the SmolLM2 step (t1_grid.json). With `grid9`: the same,
+with deeper pipelines, at T = 9 with GQA (32 and 64 rows; t9_grid.json).
 
 Split rule (`rule_splits`): among split counts giving at least 1.9 programs an SM,
 the fewest within 12% of the least ceil(programs * ns / SMs) / ns (the time of
@@ -32,7 +35,7 @@ OUT = sys.argv[1]
 DEADLINE = float(sys.argv[2]) if sys.argv[2:] else 400.0
 ROUNDS = int(sys.argv[3]) if sys.argv[3:] else 1
 TIMER = sys.argv[4] if sys.argv[4:] else "wall"
-GRID = sys.argv[5:] == ["grid"]
+GRID = sys.argv[5] if sys.argv[5:] else ""
 
 
 def rule_splits(programs, nblocks, sms, min_per_sm=1.9, tol=1.12):
@@ -45,10 +48,13 @@ def rule_splits(programs, nblocks, sms, min_per_sm=1.9, tol=1.12):
 def candidates(B, Hkv, D, S):
     sms = num_sms()
     out = {"default": GpuConfig()}
-    if GRID:
+    if GRID == "grid":
         blocks = (32, 64) if D >= 128 else (64, 128)
         return out | {f"n{n}_st{st}_bs{bs}": GpuConfig(splits=n, num_stages=st, block_s=bs)
                       for n in (2, 4, 6, 8) for st in (3, 4) for bs in blocks}
+    if GRID == "grid9":
+        return out | {f"n{n}_st{st}_bs{bs}": GpuConfig(splits=n, num_stages=st, block_s=bs)
+                      for n in (2, 3, 4, 6, 8) for st in (3, 4, 5) for bs in (32, 64)}
     for st, bs in [(4, 32), (3, 64), (3, 32), (4, 64)]:
         if TIMER == "device" and (st, bs) in [(3, 32), (4, 64)]:  # call 2 (wall): never the best
             continue
@@ -64,9 +70,12 @@ CASES = [((B, Hq, Hkv, D), S, 1) for B, Hq, Hkv, D in [(8, 32, 32, 128), (8, 32,
          for S in (1024, 4096, 8192)]
 CASES += [((8, 32, 32, 128), S, 9) for S in (1024, 4096, 8192)]
 CASES += [((8, 32, 32, 128), 16498, 1), ((64, 9, 3, 64), 1024, 1)]
-if GRID:
+if GRID == "grid":
     CASES = [((8, 32, 8, 128), 1024, 1), ((8, 32, 8, 128), 4096, 1), ((32, 9, 3, 64), 1024, 1),
              ((64, 9, 3, 64), 1024, 1)]
+if GRID == "grid9":
+    CASES = [((8, 32, 8, 128), 4096, 9), ((32, 9, 3, 64), 4096, 9), ((8, 32, 8, 128), 1024, 9),
+             ((32, 9, 3, 64), 8192, 9)]
 
 
 def main():
@@ -84,7 +93,7 @@ def main():
             row = {"round": rnd, "shape": [B, Hq, Hkv, D, S, T],
                    **time_ops(impls, sets, nbytes, configs, copies=("copy",), timer=TIMER)}
             res.append(row)
-            json.dump(res, open(f"{OUT}/{'t1_grid' if GRID else 't1_rule'}.json", "w"), indent=1)
+            json.dump(res, open(f"{OUT}/{({'grid': 't1_grid', 'grid9': 't9_grid'}).get(GRID, 't1_rule')}.json", "w"), indent=1)
             print(f"[{time.time() - T0:5.0f}s]", row["shape"], {n: round(v["TBps"], 2) for n, v in row.items()
                                                              if isinstance(v, dict) and "TBps" in v}, flush=True)
             del sets
@@ -92,7 +101,7 @@ def main():
         for r in res:
             best = sorted(((v["TBps"], n) for n, v in r.items() if isinstance(v, dict) and "TBps" in v
                            and n not in ("copy", "cudnn")), reverse=True)[:8]
-            print(r["shape"], "copy", round(r["copy"]["TBps"], 2), "cudnn", round(r["cudnn"]["TBps"], 2),
+            print(r["shape"], "copy", round(r["copy"]["TBps"], 2), "cudnn", round(r.get("cudnn", {}).get("TBps", 0), 2),
                   "default", round(r["default"]["TBps"], 2), "best", [(n, round(t, 2)) for t, n in best])
         return
     names = ["copy", "cudnn", "default", "rule_st4_bs32", "rule_st3_bs64", "rule_st3_bs32", "rule_st4_bs64", "rule3_st3"]
