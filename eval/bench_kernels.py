@@ -100,11 +100,12 @@ def bench(op, sets, reps=7, min_call_s=0.02, timer="wall"):
 def device_seconds(call, n_ops, calls=3):
     """GPU-busy seconds per op while call() (n_ops ops) runs `calls` times in one
     profiler trace: (median over calls, per call). The union of the kernels' intervals
-    counts, so the gaps where the GPU waits for the host do not (METHOD.md: at 15-40 us
-    an op, the wall clock of back-to-back calls measures the host's launches)."""
+    counts, so the gaps where the GPU waits for the host do not (at 12-40 us an op the
+    wall clock of back-to-back calls measured the host's launches: docs/KERNELS.md,
+    session 12)."""
     events = gpu_events(lambda: [call() for _ in range(calls)][-1])  # the last: earlier ones may be donated
     if not events or len(events) % calls:
-        raise RuntimeError(f"{len(events)} GPU events in the trace for {calls} calls")
+        raise RuntimeError(f"{len(events)} GPU events in the trace for {calls} calls (no profiler data: --timer wall)")
     k = len(events) // calls
     per = [busy_ns(events[i * k:(i + 1) * k]) * 1e-9 / n_ops for i in range(calls)]
     return statistics.median(per), per

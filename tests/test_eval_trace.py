@@ -1,6 +1,5 @@
 """The profiler-based timer of eval/bench_kernels.py on CPU: no GPU events, a clear
 error, the profiler stopped after a failing call, donated state passed along."""
-import jax
 import jax.numpy as jnp
 import pytest
 

@@ -7,10 +7,11 @@ straight from the cache layout [B, S, Hkv, D] (no transpose), with an online
 softmax in fp32. Every block runs the same code: a partial last block is read
 as the whole block ending at slot S, and the slots it shares with the block
 before are masked by position (so each K/V row counts once, and fewer than one
-block's rows are read twice). The plan splits the slots into whole waves of
-programs (`auto_splits`). Given `layer`, the kernel reads that layer of the stacked
-[L, B, S, Hkv, D] cache itself (the index is a kernel input), so a layer scan
-passes the whole cache without slicing (copying) it. The last split also takes
+block's rows are read twice). The plan (`plan`, `auto_splits`) sets the block,
+the pipeline depth and the split count from the rows a program has. Given
+`layer`, the kernel reads that layer of the stacked [L, B, S, Hkv, D] cache
+itself (the index is a kernel input), so a layer scan passes the whole cache
+without slicing (copying) it. The last split also takes
 the T new rows. Splits are merged with their log-sum-exp either
 
 * merge="kernel" (default): each split writes its partial (m, l, unnormalised
