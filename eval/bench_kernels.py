@@ -74,16 +74,22 @@ def log(*a):
 
 
 def bench(op, sets, reps=7, min_call_s=0.02, timer="wall"):
-    """Seconds per op: `op(*s)` for every s in sets inside one jit, calls back to back.
-    timer="wall": median over reps of the host's clock; "device": the GPU's busy time
-    in a profiler trace (kernels only: no host launch gaps), `device_seconds`."""
+    """Seconds per op (median, per repeat): `op(*s)` for every s in sets inside one jit,
+    calls back to back, timed by `timed_calls`."""
     multi = jax.jit(lambda sets: [op(*s) for s in sets])
     jax.block_until_ready(multi(sets))  # compile
     _warm(lambda: multi(sets))
+    return timed_calls(lambda: multi(sets), len(sets), reps, min_call_s, timer)
+
+
+def timed_calls(call, n_ops, reps=7, min_call_s=0.02, timer="wall"):
+    """Seconds per op of call() (n_ops ops a call; compiled and warm), (median, per
+    repeat). timer="wall": the host's clock over back-to-back calls of at least
+    min_call_s together; "device": the GPU's busy time, `device_seconds`."""
     if timer == "device":
-        return device_seconds(lambda: multi(sets), len(sets))
+        return device_seconds(call, n_ops)
     t = time.perf_counter()
-    jax.block_until_ready(multi(sets))
+    jax.block_until_ready(call())
     per_call = max(time.perf_counter() - t, 1e-6)
     n = max(1, min(200, math.ceil(min_call_s / per_call)))
     times = []
@@ -91,9 +97,9 @@ def bench(op, sets, reps=7, min_call_s=0.02, timer="wall"):
         t = time.perf_counter()
         out = None
         for _ in range(n):
-            out = multi(sets)
+            out = call()
         jax.block_until_ready(out)
-        times.append((time.perf_counter() - t) / (n * len(sets)))
+        times.append((time.perf_counter() - t) / (n * n_ops))
     return statistics.median(times), times
 
 
@@ -124,8 +130,8 @@ def time_ops(impls, sets, nbytes, configs=(), copies=(), timer="wall"):
             row[name] = {"us": t * 1e6, "TBps": tb, "times_us": [x * 1e6 for x in ts]}
             if name in configs:
                 row[name]["cfg"] = dataclasses.asdict(configs[name])
-        except Exception as e:  # a config that does not compile
-            row[name] = {"error": repr(e)[-600:]}
+        except Exception:  # a config that does not compile
+            row[name] = {"error": traceback.format_exc()[-1500:]}
     return row
 
 
@@ -137,31 +143,17 @@ def _warm(call, seconds=0.05):
 
 
 def bench_chain(step, state, extra_sets, reps=7, min_call_s=0.02, timer="wall"):
-    """Like bench for an op that consumes and returns donated state (the cache)."""
+    """Like bench for an op that consumes and returns donated state (the cache):
+    (median, per repeat, the last state)."""
     multi = jax.jit(lambda st, sets: _chain(step, st, sets), donate_argnums=0)
-    state = multi(state, extra_sets)
-    state = jax.block_until_ready(multi(state, extra_sets))
-    if timer == "device":
-        box = [state]
+    box = [jax.block_until_ready(multi(multi(state, extra_sets), extra_sets))]  # compile, warm
 
-        def call():
-            box[0] = multi(box[0], extra_sets)
-            return box[0]
+    def call():  # each call consumes the last one's state
+        box[0] = multi(box[0], extra_sets)
+        return box[0]
 
-        t, ts = device_seconds(call, len(extra_sets))
-        return t, ts, box[0]
-    t = time.perf_counter()
-    state = jax.block_until_ready(multi(state, extra_sets))
-    per_call = max(time.perf_counter() - t, 1e-6)
-    n = max(1, min(200, math.ceil(min_call_s / per_call)))
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        for _ in range(n):
-            state = multi(state, extra_sets)
-        jax.block_until_ready(state)
-        times.append((time.perf_counter() - t) / (n * len(extra_sets)))
-    return statistics.median(times), times, state
+    t, ts = timed_calls(call, len(extra_sets), reps, min_call_s, timer)
+    return t, ts, box[0]
 
 
 def _chain(step, st, sets):
@@ -345,12 +337,7 @@ def attention_section(results, copy_bw, smoke, interpret, deadline, timer):
         if S == 4096 or smoke:
             impls["ours_stats"] = ours(with_stats=True, interpret=interpret)
             impls["xla_ref_stats"] = xla_ref(with_stats=True)
-        for name, fn in impls.items():
-            try:
-                t, ts = bench(fn, sets, timer=timer)
-                row[name] = {"us": t * 1e6, "TBps": nbytes / t / 1e12, "times_us": [x * 1e6 for x in ts]}
-            except Exception:
-                row[name] = {"error": traceback.format_exc()[-1500:]}
+        row.update(time_ops(impls, sets, nbytes, timer=timer))
         row["ours_frac_copy"] = row["ours"].get("TBps", 0) / copy_bw
         if "us" in row["copy_same_size"]:  # read + written, like copy_bw
             row["copy_same_size_TBps"] = 2 * nbytes / (row["copy_same_size"]["us"] * 1e-6) / 1e12
@@ -386,14 +373,10 @@ def sweep_section(results, copy_bw, smoke, interpret, deadline, timer):
         sets = [attn_set(500 + u, B, Hq, Hkv, D, S, T) for u in range(U)]
         row = {"B": B, "Hq": Hq, "Hkv": Hkv, "D": D, "S": S, "T": T}
         base_bs = plan(B, Hkv, S, D, GpuConfig(), max(16, next_pow2(Hq // Hkv * T)))[0]
-        for name, (cfg, scale) in SWEEP.items():
-            if scale != 1:
-                cfg = dataclasses.replace(cfg, block_s=max(16, int(base_bs * scale)))
-            try:
-                t, _ = bench(ours(cfg, interpret=interpret), sets, reps=5, timer=timer)
-                row[name] = {"us": t * 1e6, "TBps": nbytes / t / 1e12, "cfg": dataclasses.asdict(cfg)}
-            except Exception:
-                row[name] = {"error": traceback.format_exc()[-800:]}
+        configs = {name: dataclasses.replace(cfg, block_s=max(16, int(base_bs * scale))) if scale != 1 else cfg
+                   for name, (cfg, scale) in SWEEP.items()}
+        row.update(time_ops({n: ours(c, interpret=interpret) for n, c in configs.items()}, sets, nbytes, configs,
+                            timer=timer))
         rows.append(row)
         log("sweep", (B, Hq, Hkv, D, S, T), {k: round(v["TBps"], 2) for k, v in row.items() if isinstance(v, dict) and "TBps" in v})
         del sets
