@@ -48,8 +48,7 @@ import numpy as np
 from adore_jax.attention import reference_attention
 from adore_jax.cache import KVCache, write_rows
 from adore_jax.kernels import GpuConfig, PrefillConfig, blockwise_attention, cache_update_gpu, sparse_attention_gpu
-from adore_jax.kernels.attention_gpu import plan
-from adore_jax.kernels.common import next_pow2
+from adore_jax.kernels.attention_gpu import padded_rows, plan
 from eval.bandwidth import copy_bandwidth as measured_copy_bandwidth
 from eval.trace import busy_ns, gpu_events
 
@@ -372,7 +371,7 @@ def sweep_section(results, copy_bw, smoke, interpret, deadline, timer):
         U = n_sets(nbytes)
         sets = [attn_set(500 + u, B, Hq, Hkv, D, S, T) for u in range(U)]
         row = {"B": B, "Hq": Hq, "Hkv": Hkv, "D": D, "S": S, "T": T}
-        base_bs = plan(B, Hkv, S, D, GpuConfig(), max(16, next_pow2(Hq // Hkv * T)))[0]
+        base_bs = plan(B, Hkv, S, D, GpuConfig(), padded_rows(Hq // Hkv, T))[0]
         configs = {name: dataclasses.replace(cfg, block_s=max(16, int(base_bs * scale))) if scale != 1 else cfg
                    for name, (cfg, scale) in SWEEP.items()}
         row.update(time_ops({n: ours(c, interpret=interpret) for n, c in configs.items()}, sets, nbytes, configs,

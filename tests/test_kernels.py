@@ -38,7 +38,7 @@ from adore_jax.kernels import (
     sparse_attention_gpu,
     sparse_attention_tpu,
 )
-from adore_jax.kernels.attention_gpu import auto_splits, plan
+from adore_jax.kernels.attention_gpu import auto_splits, padded_rows, plan
 from adore_jax.kernels.common import num_sms
 
 _SEED = itertools.count(1000)
@@ -303,6 +303,7 @@ def test_gpu_plan_splits_cover_slots():
     assert plan(8, 8, 4096, 128, GpuConfig())[::3] == (32, 4) and plan(8, 8, 4096, 128, GpuConfig(), 32)[::3] == (64, 3)
     assert plan(32, 3, 4096, 64, GpuConfig())[::3] == (64, 3) and plan(32, 3, 4096, 64, GpuConfig(), 32)[::3] == (64, 3)
     assert plan(8, 8, 4096, 128, GpuConfig(block_s=128, num_stages=2))[::3] == (128, 2)
+    assert (padded_rows(1, 1), padded_rows(1, 9), padded_rows(3, 9), padded_rows(8, 9)) == (16, 16, 32, 128)
 
 
 def test_gpu_plan_one_row_splits_at_the_bench_shapes(monkeypatch):

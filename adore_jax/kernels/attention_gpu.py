@@ -97,6 +97,11 @@ def auto_splits(programs: int, side_by_side: int, max_splits: int, min_programs:
     return next(ns for ns in counts if cost[ns] <= 1.12 * min(cost.values()))
 
 
+def padded_rows(G: int, T: int) -> int:
+    """Query rows a program holds: its G * T rows padded to a power of two >= 16."""
+    return max(16, next_pow2(G * T))
+
+
 def plan(B: int, Hkv: int, S: int, D: int, cfg: GpuConfig, rows: int = 16):
     """Static launch plan for `rows` (padded) query rows a program: (block_s, splits, split_len, stages).
 
@@ -311,7 +316,7 @@ def sparse_attention_gpu(
                                                   interpret=interpret, config=config.prefill))
     L = cache_k.shape[0]
     Rr = G * T
-    R = max(16, next_pow2(Rr))
+    R = padded_rows(G, T)
     bs, NS, Sp, stages = plan(B, Hkv, S, D, config, R)
     Tp = max(16, next_pow2(T))
     merge = config.merge
