@@ -17,7 +17,8 @@ with deeper pipelines, at T = 9 with GQA (32 and 64 rows; t9_grid.json).
 
 Split rule (`rule_splits`): among split counts giving at least 1.9 programs an SM,
 the fewest within 12% of the least ceil(programs * ns / SMs) / ns (the time of
-the busiest SM, one program after another).
+the busiest SM, one program after another). Calls 2 and 3 ran it as its own code;
+it is now `auto_splits` with a floor, which the library adopted (the same counts).
 Writes OUT_DIR/t1_rule.json; prints a table last.
 """
 import json
@@ -27,6 +28,7 @@ import time
 import jax
 
 from adore_jax.kernels import GpuConfig
+from adore_jax.kernels.attention_gpu import auto_splits
 from adore_jax.kernels.common import cdiv, num_sms
 from eval.bench_kernels import attn_set, cudnn, kv_bytes, n_sets, ours, time_ops
 
@@ -38,11 +40,8 @@ TIMER = sys.argv[4] if sys.argv[4:] else "wall"
 GRID = sys.argv[5] if sys.argv[5:] else ""
 
 
-def rule_splits(programs, nblocks, sms, min_per_sm=1.9, tol=1.12):
-    top = max(1, nblocks // 2)
-    valid = [ns for ns in range(1, top + 1) if programs * ns >= min_per_sm * sms] or [top]
-    cost = {ns: cdiv(programs * ns, sms) / ns for ns in valid}
-    return min(ns for ns in valid if cost[ns] <= tol * min(cost.values()))
+def rule_splits(programs, nblocks, sms, min_per_sm=1.9):
+    return auto_splits(programs, sms, max(1, nblocks // 2), min_per_sm * sms)  # what session 12's plan adopted
 
 
 def candidates(B, Hkv, D, S):
