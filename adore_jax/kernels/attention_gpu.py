@@ -67,7 +67,7 @@ class GpuConfig:
     num_warps: int = 4
     num_stages: Optional[int] = None  # None: 4 (D >= 128) or 3 up to 16 query rows, 3 from 32
     splits: Optional[int] = None  # splits of S per (b, kv head); None: auto (below)
-    ctas_per_sm: Optional[int] = None  # programs an SM runs side by side, in the split cost; None: 1 up to 16 rows, else 2
+    ctas_per_sm: Optional[int] = None  # programs an SM runs side by side, in the split cost; None: 2, or 1 below the floor (plan)
     merge: str = "kernel"  # "kernel" (atomic last-arriver merge) or "xla"
     merge_loads: str = "plain"  # how the last program reads the partials: "plain" or "volatile"
     prefill: Optional[PrefillConfig] = PrefillConfig()  # chunks longer than MAX_T rows; None: blockwise_attention
@@ -107,9 +107,10 @@ def plan(B: int, Hkv: int, S: int, D: int, cfg: GpuConfig, rows: int = 16):
 
     Up to 16 rows (T = 1, and MHA up to T = 16): small blocks in a deep pipeline
     (32 slots x 4 stages at D >= 128, 64 x 3 below), and splits only until every SM
-    has about two programs (1.9), each SM counted as running one at a time. From 32
-    rows: 64-slot blocks, 3 stages, 2 programs an SM. Measured in docs/KERNELS.md,
-    sessions 10 to 12."""
+    has about two programs (1.9), each SM counted as running one at a time; where
+    the (b, kv head) pairs alone reach that, splits as from 32 rows. From 32 rows:
+    64-slot blocks, 3 stages, splits counted at 2 programs an SM. Measured in
+    docs/KERNELS.md, sessions 10 to 13."""
     few = rows <= 16
     bs = cfg.block_s or (32 if few and D >= 128 else 64)
     stages = cfg.num_stages or (4 if few and D >= 128 else 3)
@@ -118,9 +119,9 @@ def plan(B: int, Hkv: int, S: int, D: int, cfg: GpuConfig, rows: int = 16):
     if cfg.splits is not None:
         ns = max(1, min(cfg.splits, nblocks))
     else:
-        per_sm = cfg.ctas_per_sm or (1 if few else 2)
-        ns = auto_splits(B * Hkv, per_sm * num_sms(), max(1, nblocks // 2),  # two blocks a split at least
-                         1.9 * num_sms() if few else 0)
+        floor = 1.9 * num_sms() if few else 0
+        per_sm = cfg.ctas_per_sm or (1 if B * Hkv < floor else 2)
+        ns = auto_splits(B * Hkv, per_sm * num_sms(), max(1, nblocks // 2), floor)  # two blocks a split at least
     sp = round_up(cdiv(max(S, 1), ns), bs)
     ns = max(1, cdiv(S, sp))
     return bs, ns, sp, stages
