@@ -118,9 +118,6 @@ GPU_CASES = [
     (2, 1, 4, 2, 32, 9, F32, "partial", GpuConfig(), True),  # a cache shorter than one block
     (1, 1, 4, 2, 128, 100, BF16, "partial", GpuConfig(), True),  # default plan at D=128, T=1: 32-slot blocks, 2 splits, tail
     (1, 2, 4, 4, 32, 70, BF16, "partial", GpuConfig(block_s=16, splits=4), True),  # tail block overlaps the split before
-    (2, 1, 9, 3, 32, 45, BF16, "partial", GpuConfig(block_s=16, splits=2, head_splits=3), True),  # one query head a program
-    (1, 9, 8, 2, 16, 40, F32, "partial", GpuConfig(block_s=16, head_splits=2, merge="xla"), True),  # 2 of G=4, T=9
-    (2, 2, 8, 2, 32, 33, F32, "empty", GpuConfig(block_s=16, splits=1, head_splits=4), False),  # all-empty, no merge
 ]
 
 
@@ -228,17 +225,10 @@ def test_gpu_prefill_kernel_can_be_turned_off():
 
 
 @pytest.mark.parametrize("kw", [dict(block_s=48), dict(block_s=8), dict(splits=0), dict(ctas_per_sm=0), dict(num_stages=-1),
-                                dict(head_splits=0),
                                 dict(num_warps=0), dict(merge="atomic"), dict(merge_loads="cached")])
 def test_gpu_config_rejects_bad_values(kw):
     with pytest.raises(ValueError, match="GpuConfig"):
         GpuConfig(**kw)
-
-
-def test_gpu_head_splits_must_divide_the_query_heads():
-    args = make_inputs(1, 1, 6, 2, 32, 20, F32, "partial")  # G = 3
-    with pytest.raises(ValueError, match="head_splits=2 must divide the 3"):
-        sparse_attention_gpu(*args, interpret=True, config=GpuConfig(head_splits=2))
 
 
 @pytest.mark.parametrize("kw", [dict(block_s=48), dict(block_s=8), dict(rows=0), dict(num_warps=0)])

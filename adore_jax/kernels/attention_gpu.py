@@ -67,7 +67,6 @@ class GpuConfig:
     num_warps: int = 4
     num_stages: Optional[int] = None  # None: 4 (D >= 128) or 3 up to 16 query rows, 3 from 32
     splits: Optional[int] = None  # splits of S per (b, kv head); None: auto (below)
-    head_splits: int = 1  # programs sharing one KV head's slots, each with G / head_splits query heads (divides G)
     ctas_per_sm: Optional[int] = None  # programs an SM runs side by side, in the split cost; None: 2, or 1 below the floor (plan)
     merge: str = "kernel"  # "kernel" (atomic last-arriver merge) or "xla"
     merge_loads: str = "plain"  # how the last program reads the partials: "plain" or "volatile"
@@ -79,8 +78,6 @@ class GpuConfig:
         for name in ("num_stages", "splits", "ctas_per_sm"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"GpuConfig: {name} must be None or >= 1; got {getattr(self, name)}")
-        if self.head_splits < 1:
-            raise ValueError(f"GpuConfig: head_splits must be >= 1; got {self.head_splits}")
         if self.num_warps < 1:
             raise ValueError(f"GpuConfig: num_warps must be >= 1; got {self.num_warps}")
         if self.merge not in ("kernel", "xla"):
@@ -319,13 +316,9 @@ def sparse_attention_gpu(
         return AttentionOut(prefill_attention_gpu(q, k, v, cache_k, cache_v, cache_pos, q_pos, layer, scale=scale,
                                                   interpret=interpret, config=config.prefill))
     L = cache_k.shape[0]
-    HS = config.head_splits
-    if G % HS:
-        raise ValueError(f"GpuConfig.head_splits={HS} must divide the {G} query heads a KV head has")
-    G = G // HS  # query heads a program has; program (b, h, j) has query heads h * G ... h * G + G - 1
     Rr = G * T
     R = padded_rows(G, T)
-    bs, NS, Sp, stages = plan(B, Hkv * HS, S, D, config, R)
+    bs, NS, Sp, stages = plan(B, Hkv, S, D, config, R)
     Tp = max(16, next_pow2(T))
     merge = config.merge
     use_counter = merge == "kernel" and NS > 1
@@ -337,18 +330,18 @@ def sparse_attention_gpu(
         pl.BlockSpec((1,), lambda b, h, j: (0,)),  # layer
         pl.BlockSpec((None, T, Hq, D), lambda b, h, j: (b, 0, 0, 0)),  # q
         pl.BlockSpec((None, T), lambda b, h, j: (b, 0)),  # q_pos
-        pl.BlockSpec((L, None, S, None, D), lambda b, h, j: (0, b, 0, h // HS, 0)),  # cache_k (all layers)
-        pl.BlockSpec((L, None, S, None, D), lambda b, h, j: (0, b, 0, h // HS, 0)),  # cache_v
+        pl.BlockSpec((L, None, S, None, D), lambda b, h, j: (0, b, 0, h, 0)),  # cache_k (all layers)
+        pl.BlockSpec((L, None, S, None, D), lambda b, h, j: (0, b, 0, h, 0)),  # cache_v
         pl.BlockSpec((None, S), lambda b, h, j: (b, 0)),  # cache_pos
-        pl.BlockSpec((None, T, None, D), lambda b, h, j: (b, 0, h // HS, 0)),  # k (new rows)
-        pl.BlockSpec((None, T, None, D), lambda b, h, j: (b, 0, h // HS, 0)),  # v (new rows)
+        pl.BlockSpec((None, T, None, D), lambda b, h, j: (b, 0, h, 0)),  # k (new rows)
+        pl.BlockSpec((None, T, None, D), lambda b, h, j: (b, 0, h, 0)),  # v (new rows)
     ]
     args = [layer, q, q_pos, cache_k, cache_v, cache_pos, k, v]
     out_shape, out_specs = [], []
     aliases = {}
     if use_counter:
         in_specs.append(pl.BlockSpec((None, None, 1), lambda b, h, j: (b, h, 0)))
-        args.append(jnp.zeros((B, Hkv * HS, 1), jnp.int32))
+        args.append(jnp.zeros((B, Hkv, 1), jnp.int32))
     if merge == "kernel":
         out_shape += [jax.ShapeDtypeStruct((B, T, Hq, D), q.dtype), jax.ShapeDtypeStruct((B, T, Hq), f32)]
         out_specs += [
@@ -357,9 +350,9 @@ def sparse_attention_gpu(
         ]
     if merge == "xla" or use_counter:
         out_shape += [
-            jax.ShapeDtypeStruct((B, Hkv * HS, NS, Rr, D), f32),
-            jax.ShapeDtypeStruct((B, Hkv * HS, NS, Rr), f32),
-            jax.ShapeDtypeStruct((B, Hkv * HS, NS, Rr), f32),
+            jax.ShapeDtypeStruct((B, Hkv, NS, Rr, D), f32),
+            jax.ShapeDtypeStruct((B, Hkv, NS, Rr), f32),
+            jax.ShapeDtypeStruct((B, Hkv, NS, Rr), f32),
         ]
         out_specs += [
             pl.BlockSpec((None, None, NS, Rr, D), lambda b, h, j: (b, h, 0, 0, 0)),
@@ -368,11 +361,11 @@ def sparse_attention_gpu(
         ]
     if use_counter:
         aliases[8] = len(out_shape)
-        out_shape.append(jax.ShapeDtypeStruct((B, Hkv * HS, 1), jnp.int32))
+        out_shape.append(jax.ShapeDtypeStruct((B, Hkv, 1), jnp.int32))
         out_specs.append(pl.BlockSpec((None, None, 1), lambda b, h, j: (b, h, 0)))
     W = NS * Sp + Tp
     if with_stats:
-        out_shape.append(jax.ShapeDtypeStruct((B, Hkv * HS, R, W), f32))
+        out_shape.append(jax.ShapeDtypeStruct((B, Hkv, R, W), f32))
         out_specs.append(pl.BlockSpec((None, None, R, W), lambda b, h, j: (b, h, 0, 0)))
 
     kernel = functools.partial(
@@ -384,7 +377,7 @@ def sparse_attention_gpu(
     outs = pl.pallas_call(
         kernel,
         out_shape=out_shape,
-        grid=(B, Hkv * HS, NS),
+        grid=(B, Hkv, NS),
         in_specs=in_specs,
         out_specs=out_specs,
         input_output_aliases=aliases,

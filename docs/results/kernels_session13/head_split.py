@@ -9,6 +9,11 @@ cuDNN (T = 1) and a copy, by device time (eval/bench_kernels.py's timer). One H2
 
     PYTHONPATH=. python3 docs/results/kernels_session13/head_split.py OUT_DIR [DEADLINE_S]
 
+It needs the kernel of commit 28cfb1d, which had the head_splits knob (tested there
+in interpret mode against the reference). Every head split was slower than the
+default at all 12 points (1.24-2.97x its time; docs/KERNELS.md, "Session 13",
+item 4), so the knob was removed in the next commit.
+
 Writes OUT_DIR/head_split.json; prints a table last (K+V TB/s, us).
 """
 import json
