@@ -309,7 +309,7 @@ def test_gpu_plan_one_row_splits_at_the_bench_shapes(monkeypatch):
     """Up to 16 rows (T = 1) on an H200's 132 SMs, the split counts sessions 12 and 13
     measured (docs/KERNELS.md): none for MHA at B = 8 (256 programs), 4 for 64 or 96
     (b, kv head) pairs, 2 for SmolLM2's B = 64 step; full attention's 16498 slots: none
-    at B = 8, 3 at B = 10 (320 programs; 2 splits were 18% slower)."""
+    at B = 8, 3 at B = 10 (320 programs; 2 splits were 17-20% slower)."""
     monkeypatch.setattr("adore_jax.kernels.attention_gpu.num_sms", lambda: 132)
     got = {(B, Hkv, S): plan(B, Hkv, S, D, GpuConfig())[1] for B, Hkv, D in [(8, 8, 128), (32, 3, 64), (8, 32, 128)]
            for S in (1024, 4096, 8192)}
