@@ -22,7 +22,7 @@ import time
 
 from adore_jax.kernels import GpuConfig
 from adore_jax.kernels.attention_gpu import padded_rows, plan
-from eval.bench_kernels import attn_set, cudnn, kv_bytes, n_sets, ours, time_ops
+from eval.bench_kernels import attn_set, cudnn, kv_bytes, n_sets, ours, same_size_copy, time_ops
 
 T0 = time.time()
 OUT = sys.argv[1]
@@ -43,7 +43,7 @@ for (B, Hq, Hkv, D), S, T in cases:
         configs |= {f"hs{hs}_n{n}": GpuConfig(head_splits=hs, splits=n) for n in (1, 2)}
     nbytes = kv_bytes(B, Hkv, D, S)
     sets = [attn_set(700 + u, B, Hq, Hkv, D, S, T) for u in range(n_sets(nbytes))]
-    impls = {"copy": lambda q, k, v, ck, cv, *_: (-ck, -cv)} | ({"cudnn": cudnn} if T == 1 else {})
+    impls = {"copy": same_size_copy} | ({"cudnn": cudnn} if T == 1 else {})
     impls |= {n: ours(c) for n, c in configs.items()}
     plans = {n: plan(B, Hkv * c.head_splits, S, D, c, padded_rows(G // c.head_splits, T)) for n, c in configs.items()}
     row = {"shape": [B, Hq, Hkv, D, S, T], "plans": plans,
