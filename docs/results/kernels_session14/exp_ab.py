@@ -1,0 +1,168 @@
+"""Session 14 experiment, prepared for the next device run: the exponential in the
+GPU kernels' online softmax.
+
+In the Triton lowering of Pallas, `jnp.exp` on fp32 becomes a call to libdevice's
+`__nv_expf`, CUDA's accurate expf (range reduction around one ex2.approx), where
+Triton's own `tl.exp` is a multiply and one `ex2.approx`. Nsight Compute put the
+remaining T = 1 miss in the decode kernel's issue rate (docs/KERNELS.md,
+"Session 14", item 4), and each loop step takes the exponential of every score.
+Variants, swapped in for `jnp.exp` inside the decode and prefill kernels while
+they are traced (adore_jax/kernels/attention_gpu.py and prefill_gpu.py unchanged):
+
+* exp: as on main (`__nv_expf`);
+* exp2: `jnp.exp2(x * log2(e))` (libdevice's `__nv_exp2f`);
+* ex2: `ex2.approx.ftz.f32` of `x * log2(e)` by inline PTX (GPU only).
+
+    PYTHONPATH=. python3 docs/results/kernels_session14/exp_ab.py check              # CPU, interpret mode (exp2)
+    PYTHONPATH=. python3 docs/results/kernels_session14/exp_ab.py bench OUT [DEADLINE_S]   # one H200
+
+check: each variant the platform can run against `reference_attention` on fresh
+random inputs (partly and fully empty caches, rebuilt rows before and after the
+cached slots, non-multiple S, T = 1, 2, 9, stats, the prefill kernel over a long
+chunk). bench: that check on the device, then device time of each variant at the
+bench's T = 1 and T = 9 points that miss the targets, SmolLM2's step shape, an
+MHA point, and the prefill chunk of eval/bench_kernels.py; OUT/exp_ab.json, a
+table printed last.
+"""
+import contextlib
+import json
+import math
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from adore_jax.attention import reference_attention
+from adore_jax.kernels import GpuConfig, sparse_attention_gpu
+from adore_jax.kernels import attention_gpu, prefill_gpu
+
+LOG2E = math.log2(math.e)
+
+
+def _exp2(x):
+    return jnp.exp2(x * LOG2E)
+
+
+def _ex2(x):
+    from jax.experimental.pallas import triton as plgpu
+
+    [r] = plgpu.elementwise_inline_asm("ex2.approx.ftz.f32 $0, $1;", args=[x * LOG2E], constraints="=f,f", pack=1,
+                                       result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, x.dtype)])
+    return r
+
+
+VARIANTS = {"exp": jnp.exp, "exp2": _exp2, "ex2": _ex2}
+
+
+class _Numpy:
+    """jax.numpy with another exp."""
+
+    def __init__(self, exp):
+        self.exp = exp
+
+    def __getattr__(self, name):
+        return getattr(jnp, name)
+
+
+@contextlib.contextmanager
+def exp_as(name):
+    """Trace the GPU kernels with VARIANTS[name] as their exp."""
+    mods = (attention_gpu, prefill_gpu)
+    old = [m.jnp for m in mods]
+    for m in mods:
+        m.jnp = _Numpy(VARIANTS[name])
+    try:
+        yield
+    finally:
+        for m, o in zip(mods, old):
+            m.jnp = o
+
+
+def op(name, cfg=GpuConfig(), with_stats=False, interpret=False):
+    def f(q, k, v, ck, cv, cpos, qpos):
+        with exp_as(name):
+            r = sparse_attention_gpu(q, k, v, ck, cv, cpos, qpos, with_stats=with_stats, config=cfg,
+                                     interpret=interpret)
+        return (r.out, r.mass, r.lse) if with_stats else r.out
+
+    return f
+
+
+def _case(seed, B, T, Hq, Hkv, D, S, dtype):
+    ks = jax.random.split(jax.random.PRNGKey(seed), 7)
+    r = lambda k, s: jax.random.normal(k, s).astype(dtype)
+    cpos = jax.random.permutation(ks[5], jnp.tile(jnp.arange(S, dtype=jnp.int32), (B, 1)), axis=1, independent=True)
+    cpos = jnp.where(jax.random.uniform(ks[6], (B, S)) < 0.3, -1, cpos).at[B - 1].set(-1)  # one empty cache
+    qpos = jnp.concatenate([jnp.sort(jax.random.randint(ks[6], (B, T - 1), 0, S)), jnp.full((B, 1), S)], 1)
+    return (r(ks[0], (B, T, Hq, D)), r(ks[1], (B, T, Hkv, D)), r(ks[2], (B, T, Hkv, D)), r(ks[3], (B, S, Hkv, D)),
+            r(ks[4], (B, S, Hkv, D)), cpos, qpos.astype(jnp.int32))
+
+
+def check(names, interpret, dtype=jnp.float32, tol=2e-5):
+    """Max abs error of each variant's out, mass and lse against the reference; raises on a failure."""
+    cases = [(3, 1, 9, 3, 64, 200, GpuConfig(), True), (2, 2, 8, 2, 32, 130, GpuConfig(splits=3), True),
+             (2, 9, 9, 3, 64, 77, GpuConfig(merge="xla"), False), (2, 1, 32, 8, 128, 1000, GpuConfig(), False),
+             (2, 40, 4, 2, 64, 100, GpuConfig(), False)]  # T = 40: the prefill kernel
+    worst = {}
+    for n, (B, T, Hq, Hkv, D, S, cfg, stats) in enumerate(cases):
+        args = _case(200 + n, B, T, Hq, Hkv, D, S, dtype)
+        ref = reference_attention(*[a.astype(jnp.float32) if a.dtype == dtype else a for a in args], with_stats=stats)
+        ref = (ref.out, ref.mass, ref.lse) if stats else (ref.out,)
+        for name in names:
+            got = op(name, cfg, stats, interpret)(*args)
+            got = got if stats else (got,)
+            for label, g, r in zip(("out", "mass", "lse"), got, ref):
+                g, r = np.asarray(g, np.float32), np.asarray(r, np.float32)
+                if label == "lse":  # rows with nothing to attend keep about NEG_INF
+                    g, r = np.maximum(g, -1e4), np.maximum(r, -1e4)
+                err = float(np.max(np.abs(g - r))) if np.isfinite(g).all() else float("inf")
+                worst[name] = max(worst.get(name, 0.0), err)
+                if not err <= tol * (1 if label != "lse" else 10):
+                    raise AssertionError(f"{name}: case {(B, T, Hq, Hkv, D, S)} {label}: max abs error {err}")
+    print("check PASS:", {n: f"{e:.1e}" for n, e in worst.items()}, "interpret" if interpret else "device", flush=True)
+    return worst
+
+
+def bench(out_dir, deadline):
+    from eval.bench_kernels import attn_set, cudnn, kv_bytes, n_sets, prefill_set, same_size_copy, time_ops
+
+    t0 = time.time()
+    results = {"check": check(list(VARIANTS), interpret=False, dtype=jnp.bfloat16, tol=3e-2), "rows": []}
+    cases = [((32, 9, 3, 64), 1024, 1), ((64, 9, 3, 64), 1024, 1), ((32, 9, 3, 64), 4096, 1),
+             ((32, 9, 3, 64), 4096, 9), ((8, 32, 8, 128), 4096, 9), ((8, 32, 8, 128), 1024, 1),
+             ((32, 9, 3, 64), 8192, 9), ((8, 32, 32, 128), 4096, 1), ((32, 9, 3, 64), 1024, 9)]
+    for (B, Hq, Hkv, D), S, T in cases:
+        if time.time() - t0 > deadline:
+            print("deadline: stopped before", (B, Hq, Hkv, D, S, T), flush=True)
+            break
+        nbytes = kv_bytes(B, Hkv, D, S)
+        sets = [attn_set(600 + u, B, Hq, Hkv, D, S, T) for u in range(n_sets(nbytes))]
+        impls = {"copy": same_size_copy} | ({"cudnn": cudnn} if T == 1 else {}) | {n: op(n) for n in VARIANTS}
+        row = {"shape": [B, Hq, Hkv, D, S, T], **time_ops(impls, sets, nbytes, copies=("copy",), timer="device")}
+        results["rows"].append(row)
+        json.dump(results, open(f"{out_dir}/exp_ab.json", "w"), indent=1)
+        print(f"[{time.time() - t0:5.0f}s]", row["shape"], {n: round(v["us"], 1) if "us" in v else v["error"][-300:]
+                                                           for n, v in row.items() if isinstance(v, dict)}, flush=True)
+        del sets
+    if time.time() - t0 < deadline:  # the prefill chunk of eval/bench_kernels.py, P = 4096 slots filled
+        B, Hq, Hkv, D, S, T, P = 8, 32, 32, 128, 16386, 512, 4096
+        args = prefill_set(B, Hq, Hkv, D, S, T, P)
+        row = {"shape": [B, Hq, Hkv, D, S, T, P],
+               **time_ops({n: op(n) for n in VARIANTS}, [args], 4 * B * Hq * T * (P + (T + 1) / 2) * D,
+                          timer="device")}  # "TBps" here: useful TFLOP/s
+        results["prefill"] = row
+        json.dump(results, open(f"{out_dir}/exp_ab.json", "w"), indent=1)
+    print("\nus per call (K+V TB/s); prefill: us (TFLOP/s)")
+    for row in results["rows"] + ([results["prefill"]] if "prefill" in results else []):
+        cells = [f"{n} {v['us']:.1f} ({v['TBps']:.2f})" if "us" in v else f"{n} error"
+                 for n, v in row.items() if isinstance(v, dict)]
+        print(row["shape"], " | ".join(cells))
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "check":
+        check(["exp", "exp2"], interpret=True)
+    else:
+        bench(sys.argv[2], float(sys.argv[3]) if sys.argv[3:] else 300.0)
