@@ -134,6 +134,44 @@ def time_ops(impls, sets, nbytes, configs=(), copies=(), timer="wall"):
     return row
 
 
+def time_point(seed, shape, S, T, impls, configs=(), copies=("copy",), timer="device"):
+    """`time_ops` of the attention ops `impls` at one point: shape (B, Hq, Hkv, D), S
+    cache slots, T query rows, on fresh input sets (`attn_set` from `seed` on). A row
+    {"shape": [B, Hq, Hkv, D, S, T], name: {us, TBps, ...}}."""
+    B, Hq, Hkv, D = shape
+    nbytes = kv_bytes(B, Hkv, D, S)
+    sets = [attn_set(seed + u, B, Hq, Hkv, D, S, T) for u in range(n_sets(nbytes))]
+    return {"shape": [B, Hq, Hkv, D, S, T], **time_ops(impls, sets, nbytes, configs, copies, timer)}
+
+
+def row_times(row):
+    """{name: us, rounded, or the end of its error} of a `time_ops` row."""
+    return {n: round(v["us"], 1) if "us" in v else v["error"][-300:] for n, v in row.items()
+            if isinstance(v, dict) and ("us" in v or "error" in v)}
+
+
+def row_summary(row, top=6, skip=("copy",)):
+    """'name us (TB/s) | ...' of a `time_ops` row: the `top` fastest ops not in `skip`."""
+    best = sorted((v["us"], n) for n, v in row.items() if isinstance(v, dict) and "us" in v and n not in skip)
+    return " | ".join(f"{n} {u:.1f} ({row[n]['TBps']:.2f})" for u, n in best[:top])
+
+
+def sweep(cases, row_of, path, deadline):
+    """[row_of(*case) for case in cases] while under `deadline` seconds from the start:
+    the rows so far go to the JSON file `path` after each one, which is printed short
+    (`row_times`) with its "shape"."""
+    t0, rows = time.time(), []
+    for case in cases:
+        if time.time() - t0 > deadline:
+            print("deadline: stopped before", case, flush=True)
+            break
+        rows.append(row_of(*case))
+        with open(path, "w") as f:
+            json.dump(rows, f, indent=1)
+        print(f"[{time.time() - t0:5.0f}s]", rows[-1]["shape"], row_times(rows[-1]), flush=True)
+    return rows
+
+
 def _warm(call, seconds=0.05):
     """Run for a while first: clocks ramp up from idle."""
     t = time.perf_counter()

@@ -723,3 +723,23 @@ def test_bench_time_ops_records_rates_configs_and_errors():
     assert row["copy"]["TBps"] == pytest.approx(2 * x.nbytes / row["copy"]["us"] / 1e6)
     assert row["neg"]["cfg"]["splits"] == 2 and "cfg" not in row["copy"]
     assert "does not compile" in row["bad"]["error"]
+
+
+def test_bench_sweep_writes_each_row_and_stops_at_the_deadline(tmp_path):
+    """eval/bench_kernels.sweep: one time_point row a case, all written to the JSON
+    file as they land; nothing runs once the deadline has passed. row_summary lists
+    the fastest ops, without the copy."""
+    import json
+
+    from eval.bench_kernels import row_summary, same_size_copy, sweep, time_point
+
+    def row_of(S):
+        return time_point(0, (1, 2, 1, 16), S, 1, {"copy": same_size_copy, "neg": lambda q, *a: -q}, timer="wall")
+
+    path = tmp_path / "rows.json"
+    rows = sweep([(32,), (48,)], row_of, str(path), deadline=60)
+    assert [r["shape"] for r in json.loads(path.read_text())] == [[1, 2, 1, 16, 32, 1], [1, 2, 1, 16, 48, 1]]
+    assert rows[1]["neg"]["us"] > 0 and rows[1]["copy"]["TBps"] > 0
+    assert row_summary(rows[0]).startswith("neg ") and "copy" not in row_summary(rows[0])
+    assert sweep([(32,)], row_of, str(tmp_path / "none.json"), deadline=-1) == []
+    assert not (tmp_path / "none.json").exists()

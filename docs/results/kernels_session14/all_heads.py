@@ -41,6 +41,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from adore_jax.attention import NEG_INF, reference_attention
+from adore_jax.kernels.attention_gpu import merge_step
 from adore_jax.kernels.common import cdiv, next_pow2, round_up
 
 
@@ -156,12 +157,7 @@ def _kernel(lyr_ref, q_ref, qpos_ref, ck_ref, cv_ref, cpos_ref, kn_ref, vn_ref, 
                 mj = plgpu.load(mp_ref.at[jj, rows], mask=ok_r, other=NEG_INF)
                 lj = plgpu.load(lp_ref.at[jj, rows], mask=ok_r, other=0.0)
                 oj = plgpu.load(op_ref.at[jj, rows[:, None], d[None, :]], mask=ok2, other=0.0)
-                M_new = jnp.maximum(M, mj)
-                a = jnp.exp(M - M_new)
-                w = jnp.exp(mj - M_new)
-                L = a * L + w * lj
-                O = a[:, None] * O + w[:, None] * oj
-                M = M_new
+                M, L, O = merge_step(M, L, O, mj, lj, oj)
             store_final(gi, O, M, L)
 
 

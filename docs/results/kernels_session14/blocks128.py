@@ -16,26 +16,21 @@ the plan's by more than 0.5% at any of the 7 points; the best of them was 6-16%
 slower at (32,9,3,64) T = 9, 6% at T = 1 S=1024, level at T = 1 S=4096 and at
 SmolLM2's step shape, and 46% slower at (8,32,8,128) T = 9. The plan is unchanged.
 """
-import json
 import sys
-import time
 
 from adore_jax.kernels import GpuConfig
 from adore_jax.kernels.attention_gpu import padded_rows, plan
-from eval.bench_kernels import attn_set, cudnn, kv_bytes, n_sets, ours, same_size_copy, time_ops
+from eval.bench_kernels import cudnn, ours, row_summary, same_size_copy, sweep, time_point
 
-T0 = time.time()
 OUT = sys.argv[1]
 DEADLINE = float(sys.argv[2]) if sys.argv[2:] else 300.0
 cases = [((32, 9, 3, 64), 4096, 9), ((32, 9, 3, 64), 8192, 9), ((32, 9, 3, 64), 4096, 1),
          ((32, 9, 3, 64), 1024, 1), ((32, 9, 3, 64), 1024, 9), ((8, 32, 8, 128), 4096, 9), ((64, 9, 3, 64), 1024, 1)]
-rows = []
-for (B, Hq, Hkv, D), S, T in cases:
-    if time.time() - T0 > DEADLINE:
-        print("deadline: stopped before", (B, Hq, Hkv, D, S, T), flush=True)
-        break
-    R = padded_rows(Hq // Hkv, T)
-    bs0, ns0, _, st0 = plan(B, Hkv, S, D, GpuConfig(), R)
+
+
+def row_of(shape, S, T):
+    B, Hq, Hkv, D = shape
+    bs0, ns0, _, st0 = plan(B, Hkv, S, D, GpuConfig(), padded_rows(Hq // Hkv, T))
     configs = {"default": GpuConfig()}
     split_counts = sorted({ns0, max(1, ns0 - 1), ns0 + 1, 2 * ns0} if S >= 4096 else {ns0, max(1, ns0 // 2), ns0 + 1})
     for ns in split_counts:
@@ -45,18 +40,11 @@ for (B, Hq, Hkv, D), S, T in cases:
             configs[f"b128_n{ns}_s{st}"] = GpuConfig(block_s=128, splits=ns, num_stages=st)
     configs[f"b256_n{ns0}_s2"] = GpuConfig(block_s=256, splits=ns0, num_stages=2)
     configs[f"b128_n{ns0}_s2_w8"] = GpuConfig(block_s=128, splits=ns0, num_stages=2, num_warps=8)
-    nbytes = kv_bytes(B, Hkv, D, S)
-    sets = [attn_set(950 + u, B, Hq, Hkv, D, S, T) for u in range(n_sets(nbytes))]
     impls = {"copy": same_size_copy} | ({"cudnn": cudnn} if T == 1 else {}) | {n: ours(c) for n, c in configs.items()}
-    row = {"shape": [B, Hq, Hkv, D, S, T], "plan": [bs0, ns0, st0],
-           **time_ops(impls, sets, nbytes, configs=configs, copies=("copy",), timer="device")}
-    rows.append(row)
-    json.dump(rows, open(f"{OUT}/blocks128.json", "w"), indent=1)
-    print(f"[{time.time() - T0:5.0f}s]", row["shape"], {n: round(v["us"], 1) if "us" in v else v["error"][-200:]
-                                                       for n, v in row.items() if isinstance(v, dict)}, flush=True)
-    del sets
+    return {"plan": [bs0, ns0, st0], **time_point(950, shape, S, T, impls, configs=configs)}
+
+
+rows = sweep(cases, row_of, f"{OUT}/blocks128.json", DEADLINE)
 print("\nus per call (K+V TB/s), fastest first; plan (block, splits, stages)")
 for row in rows:
-    best = sorted((v["us"], n) for n, v in row.items() if isinstance(v, dict) and "us" in v and n != "copy")
-    print(row["shape"], row["plan"], f"copy {row['copy']['us']:.1f} |",
-          " | ".join(f"{n} {u:.1f} ({row[n]['TBps']:.2f})" for u, n in best[:6]))
+    print(row["shape"], row["plan"], f"copy {row['copy']['us']:.1f} |", row_summary(row))

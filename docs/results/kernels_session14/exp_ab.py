@@ -21,8 +21,8 @@ random inputs (partly and fully empty caches, rebuilt rows before and after the
 cached slots, non-multiple S, T = 1, 2, 9, stats, the prefill kernel over a long
 chunk). bench: that check on the device, then device time of each variant at the
 bench's T = 1 and T = 9 points that miss the targets, SmolLM2's step shape, an
-MHA point, and the prefill chunk of eval/bench_kernels.py; OUT/exp_ab.json, a
-table printed last.
+MHA point (OUT/exp_ab.json), and the prefill chunk of eval/bench_kernels.py
+(OUT/exp_ab_prefill.json); tables printed last.
 """
 import contextlib
 import json
@@ -126,39 +126,30 @@ def check(names, interpret, dtype=jnp.float32, tol=2e-5):
 
 
 def bench(out_dir, deadline):
-    from eval.bench_kernels import attn_set, cudnn, kv_bytes, n_sets, prefill_set, same_size_copy, time_ops
+    from eval.bench_kernels import cudnn, prefill_set, row_summary, same_size_copy, sweep, time_ops, time_point
 
     t0 = time.time()
-    results = {"check": check(list(VARIANTS), interpret=False, dtype=jnp.bfloat16, tol=3e-2), "rows": []}
+    check(list(VARIANTS), interpret=False, dtype=jnp.bfloat16, tol=3e-2)
     cases = [((32, 9, 3, 64), 1024, 1), ((64, 9, 3, 64), 1024, 1), ((32, 9, 3, 64), 4096, 1),
              ((32, 9, 3, 64), 4096, 9), ((8, 32, 8, 128), 4096, 9), ((8, 32, 8, 128), 1024, 1),
              ((32, 9, 3, 64), 8192, 9), ((8, 32, 32, 128), 4096, 1), ((32, 9, 3, 64), 1024, 9)]
-    for (B, Hq, Hkv, D), S, T in cases:
-        if time.time() - t0 > deadline:
-            print("deadline: stopped before", (B, Hq, Hkv, D, S, T), flush=True)
-            break
-        nbytes = kv_bytes(B, Hkv, D, S)
-        sets = [attn_set(600 + u, B, Hq, Hkv, D, S, T) for u in range(n_sets(nbytes))]
+
+    def row_of(shape, S, T):
         impls = {"copy": same_size_copy} | ({"cudnn": cudnn} if T == 1 else {}) | {n: op(n) for n in VARIANTS}
-        row = {"shape": [B, Hq, Hkv, D, S, T], **time_ops(impls, sets, nbytes, copies=("copy",), timer="device")}
-        results["rows"].append(row)
-        json.dump(results, open(f"{out_dir}/exp_ab.json", "w"), indent=1)
-        print(f"[{time.time() - t0:5.0f}s]", row["shape"], {n: round(v["us"], 1) if "us" in v else v["error"][-300:]
-                                                           for n, v in row.items() if isinstance(v, dict)}, flush=True)
-        del sets
+        return time_point(600, shape, S, T, impls)
+
+    rows = sweep(cases, row_of, f"{out_dir}/exp_ab.json", deadline - (time.time() - t0))
+    print("\nus per call (K+V TB/s), fastest first")
+    for row in rows:
+        print(row["shape"], f"copy {row['copy']['us']:.1f} |", row_summary(row, top=4))
     if time.time() - t0 < deadline:  # the prefill chunk of eval/bench_kernels.py, P = 4096 slots filled
         B, Hq, Hkv, D, S, T, P = 8, 32, 32, 128, 16386, 512, 4096
-        args = prefill_set(B, Hq, Hkv, D, S, T, P)
+        flops = 4 * B * Hq * T * (P + (T + 1) / 2) * D
         row = {"shape": [B, Hq, Hkv, D, S, T, P],
-               **time_ops({n: op(n) for n in VARIANTS}, [args], 4 * B * Hq * T * (P + (T + 1) / 2) * D,
-                          timer="device")}  # "TBps" here: useful TFLOP/s
-        results["prefill"] = row
-        json.dump(results, open(f"{out_dir}/exp_ab.json", "w"), indent=1)
-    print("\nus per call (K+V TB/s); prefill: us (TFLOP/s)")
-    for row in results["rows"] + ([results["prefill"]] if "prefill" in results else []):
-        cells = [f"{n} {v['us']:.1f} ({v['TBps']:.2f})" if "us" in v else f"{n} error"
-                 for n, v in row.items() if isinstance(v, dict)]
-        print(row["shape"], " | ".join(cells))
+               **time_ops({n: op(n) for n in VARIANTS}, [prefill_set(B, Hq, Hkv, D, S, T, P)], flops, timer="device")}
+        with open(f"{out_dir}/exp_ab_prefill.json", "w") as f:
+            json.dump(row, f, indent=1)
+        print("prefill, us (useful TFLOP/s):", row["shape"], row_summary(row, top=3))
 
 
 if __name__ == "__main__":
