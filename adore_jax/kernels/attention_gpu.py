@@ -149,6 +149,15 @@ def _load_shared(ref, mask, other, interpret, volatile):
     return plgpu.load(ref, mask=mask, other=other)
 
 
+def merge_step(M, L, O, m, l, o):
+    """The running merge (M, L [R], O [R, D]) of split partials with one more
+    (m, l, o): running max, sum of exp(s - max) and unnormalised output, fp32."""
+    M_new = jnp.maximum(M, m)
+    a = jnp.exp(M - M_new)
+    w = jnp.exp(m - M_new)
+    return M_new, a * L + w * l, a[:, None] * O + w[:, None] * o
+
+
 def _kernel(*refs, T, G, D, S, R, Rr, bs, Sp, NS, Tp, scale, merge, with_scores, interpret, volatile, precision):
     lyr_ref, q_ref, qpos_ref, ck_ref, cv_ref, cpos_ref, kn_ref, vn_ref = refs[:8]
     rest = list(refs[8:])
@@ -279,12 +288,7 @@ def _kernel(*refs, T, G, D, S, R, Rr, bs, Sp, NS, Tp, scale, merge, with_scores,
             mj = _load_shared(mp_ref.at[jj, r], row_ok, NEG_INF, interpret, volatile)
             lj = _load_shared(lp_ref.at[jj, r], row_ok, 0.0, interpret, volatile)
             oj = _load_shared(op_ref.at[jj, r[:, None], d[None, :]], row_ok2, 0.0, interpret, volatile)
-            M_new = jnp.maximum(M, mj)
-            a = jnp.exp(M - M_new)
-            w = jnp.exp(mj - M_new)
-            L = a * L + w * lj
-            O = a[:, None] * O + w[:, None] * oj
-            M = M_new
+            M, L, O = merge_step(M, L, O, mj, lj, oj)
         store_final(O, M, L)
 
 
