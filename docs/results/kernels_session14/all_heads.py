@@ -29,7 +29,9 @@ head in one program (hpg = 1) was at best 1.2-1.4x slower at T = 1 and 1.4-1.6x
 at T = 9. The control (hpp = hpg = 1) timed within 1-2% of the kernel.
 """
 import functools
+import itertools
 import json
+import math
 import sys
 import time
 
@@ -44,9 +46,11 @@ from adore_jax.attention import NEG_INF, reference_attention
 from adore_jax.kernels.attention_gpu import merge_step
 from adore_jax.kernels.common import cdiv, next_pow2, round_up
 
+LOG2E = math.log2(math.e)
+
 
 def _kernel(lyr_ref, q_ref, qpos_ref, ck_ref, cv_ref, cpos_ref, kn_ref, vn_ref, *rest,
-            T, G, D, S, hpp, hpg, bs, Sp, NS, scale, interpret):
+            T, G, D, S, hpp, hpg, bs, Sp, NS, scale, interpret, lean=False):
     if NS > 1:
         _, out_ref, lse_ref, op_ref, mp_ref, lp_ref, cnt_ref = rest
     else:
@@ -83,11 +87,19 @@ def _kernel(lyr_ref, q_ref, qpos_ref, ck_ref, cv_ref, cpos_ref, kn_ref, vn_ref, 
         for (heads, _, qs), (os, m, l) in zip(groups, carry):
             s = sum(lax.dot_general(qs[u], kb[h], (((1,), (1,)), ((), ())), preferred_element_type=f32)
                     for u, h in enumerate(heads)) * scale
-            allowed = (kpos[None, :] >= 0) & (kpos[None, :] <= rpos[:, None])
-            s = jnp.where(allowed, s, NEG_INF)
-            m_new = jnp.maximum(m, jnp.max(s, axis=1))
-            alpha = jnp.exp(m - m_new)
-            p = jnp.where(allowed, jnp.exp(s - m_new[:, None]), 0.0)
+            if lean:  # one compare and one select a score; exp2 of one fused multiply-add (see exp_ab.py)
+                allowed = jnp.where(kpos >= 0, kpos, jnp.iinfo(jnp.int32).max)[None, :] <= rpos[:, None]
+                s = jnp.where(allowed, s, NEG_INF)
+                m_new = jnp.maximum(m, jnp.max(s, axis=1))
+                alpha = jnp.exp2((m - m_new) * LOG2E)
+                m_l2 = jnp.where(m_new > 0.5 * NEG_INF, m_new, 0.0) * LOG2E  # rows with nothing allowed yet: p = 0
+                p = jnp.exp2(s * LOG2E - m_l2[:, None])
+            else:
+                allowed = (kpos[None, :] >= 0) & (kpos[None, :] <= rpos[:, None])
+                s = jnp.where(allowed, s, NEG_INF)
+                m_new = jnp.maximum(m, jnp.max(s, axis=1))
+                alpha = jnp.exp(m - m_new)
+                p = jnp.where(allowed, jnp.exp(s - m_new[:, None]), 0.0)
             l = alpha * l + jnp.sum(p, axis=1)
             pb = p.astype(vb[heads[0]].dtype)
             os = [alpha[:, None] * o + lax.dot_general(pb, vb[h], (((1,), (0,)), ((), ())), preferred_element_type=f32)
@@ -161,8 +173,10 @@ def _kernel(lyr_ref, q_ref, qpos_ref, ck_ref, cv_ref, cpos_ref, kn_ref, vn_ref, 
             store_final(gi, O, M, L)
 
 
-def all_heads_attention(q, k, v, ck, cv, cpos, qpos, *, hpp, hpg, bs, splits, stages=3, warps=4, interpret=False):
-    """out [B, T, Hq, D] of the decode attention, hpp KV heads a program in groups of hpg.
+def all_heads_attention(q, k, v, ck, cv, cpos, qpos, *, hpp, hpg, bs, splits, stages=3, warps=4, interpret=False,
+                        lean=False):
+    """out [B, T, Hq, D] of the decode attention, hpp KV heads a program in groups of hpg
+    (lean: the loop's mask and exponential in fewer instructions, session 14 item 6).
     q [B, T, Hq, D]; k, v [B, T, Hkv, D]; ck, cv [B, S, Hkv, D]; cpos [B, S]; qpos [B, T]."""
     B, T, Hq, D = q.shape
     S, Hkv = ck.shape[1], ck.shape[2]
@@ -207,7 +221,7 @@ def all_heads_attention(q, k, v, ck, cv, cpos, qpos, *, hpp, hpg, bs, splits, st
                       pl.BlockSpec((None, None, 1), lambda b, c, j: (b, c, 0))]
         aliases[8] = 5
     kernel = functools.partial(_kernel, T=T, G=G, D=D, S=S, hpp=hpp, hpg=hpg, bs=bs, Sp=Sp, NS=NS,
-                               scale=D**-0.5, interpret=interpret)
+                               scale=D**-0.5, interpret=interpret, lean=lean)
     outs = pl.pallas_call(kernel, out_shape=out_shape, grid=(B, C, NS), in_specs=in_specs, out_specs=out_specs,
                           input_output_aliases=aliases, interpret=interpret, name="all_heads_attention",
                           compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=stages))(*args)
@@ -227,26 +241,30 @@ def _case(seed, B, T, Hq, Hkv, D, S, empty=0.3, dtype=jnp.float32):
         cpos = cpos.at[B - 1].set(-1)  # one all-empty cache
     # rebuilt rows: positions before some cached slots; the last row is the current token after all of them
     qpos = jnp.concatenate([jnp.sort(jax.random.randint(ks[6], (B, T - 1), 0, S)), jnp.full((B, 1), S)], 1)
+    if T > 1:
+        qpos = qpos.at[0, 0].set(-1)  # a padding row: nothing to attend, output 0
     return q, k, v, ck, cv, cpos, qpos.astype(jnp.int32)
 
 
-def check(interpret=True, dtype=jnp.float32, tol=2e-5, split_counts=(1, 3)):
-    """Max abs error against reference_attention over shapes and variants; raises on a failure."""
+def check(interpret=True, dtype=jnp.float32, tol=2e-5, split_counts=(1, 3), leans=(False,), one_head=False):
+    """Max abs error against reference_attention over shapes and variants (one_head: hpp = 1
+    only); raises on a failure."""
     worst = 0.0
     cases = [(2, 1, 9, 3, 64, 200), (3, 2, 9, 3, 64, 130), (2, 9, 9, 3, 64, 77), (2, 1, 8, 4, 32, 100),
              (2, 1, 6, 2, 16, 37)]
     for n, (B, T, Hq, Hkv, D, S) in enumerate(cases):
         args = _case(100 + n, B, T, Hq, Hkv, D, S, dtype=dtype)
         ref = np.asarray(reference_attention(*args).out, np.float32)
-        for hpp in [h for h in range(1, Hkv + 1) if Hkv % h == 0]:
+        for hpp in [1] if one_head else [h for h in range(1, Hkv + 1) if Hkv % h == 0]:
             for hpg in [h for h in range(1, hpp + 1) if hpp % h == 0]:
-                for splits in split_counts:
+                for splits, lean in itertools.product(split_counts, leans):
                     out = np.asarray(all_heads_attention(*args, hpp=hpp, hpg=hpg, bs=32, splits=splits,
-                                                         interpret=interpret), np.float32)
+                                                         interpret=interpret, lean=lean), np.float32)
                     err = float(np.max(np.abs(out - ref))) if np.isfinite(out).all() else float("inf")
                     worst = max(worst, err)
                     if not err <= tol:
-                        raise AssertionError(f"case {(B, T, Hq, Hkv, D, S)} hpp={hpp} hpg={hpg} splits={splits}: {err}")
+                        raise AssertionError(f"case {(B, T, Hq, Hkv, D, S)} hpp={hpp} hpg={hpg} splits={splits} "
+                                             f"lean={lean}: {err}")
     print(f"check PASS: max abs error {worst:.2e} ({'interpret' if interpret else 'device'}, {np.dtype(dtype).name})")
     return worst
 
@@ -299,6 +317,6 @@ def bench(out_dir, deadline):
 
 if __name__ == "__main__":
     if sys.argv[1] == "check":
-        check()
+        check(leans=(False, True))
     else:
         bench(sys.argv[2], float(sys.argv[3]) if sys.argv[3:] else 300.0)

@@ -11,7 +11,11 @@ they are traced (adore_jax/kernels/attention_gpu.py and prefill_gpu.py unchanged
 
 * exp: as on main (`__nv_expf`);
 * exp2: `jnp.exp2(x * log2(e))` (libdevice's `__nv_exp2f`);
-* ex2: `ex2.approx.ftz.f32` of `x * log2(e)` by inline PTX (GPU only).
+* ex2: `ex2.approx.ftz.f32` of `x * log2(e)` by inline PTX (GPU only);
+
+and all_heads.py's kernel with one KV head a program (its control, within 1-2% of
+the kernel) as it is and with `lean=True`: also one compare and one select a score
+for the mask, and exp2 of one multiply-add.
 
     PYTHONPATH=. python3 docs/results/kernels_session14/exp_ab.py check              # CPU, interpret mode (exp2)
     PYTHONPATH=. python3 docs/results/kernels_session14/exp_ab.py bench OUT [DEADLINE_S]   # one H200
@@ -25,8 +29,10 @@ MHA point (OUT/exp_ab.json), and the prefill chunk of eval/bench_kernels.py
 (OUT/exp_ab_prefill.json); tables printed last.
 """
 import contextlib
+import functools
 import json
 import math
+import os
 import sys
 import time
 
@@ -37,6 +43,8 @@ import numpy as np
 from adore_jax.attention import reference_attention
 from adore_jax.kernels import GpuConfig, sparse_attention_gpu
 from adore_jax.kernels import attention_gpu, prefill_gpu
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # all_heads.py: the lean loop's kernel
 
 LOG2E = math.log2(math.e)
 
@@ -96,6 +104,8 @@ def _case(seed, B, T, Hq, Hkv, D, S, dtype):
     cpos = jax.random.permutation(ks[5], jnp.tile(jnp.arange(S, dtype=jnp.int32), (B, 1)), axis=1, independent=True)
     cpos = jnp.where(jax.random.uniform(ks[6], (B, S)) < 0.3, -1, cpos).at[B - 1].set(-1)  # one empty cache
     qpos = jnp.concatenate([jnp.sort(jax.random.randint(ks[6], (B, T - 1), 0, S)), jnp.full((B, 1), S)], 1)
+    if T > 1:
+        qpos = qpos.at[0, 0].set(-1)  # a padding row: nothing to attend, output 0
     return (r(ks[0], (B, T, Hq, D)), r(ks[1], (B, T, Hkv, D)), r(ks[2], (B, T, Hkv, D)), r(ks[3], (B, S, Hkv, D)),
             r(ks[4], (B, S, Hkv, D)), cpos, qpos.astype(jnp.int32))
 
@@ -126,22 +136,29 @@ def check(names, interpret, dtype=jnp.float32, tol=2e-5):
 
 
 def bench(out_dir, deadline):
+    from adore_jax.kernels.attention_gpu import padded_rows, plan
+    from all_heads import all_heads_attention, check as check_all_heads
     from eval.bench_kernels import cudnn, prefill_set, row_summary, same_size_copy, sweep, time_ops, time_point
 
     t0 = time.time()
     check(list(VARIANTS), interpret=False, dtype=jnp.bfloat16, tol=3e-2)
+    check_all_heads(interpret=False, dtype=jnp.bfloat16, tol=3e-2, split_counts=(3,), leans=(True,), one_head=True)
     cases = [((32, 9, 3, 64), 1024, 1), ((64, 9, 3, 64), 1024, 1), ((32, 9, 3, 64), 4096, 1),
              ((32, 9, 3, 64), 4096, 9), ((8, 32, 8, 128), 4096, 9), ((8, 32, 8, 128), 1024, 1),
              ((32, 9, 3, 64), 8192, 9), ((8, 32, 32, 128), 4096, 1), ((32, 9, 3, 64), 1024, 9)]
 
     def row_of(shape, S, T):
+        B, Hq, Hkv, D = shape
+        bs, ns, _, st = plan(B, Hkv, S, D, GpuConfig(), padded_rows(Hq // Hkv, T))
         impls = {"copy": same_size_copy} | ({"cudnn": cudnn} if T == 1 else {}) | {n: op(n) for n in VARIANTS}
+        impls |= {f"h1g1{'_lean' * lean}": functools.partial(all_heads_attention, hpp=1, hpg=1, bs=bs, splits=ns,
+                                                             stages=st, lean=lean) for lean in (False, True)}
         return time_point(600, shape, S, T, impls)
 
     rows = sweep(cases, row_of, f"{out_dir}/exp_ab.json", deadline - (time.time() - t0))
     print("\nus per call (K+V TB/s), fastest first")
     for row in rows:
-        print(row["shape"], f"copy {row['copy']['us']:.1f} |", row_summary(row, top=4))
+        print(row["shape"], f"copy {row['copy']['us']:.1f} |", row_summary(row, top=8))
     if time.time() - t0 < deadline:  # the prefill chunk of eval/bench_kernels.py, P = 4096 slots filled
         B, Hq, Hkv, D, S, T, P = 8, 32, 32, 128, 16386, 512, 4096
         flops = 4 * B * Hq * T * (P + (T + 1) / 2) * D
