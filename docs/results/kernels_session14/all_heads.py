@@ -12,6 +12,8 @@ accumulator per head. hpg = 1: a separate online softmax per head (more
 independent work per loop step); hpg = hpp = 3 at T = 1: 9 real rows in 16, one
 softmax instead of three. hpp = hpg = 1 is the kernel's own scheme (a control).
 Merge: as the kernel's default (last-arriving split merges, one launch).
+`lean=True` (for exp_ab.py, not yet timed) writes the loop's mask and exponential in
+fewer instructions: one compare and one select a score, exp2 of one multiply-add.
 
     PYTHONPATH=. python3 docs/results/kernels_session14/all_heads.py check        # CPU, interpret mode
     PYTHONPATH=. python3 docs/results/kernels_session14/all_heads.py bench OUT [DEADLINE_S]   # one H200
