@@ -230,7 +230,10 @@ def all_heads_attention(q, k, v, ck, cv, cpos, qpos, *, hpp, hpg, bs, splits, st
     return outs[0]
 
 
-def _case(seed, B, T, Hq, Hkv, D, S, empty=0.3, dtype=jnp.float32):
+def case(seed, B, T, Hq, Hkv, D, S, empty=0.3, dtype=jnp.float32):
+    """Random decode inputs (q, k, v, ck, cv, cpos, qpos): a share `empty` of slots empty, the
+    last sequence's cache all empty, rebuilt rows before some cached slots and the current
+    token after all of them; with T > 1 one padding row (position -1)."""
     ks = jax.random.split(jax.random.PRNGKey(seed), 7)
     q = jax.random.normal(ks[0], (B, T, Hq, D)).astype(dtype)
     k = jax.random.normal(ks[1], (B, T, Hkv, D)).astype(dtype)
@@ -255,7 +258,7 @@ def check(interpret=True, dtype=jnp.float32, tol=2e-5, split_counts=(1, 3), lean
     cases = [(2, 1, 9, 3, 64, 200), (3, 2, 9, 3, 64, 130), (2, 9, 9, 3, 64, 77), (2, 1, 8, 4, 32, 100),
              (2, 1, 6, 2, 16, 37)]
     for n, (B, T, Hq, Hkv, D, S) in enumerate(cases):
-        args = _case(100 + n, B, T, Hq, Hkv, D, S, dtype=dtype)
+        args = case(100 + n, B, T, Hq, Hkv, D, S, dtype=dtype)
         ref = np.asarray(reference_attention(*args).out, np.float32)
         for hpp in [1] if one_head else [h for h in range(1, Hkv + 1) if Hkv % h == 0]:
             for hpg in [h for h in range(1, hpp + 1) if hpp % h == 0]:
@@ -318,7 +321,9 @@ def bench(out_dir, deadline):
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "check":
+    if sys.argv[1:2] == ["check"]:
         check(leans=(False, True))
-    else:
+    elif sys.argv[1:2] == ["bench"] and len(sys.argv) in (3, 4):
         bench(sys.argv[2], float(sys.argv[3]) if sys.argv[3:] else 300.0)
+    else:
+        sys.exit("usage: all_heads.py check | all_heads.py bench OUT_DIR [DEADLINE_S]")

@@ -44,7 +44,8 @@ from adore_jax.attention import reference_attention
 from adore_jax.kernels import GpuConfig, sparse_attention_gpu
 from adore_jax.kernels import attention_gpu, prefill_gpu
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # all_heads.py: the lean loop's kernel
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import all_heads  # noqa: E402  (the lean loop's kernel, and the check's inputs)
 
 LOG2E = math.log2(math.e)
 
@@ -98,18 +99,6 @@ def op(name, cfg=GpuConfig(), with_stats=False, interpret=False):
     return f
 
 
-def _case(seed, B, T, Hq, Hkv, D, S, dtype):
-    ks = jax.random.split(jax.random.PRNGKey(seed), 7)
-    r = lambda k, s: jax.random.normal(k, s).astype(dtype)
-    cpos = jax.random.permutation(ks[5], jnp.tile(jnp.arange(S, dtype=jnp.int32), (B, 1)), axis=1, independent=True)
-    cpos = jnp.where(jax.random.uniform(ks[6], (B, S)) < 0.3, -1, cpos).at[B - 1].set(-1)  # one empty cache
-    qpos = jnp.concatenate([jnp.sort(jax.random.randint(ks[6], (B, T - 1), 0, S)), jnp.full((B, 1), S)], 1)
-    if T > 1:
-        qpos = qpos.at[0, 0].set(-1)  # a padding row: nothing to attend, output 0
-    return (r(ks[0], (B, T, Hq, D)), r(ks[1], (B, T, Hkv, D)), r(ks[2], (B, T, Hkv, D)), r(ks[3], (B, S, Hkv, D)),
-            r(ks[4], (B, S, Hkv, D)), cpos, qpos.astype(jnp.int32))
-
-
 def check(names, interpret, dtype=jnp.float32, tol=2e-5):
     """Max abs error of each variant's out, mass and lse against the reference; raises on a failure."""
     cases = [(3, 1, 9, 3, 64, 200, GpuConfig(), True), (2, 2, 8, 2, 32, 130, GpuConfig(splits=3), True),
@@ -117,7 +106,7 @@ def check(names, interpret, dtype=jnp.float32, tol=2e-5):
              (2, 40, 4, 2, 64, 100, GpuConfig(), False)]  # T = 40: the prefill kernel
     worst = {}
     for n, (B, T, Hq, Hkv, D, S, cfg, stats) in enumerate(cases):
-        args = _case(200 + n, B, T, Hq, Hkv, D, S, dtype)
+        args = all_heads.case(200 + n, B, T, Hq, Hkv, D, S, dtype=dtype)
         ref = reference_attention(*[a.astype(jnp.float32) if a.dtype == dtype else a for a in args], with_stats=stats)
         ref = (ref.out, ref.mass, ref.lse) if stats else (ref.out,)
         for name in names:
@@ -137,12 +126,11 @@ def check(names, interpret, dtype=jnp.float32, tol=2e-5):
 
 def bench(out_dir, deadline):
     from adore_jax.kernels.attention_gpu import padded_rows, plan
-    from all_heads import all_heads_attention, check as check_all_heads
     from eval.bench_kernels import cudnn, prefill_set, row_summary, same_size_copy, sweep, time_ops, time_point
 
     t0 = time.time()
     check(list(VARIANTS), interpret=False, dtype=jnp.bfloat16, tol=3e-2)
-    check_all_heads(interpret=False, dtype=jnp.bfloat16, tol=3e-2, split_counts=(3,), leans=(True,), one_head=True)
+    all_heads.check(interpret=False, dtype=jnp.bfloat16, tol=3e-2, split_counts=(3,), leans=(True,), one_head=True)
     cases = [((32, 9, 3, 64), 1024, 1), ((64, 9, 3, 64), 1024, 1), ((32, 9, 3, 64), 4096, 1),
              ((32, 9, 3, 64), 4096, 9), ((8, 32, 8, 128), 4096, 9), ((8, 32, 8, 128), 1024, 1),
              ((32, 9, 3, 64), 8192, 9), ((8, 32, 32, 128), 4096, 1), ((32, 9, 3, 64), 1024, 9)]
@@ -151,7 +139,7 @@ def bench(out_dir, deadline):
         B, Hq, Hkv, D = shape
         bs, ns, _, st = plan(B, Hkv, S, D, GpuConfig(), padded_rows(Hq // Hkv, T))
         impls = {"copy": same_size_copy} | ({"cudnn": cudnn} if T == 1 else {}) | {n: op(n) for n in VARIANTS}
-        impls |= {f"h1g1{'_lean' * lean}": functools.partial(all_heads_attention, hpp=1, hpg=1, bs=bs, splits=ns,
+        impls |= {f"h1g1{'_lean' * lean}": functools.partial(all_heads.all_heads_attention, hpp=1, hpg=1, bs=bs, splits=ns,
                                                              stages=st, lean=lean) for lean in (False, True)}
         return time_point(600, shape, S, T, impls)
 
@@ -170,7 +158,9 @@ def bench(out_dir, deadline):
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "check":
+    if sys.argv[1:2] == ["check"]:
         check(["exp", "exp2"], interpret=True)
-    else:
+    elif sys.argv[1:2] == ["bench"] and len(sys.argv) in (3, 4):
         bench(sys.argv[2], float(sys.argv[3]) if sys.argv[3:] else 300.0)
+    else:
+        sys.exit("usage: exp_ab.py check | exp_ab.py bench OUT_DIR [DEADLINE_S]")
