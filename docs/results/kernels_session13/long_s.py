@@ -9,30 +9,29 @@ copy of the same bytes, by device time (eval/bench_kernels.py's timer). One H200
 
 Writes OUT_DIR/long_s.json; prints a table last (K+V TB/s, us).
 """
-import json
+import math
 import sys
 
 from adore_jax.kernels import GpuConfig
 from adore_jax.kernels.attention_gpu import plan
-from eval.bench_kernels import attn_set, cudnn, kv_bytes, n_sets, ours, same_size_copy, time_ops
+from eval.bench_kernels import cudnn, ours, row_summary, same_size_copy, sweep, time_point
 
 OUT = sys.argv[1]
 configs = {"default": GpuConfig(), "old": GpuConfig(block_s=64, num_stages=2, ctas_per_sm=2),
            "cps2": GpuConfig(ctas_per_sm=2)}
 configs |= {f"n{n}_bs{bs}_st{st}": GpuConfig(splits=n, block_s=bs, num_stages=st)
             for n in (1, 2, 3, 4) for bs, st in ((32, 4), (64, 3), (64, 2))}
-rows = []
-for B, Hq, Hkv, D, S in [(10, 32, 32, 128, 16498), (8, 32, 32, 128, 16498), (64, 9, 3, 64, 8306)]:
-    nbytes = kv_bytes(B, Hkv, D, S)
-    sets = [attn_set(500 + u, B, Hq, Hkv, D, S, 1) for u in range(n_sets(nbytes))]
+
+
+def row_of(B, Hq, Hkv, D, S):
     impls = {"copy": same_size_copy, "cudnn": cudnn} | {n: ours(c) for n, c in configs.items()}
-    row = {"shape": [B, Hq, Hkv, D, S, 1], "plans": {n: plan(B, Hkv, S, D, c, 16) for n, c in configs.items()},
-           **time_ops(impls, sets, nbytes, configs=configs, copies=("copy",), timer="device")}
-    rows.append(row)
-    json.dump(rows, open(f"{OUT}/long_s.json", "w"), indent=1)
-    del sets
+    return {"plans": {n: plan(B, Hkv, S, D, c, 16) for n, c in configs.items()},
+            **time_point(500, (B, Hq, Hkv, D), S, 1, impls, configs)}
+
+
+rows = sweep([(10, 32, 32, 128, 16498), (8, 32, 32, 128, 16498), (64, 9, 3, 64, 8306)], row_of,
+             f"{OUT}/long_s.json", math.inf)
 for row in rows:
     print(row["shape"], "plans (bs, splits, split_len, stages):", row["plans"]["default"], row["plans"]["old"])
-    best = sorted((v["us"], n) for n, v in row.items() if isinstance(v, dict) and "us" in v and n != "copy")
-    print("  ", " | ".join(f"{n} {row[n]['TBps']:.2f} ({u:.0f})" for u, n in best))
+    print("  ", row_summary(row, top=len(row)))
     print("   copy", f"{row['copy']['TBps']:.2f}")
