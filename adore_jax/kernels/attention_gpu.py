@@ -4,15 +4,15 @@ Grid (B, Hkv, NS): one program per (sequence, KV head, split of the slots).
 Each program loads the G * T query rows of its KV head once (rows r = t*G + g,
 padded to a power of two >= 16), then streams its share of the cache K/V
 straight from the cache layout [B, S, Hkv, D] (no transpose), with an online
-softmax in fp32. Every block runs the same code: a partial last block is read
-as the whole block ending at slot S, and the slots it shares with the block
-before are masked by position (so each K/V row counts once, and fewer than one
-block's rows are read twice). The plan (`plan`, `auto_splits`) sets the block,
-the pipeline depth and the split count from the rows a program has. Given
-`layer`, the kernel reads that layer of the stacked [L, B, S, Hkv, D] cache
-itself (the index is a kernel input), so a layer scan passes the whole cache
-without slicing (copying) it. The last split also takes
-the T new rows. Splits are merged with their log-sum-exp either
+softmax in fp32 (in base 2: softmax_gpu.py). Every block runs the same code: a
+partial last block is read as the whole block ending at slot S, and the slots
+it shares with the block before are masked by position (so each K/V row
+counts once, and fewer than one block's rows are read twice). The plan
+(`plan`, `auto_splits`) sets the block, the pipeline depth and the split count
+from the rows a program has. Given `layer`, the kernel reads that layer of the
+stacked [L, B, S, Hkv, D] cache itself (the index is a kernel input), so a
+layer scan passes the whole cache without slicing (copying) it. The last split
+also takes the T new rows. Splits are merged with their log-sum-exp either
 
 * merge="kernel" (default): each split writes its partial (m, l, unnormalised
   o) to a small scratch output, bumps an atomic counter (after a CTA barrier;
@@ -42,6 +42,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from adore_jax.attention import NEG_INF, AttentionOut
+from adore_jax.kernels import softmax_gpu
 from adore_jax.kernels.blockwise import blockwise_attention
 from adore_jax.kernels.common import (
     MAX_ROWS,
@@ -190,23 +191,16 @@ def _kernel(*refs, T, G, D, S, R, Rr, bs, Sp, NS, Tp, scale, merge, with_scores,
     rpos = plgpu.load(qpos_ref.at[t_of_r], mask=row_ok, other=-1)
 
     def update(carry, k, v, kpos, col0, own=None):
-        o, m, l = carry
-        s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision, preferred_element_type=f32) * scale
-        allowed = (kpos[None, :] >= 0) & (kpos[None, :] <= rpos[:, None])
-        s = jnp.where(allowed, s, NEG_INF)
+        carry, s = softmax_gpu.step(carry, q, k, v, kpos, rpos, scale=scale, precision=precision, interpret=interpret)
         if with_scores:
+            s = softmax_gpu.natural(s)
             if own is None:
                 sc_ref[:, pl.ds(col0, s.shape[1])] = s
             else:  # columns another block owns keep the scores it wrote
                 plgpu.store(sc_ref.at[:, pl.ds(col0, s.shape[1])], s, mask=jnp.broadcast_to(own[None, :], s.shape))
-        m_new = jnp.maximum(m, jnp.max(s, axis=1))
-        alpha = jnp.exp(m - m_new)
-        p = jnp.where(allowed, jnp.exp(s - m_new[:, None]), 0.0)
-        l = alpha * l + jnp.sum(p, axis=1)
-        pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())), precision=precision, preferred_element_type=f32)
-        return alpha[:, None] * o + pv, m_new, l
+        return carry
 
-    carry = (jnp.zeros((R, D), f32), jnp.full((R,), NEG_INF, f32), jnp.zeros((R,), f32))
+    carry = softmax_gpu.init(R, D)
 
     # The blocks of this split, one loop body for all of them: a partial last
     # block is read as the whole block that ends at slot S (overlapping the one
@@ -254,6 +248,7 @@ def _kernel(*refs, T, G, D, S, R, Rr, bs, Sp, NS, Tp, scale, merge, with_scores,
 
     carry = lax.cond(j == NS - 1, do_new, lambda c: c, carry)
     o, m, l = carry
+    m = softmax_gpu.natural(m)
 
     def store_final(o, m, l):
         lc = jnp.maximum(l, 1e-30)

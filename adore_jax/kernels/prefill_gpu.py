@@ -5,7 +5,7 @@ rows). A tile holds TQ new tokens times the G query heads of its KV head, as
 rows r = t * G + g (TQ * G <= `rows`, padded to a power of two). The program
 reads the K/V of the used slots once, straight from the stacked cache
 [L, B, S, Hkv, D] at `layer` (no slice, no transpose of the cache), then the
-chunk's own T new rows, in blocks of `block_s`, with an online softmax in fp32.
+chunk's own T new rows, in blocks of `block_s`, with an online softmax in fp32 (base 2: softmax_gpu.py).
 What a row sees follows `reference_attention`: keys whose position is >= 0 and
 <= the row's position.
 
@@ -30,7 +30,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from adore_jax.attention import NEG_INF
+from adore_jax.kernels import softmax_gpu
 from adore_jax.kernels.common import cdiv, next_pow2
 
 
@@ -51,10 +51,9 @@ class PrefillConfig:
 
 
 def _kernel(lyr_ref, used_ref, q_ref, qpos_ref, ck_ref, cv_ref, cpos_ref, kn_ref, vn_ref, out_ref, *,
-            T, G, D, S, R, TQ, bs, scale, precision):
+            T, G, D, S, R, TQ, bs, scale, precision, interpret):
     h = pl.program_id(1)
     i = pl.program_id(2)
-    f32 = jnp.float32
     lyr = lyr_ref[0]
 
     r = jnp.arange(R, dtype=jnp.int32)
@@ -67,18 +66,9 @@ def _kernel(lyr_ref, used_ref, q_ref, qpos_ref, ck_ref, cv_ref, cpos_ref, kn_ref
     rpos = plgpu.load(qpos_ref.at[t], mask=row_ok, other=-1)
 
     def update(carry, k, v, kpos):
-        o, m, l = carry
-        s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision, preferred_element_type=f32) * scale
-        allowed = (kpos[None, :] >= 0) & (kpos[None, :] <= rpos[:, None])
-        s = jnp.where(allowed, s, NEG_INF)
-        m_new = jnp.maximum(m, jnp.max(s, axis=1))
-        alpha = jnp.exp(m - m_new)
-        p = jnp.where(allowed, jnp.exp(s - m_new[:, None]), 0.0)
-        pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())), precision=precision,
-                             preferred_element_type=f32)
-        return alpha[:, None] * o + pv, m_new, alpha * l + jnp.sum(p, axis=1)
+        return softmax_gpu.step(carry, q, k, v, kpos, rpos, scale=scale, precision=precision, interpret=interpret)[0]
 
-    carry = (jnp.zeros((R, D), f32), jnp.full((R,), NEG_INF, f32), jnp.zeros((R,), f32))
+    carry = softmax_gpu.init(R, D)
 
     def cache_block(j, c):  # full blocks of slots: unmasked loads
         start = pl.multiple_of(j * bs, bs)
@@ -136,7 +126,7 @@ def prefill_attention_gpu(q, k, v, cache_k, cache_v, cache_pos, q_pos, layer, *,
         pl.BlockSpec((None, T, None, D), lambda b, h, i: (b, 0, h, 0)),  # v (new rows)
     ]
     kernel = functools.partial(
-        _kernel, T=T, G=G, D=D, S=S, R=R, TQ=TQ, bs=bs, scale=scale,
+        _kernel, T=T, G=G, D=D, S=S, R=R, TQ=TQ, bs=bs, scale=scale, interpret=bool(interpret),
         precision=lax.Precision.HIGHEST if q.dtype == jnp.float32 else None,  # fp32: full fp32 dots, not TF32
     )
     return pl.pallas_call(

@@ -1,0 +1,64 @@
+"""The online-softmax step of the GPU attention kernels (decode and prefill; Triton lowering).
+
+Scores are kept in base 2: s = q.k * scale * log2(e), so each score's
+exponential is one `ex2.approx.ftz.f32` instruction. `jnp.exp` lowers to
+libdevice's accurate `__nv_expf`, a range reduction around that same
+instruction; the decode kernel spent its issue slots there (docs/KERNELS.md,
+sessions 14 and 15). The running max m is in the same base-2 units; `natural`
+turns it back for the log-sum-exp and the split merge.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental.pallas import triton as plgpu
+
+from adore_jax.attention import NEG_INF
+
+LOG2E = math.log2(math.e)
+_INT32_MAX = 2**31 - 1
+
+
+def exp2(x, interpret: bool):
+    """2 ** x of fp32 x, elementwise: `ex2.approx.ftz.f32` on the GPU (relative
+    error about 2**-22, subnormal results flushed to 0), `jnp.exp2` in interpret mode."""
+    if interpret:
+        return jnp.exp2(x)
+    [y] = plgpu.elementwise_inline_asm("ex2.approx.ftz.f32 $0, $1;", args=[x], constraints="=f,f", pack=1,
+                                       result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, x.dtype)])
+    return y
+
+
+def init(R: int, D: int):
+    """The empty carry: o [R, D] = 0, m [R] = NEG_INF, l [R] = 0 (fp32)."""
+    f32 = jnp.float32
+    return jnp.zeros((R, D), f32), jnp.full((R,), NEG_INF, f32), jnp.zeros((R,), f32)
+
+
+def step(carry, q, k, v, kpos, rpos, *, scale: float, precision, interpret: bool):
+    """One block of keys into the carry (o [R, D], m [R] base 2, l [R]; fp32).
+
+    q [R, D]; k, v [bs, D]; kpos [bs] key positions (-1: empty); rpos [R] row
+    positions. Key c counts for row r when 0 <= kpos[c] <= rpos[r]. Returns the
+    new carry and the masked scores [R, bs] in base 2 (NEG_INF where masked).
+    """
+    o, m, l = carry
+    s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision, preferred_element_type=jnp.float32)
+    kpos = jnp.where(kpos >= 0, kpos, _INT32_MAX)  # empty slots: after every row, one compare a score
+    s = jnp.where(kpos[None, :] <= rpos[:, None], s * (scale * LOG2E), NEG_INF)
+    m_new = jnp.maximum(m, jnp.max(s, axis=1))
+    alpha = exp2(m - m_new, interpret)
+    m_row = jnp.where(m_new > 0.5 * NEG_INF, m_new, 0.0)  # a row with no key yet: p = 2 ** NEG_INF = 0
+    p = exp2(s - m_row[:, None], interpret)
+    pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())), precision=precision,
+                         preferred_element_type=jnp.float32)
+    return (alpha[:, None] * o + pv, m_new, alpha * l + jnp.sum(p, axis=1)), s
+
+
+def natural(x):
+    """Base-2 scores or maxima in natural units (NEG_INF stays below 0.5 * NEG_INF)."""
+    return x * (1 / LOG2E)

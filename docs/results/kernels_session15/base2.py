@@ -1,0 +1,63 @@
+"""Session 15 experiment: the GPU kernels' online softmax in base 2 (adore_jax/kernels/softmax_gpu.py).
+
+Session 14's exp_ab.py (docs/results/kernels_session15/exp_ab.json) timed the
+exponential swapped for one `ex2.approx` instruction, and a leaner mask; both won
+at T = 9 and for prefill. The library now has both. This times, in one run, at the
+same points: the kernel as it is now ("ours"), session 14's loop (all_heads.py with
+one KV head a program, "h1g1", which timed within 1-2% of the session 14 kernel),
+cuDNN at T = 1, a copy of the same bytes, and at the T = 1 GQA points a few launch
+configs around the plan's, in case the cheaper loop moved the best one.
+
+    PYTHONPATH=. python3 docs/results/kernels_session15/base2.py OUT [DEADLINE_S]   # one H200
+
+OUT/base2.json; a table printed last.
+"""
+import functools
+import os
+import sys
+import time
+
+import jax.numpy as jnp
+
+from adore_jax.kernels import GpuConfig, sparse_attention_gpu
+from adore_jax.kernels.attention_gpu import padded_rows, plan
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "kernels_session14"))
+import all_heads  # noqa: E402  (session 14's loop, as the control)
+
+
+def ours(cfg):
+    return lambda q, k, v, ck, cv, cpos, qpos: sparse_attention_gpu(q, k, v, ck, cv, cpos, qpos, config=cfg).out
+
+
+def main(out_dir, deadline):
+    from eval.bench_kernels import cudnn, row_summary, same_size_copy, sweep, time_point
+
+    t0 = time.time()
+    all_heads.check(interpret=False, dtype=jnp.bfloat16, tol=3e-2, split_counts=(3,), one_head=True)  # the control
+    cases = [((32, 9, 3, 64), 1024, 1), ((64, 9, 3, 64), 1024, 1), ((32, 9, 3, 64), 4096, 1),
+             ((32, 9, 3, 64), 4096, 9), ((8, 32, 8, 128), 4096, 9), ((8, 32, 8, 128), 1024, 1),
+             ((32, 9, 3, 64), 8192, 9), ((8, 32, 32, 128), 4096, 1), ((32, 9, 3, 64), 1024, 9)]
+
+    def row_of(shape, S, T):
+        B, Hq, Hkv, D = shape
+        bs, ns, _, st = plan(B, Hkv, S, D, GpuConfig(), padded_rows(Hq // Hkv, T))
+        impls = {"copy": same_size_copy} | ({"cudnn": cudnn} if T == 1 else {}) | {"ours": ours(GpuConfig())}
+        impls["h1g1"] = functools.partial(all_heads.all_heads_attention, hpp=1, hpg=1, bs=bs, splits=ns, stages=st)
+        configs = {}
+        if T == 1 and Hq // Hkv > 1 and S == 1024:
+            for b, s, n in [(32, 4, ns), (64, 2, ns), (64, 4, ns), (128, 2, ns), (64, 3, ns * 2), (64, 3, max(1, ns // 2))]:
+                configs[f"b{b}s{s}n{n}"] = GpuConfig(block_s=b, num_stages=s, splits=n)
+        impls |= {n: ours(c) for n, c in configs.items()}
+        return time_point(700, shape, S, T, impls, configs)
+
+    rows = sweep(cases, row_of, f"{out_dir}/base2.json", deadline - (time.time() - t0))
+    print("\nus per call (K+V TB/s), fastest first")
+    for row in rows:
+        print(row["shape"], f"copy {row['copy']['us']:.1f} |", row_summary(row, top=6))
+
+
+if __name__ == "__main__":
+    if len(sys.argv) not in (2, 3):
+        sys.exit("usage: base2.py OUT_DIR [DEADLINE_S]")
+    main(sys.argv[1], float(sys.argv[2]) if sys.argv[2:] else 300.0)
