@@ -65,7 +65,7 @@ class GpuConfig:
     """Tuning knobs of the GPU kernel (static). None: the plan's choice (`plan`)."""
 
     block_s: Optional[int] = None  # slots per loop step; None: 32 (D >= 128) or 64 up to 16 query rows, 64 from 32
-    num_warps: int = 4
+    num_warps: Optional[int] = None  # None: 2 up to 16 query rows, 4 from 32 (`warps`)
     num_stages: Optional[int] = None  # None: 4 (D >= 128) or 3 up to 16 query rows, 3 from 32
     splits: Optional[int] = None  # splits of S per (b, kv head); None: auto (below)
     ctas_per_sm: Optional[int] = None  # programs an SM runs side by side, in the split cost; None: 2, or 1 below the floor (plan)
@@ -76,11 +76,9 @@ class GpuConfig:
     def __post_init__(self):
         if self.block_s is not None and (self.block_s < 16 or self.block_s != next_pow2(self.block_s)):
             raise ValueError(f"GpuConfig: block_s must be None or a power of two >= 16; got {self.block_s}")
-        for name in ("num_stages", "splits", "ctas_per_sm"):
+        for name in ("num_warps", "num_stages", "splits", "ctas_per_sm"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"GpuConfig: {name} must be None or >= 1; got {getattr(self, name)}")
-        if self.num_warps < 1:
-            raise ValueError(f"GpuConfig: num_warps must be >= 1; got {self.num_warps}")
         if self.merge not in ("kernel", "xla"):
             raise ValueError(f"GpuConfig: unknown merge {self.merge!r} (kernel, xla)")
         if self.merge_loads not in ("plain", "volatile"):
@@ -126,6 +124,12 @@ def plan(B: int, Hkv: int, S: int, D: int, cfg: GpuConfig, rows: int = 16):
     sp = round_up(cdiv(max(S, 1), ns), bs)
     ns = max(1, cdiv(S, sp))
     return bs, ns, sp, stages
+
+
+def warps(rows: int, cfg: GpuConfig) -> int:
+    """Warps a program runs for `rows` (padded) query rows: cfg.num_warps, else 2 up
+    to 16 rows and 4 from 32 (docs/KERNELS.md, session 15)."""
+    return cfg.num_warps or (2 if rows <= 16 else 4)
 
 
 def _pow2_head(D: int) -> bool:
@@ -380,7 +384,7 @@ def sparse_attention_gpu(
         in_specs=in_specs,
         out_specs=out_specs,
         input_output_aliases=aliases,
-        compiler_params=plgpu.CompilerParams(num_warps=config.num_warps, num_stages=stages),
+        compiler_params=plgpu.CompilerParams(num_warps=warps(R, config), num_stages=stages),
         interpret=interpret,
         name="adore_sparse_attention",
     )(*args)
