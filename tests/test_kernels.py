@@ -38,7 +38,7 @@ from adore_jax.kernels import (
     sparse_attention_gpu,
     sparse_attention_tpu,
 )
-from adore_jax.kernels.attention_gpu import auto_splits, padded_rows, plan
+from adore_jax.kernels.attention_gpu import auto_splits, padded_rows, plan, warps
 from adore_jax.kernels.common import num_sms
 
 _SEED = itertools.count(1000)
@@ -273,6 +273,7 @@ def test_gpu_prefill_lowers_for_cuda(Hq, Hkv, D, dtype):
     fn = lambda q, k, v, a, b, cp, qp, li: sparse_attention_gpu(q, k, v, a, b, cp, qp, layer=li).out
     text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "adore_prefill_attention" in text and "dynamic_slice" not in text
+    assert "ex2.approx.ftz.f32" in text  # the base-2 loop's exponential (softmax_gpu.exp2), not libdevice's expf
 
 
 @pytest.mark.parametrize("fn", [sparse_attention_gpu, sparse_attention_tpu], ids=["gpu", "tpu"])
@@ -303,6 +304,9 @@ def test_gpu_plan_splits_cover_slots():
     assert plan(32, 3, 4096, 64, GpuConfig())[::3] == (64, 3) and plan(32, 3, 4096, 64, GpuConfig(), 32)[::3] == (64, 3)
     assert plan(8, 8, 4096, 128, GpuConfig(block_s=128, num_stages=2))[::3] == (128, 2)
     assert (padded_rows(1, 1), padded_rows(1, 9), padded_rows(3, 9), padded_rows(8, 9)) == (16, 16, 32, 128)
+    # warps: 2 up to 16 rows (session 15), 4 from 32, or the config's
+    assert [warps(padded_rows(G, T), GpuConfig()) for G, T in [(3, 1), (1, 9), (1, 16), (3, 9)]] == [2, 2, 2, 4]
+    assert warps(16, GpuConfig(num_warps=8)) == 8
 
 
 def test_gpu_plan_one_row_splits_at_the_bench_shapes(monkeypatch):
@@ -500,8 +504,9 @@ def test_engine_same_tokens_with_kernels(backend):
 
 
 def test_gpu_kernel_lowers_for_cuda_with_stacked_cache():
-    """The Triton lowering accepts the stacked cache and a traced layer index
-    (lowered for the cuda platform on the CPU, no GPU needed)."""
+    """The Triton lowering accepts the stacked cache and a traced layer index, and
+    takes each exponential as one ex2.approx (lowered for the cuda platform on the
+    CPU, no GPU needed)."""
     L, B, T, Hq, Hkv, D, S = 3, 2, 1, 8, 2, 64, 1000
     shapes = [((B, T, Hq, D), BF16), ((B, T, Hkv, D), BF16), ((B, T, Hkv, D), BF16), ((L, B, S, Hkv, D), BF16),
               ((L, B, S, Hkv, D), BF16), ((B, S), jnp.int32), ((B, T), jnp.int32), ((), jnp.int32)]
@@ -509,6 +514,7 @@ def test_gpu_kernel_lowers_for_cuda_with_stacked_cache():
     fn = lambda q, k, v, a, b, cp, qp, li: sparse_attention_gpu(q, k, v, a, b, cp, qp, layer=li, with_stats=True).out
     text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert "adore_sparse_attention" in text
+    assert "ex2.approx.ftz.f32" in text  # the base-2 loop's exponential (softmax_gpu.exp2), not libdevice's expf
 
 
 def test_stacked_cache_shape_errors():
