@@ -6,8 +6,8 @@ rows r = t * G + g (TQ * G <= `rows`, padded to a power of two). The program
 reads the K/V of the used slots once, straight from the stacked cache
 [L, B, S, Hkv, D] at `layer` (no slice, no transpose of the cache), then the
 chunk's own T new rows, in blocks of `block_s`, with an online softmax in fp32
-(in base 2: softmax_gpu.py). What a row sees follows `reference_attention`: keys whose position is >= 0 and
-<= the row's position.
+(in base 2: softmax_gpu.py). What a row sees follows `reference_attention`:
+keys whose position is >= 0 and <= the row's position.
 
 Slots after the sequence's last used slot (position >= 0) are skipped: a
 prefill fills the cache from the front, so chunk c reads c chunks of slots, not
