@@ -27,6 +27,11 @@ chunk). bench: that check on the device, then device time of each variant at the
 bench's T = 1 and T = 9 points that miss the targets, SmolLM2's step shape, an
 MHA point (OUT/exp_ab.json), and the prefill chunk of eval/bench_kernels.py
 (OUT/exp_ab_prefill.json); tables printed last.
+
+Measured at 1eccdab (docs/KERNELS.md, "Session 15", item 1). From a1adb79 on, the
+kernels' loop is softmax_gpu.step, which does not call `jnp.exp`, so there the
+variants differ only in the split merge. CHECK_CASES, POINTS, `check` and
+`bench_prefill` also serve session 15's base2.py and fma_ab.py.
 """
 import contextlib
 import functools
@@ -99,13 +104,21 @@ def op(name, cfg=GpuConfig(), with_stats=False, interpret=False):
     return f
 
 
-def check(names, interpret, dtype=jnp.float32, tol=2e-5):
-    """Max abs error of each variant's out, mass and lse against the reference; raises on a failure."""
-    cases = [(3, 1, 9, 3, 64, 200, GpuConfig(), True), (2, 2, 8, 2, 32, 130, GpuConfig(splits=3), True),
-             (2, 9, 9, 3, 64, 77, GpuConfig(merge="xla"), False), (2, 1, 32, 8, 128, 1000, GpuConfig(), False),
-             (2, 40, 4, 2, 64, 100, GpuConfig(), False)]  # T = 40: the prefill kernel
+# (B, T, Hq, Hkv, D, S, config, with_stats) of `check`
+CHECK_CASES = [(3, 1, 9, 3, 64, 200, GpuConfig(), True), (2, 2, 8, 2, 32, 130, GpuConfig(splits=3), True),
+               (2, 9, 9, 3, 64, 77, GpuConfig(merge="xla"), False), (2, 1, 32, 8, 128, 1000, GpuConfig(), False),
+               (2, 40, 4, 2, 64, 100, GpuConfig(), False)]  # T = 40: the prefill kernel
+# ((B, Hq, Hkv, D), S, T) timed by `bench`: the bench points that miss the targets, SmolLM2's step, an MHA point
+POINTS = [((32, 9, 3, 64), 1024, 1), ((64, 9, 3, 64), 1024, 1), ((32, 9, 3, 64), 4096, 1),
+          ((32, 9, 3, 64), 4096, 9), ((8, 32, 8, 128), 4096, 9), ((8, 32, 8, 128), 1024, 1),
+          ((32, 9, 3, 64), 8192, 9), ((8, 32, 32, 128), 4096, 1), ((32, 9, 3, 64), 1024, 9)]
+
+
+def check(names, interpret, dtype=jnp.float32, tol=2e-5, op=op):
+    """Max abs error of each variant's out, mass and lse against the reference, the
+    variants' ops made by `op(name, config, with_stats, interpret)`; raises on a failure."""
     worst = {}
-    for n, (B, T, Hq, Hkv, D, S, cfg, stats) in enumerate(cases):
+    for n, (B, T, Hq, Hkv, D, S, cfg, stats) in enumerate(CHECK_CASES):
         args = all_heads.case(200 + n, B, T, Hq, Hkv, D, S, dtype=dtype)
         ref = reference_attention(*[a.astype(jnp.float32) if a.dtype == dtype else a for a in args], with_stats=stats)
         ref = (ref.out, ref.mass, ref.lse) if stats else (ref.out,)
@@ -126,14 +139,11 @@ def check(names, interpret, dtype=jnp.float32, tol=2e-5):
 
 def bench(out_dir, deadline):
     from adore_jax.kernels.attention_gpu import padded_rows, plan
-    from eval.bench_kernels import cudnn, prefill_set, row_summary, same_size_copy, sweep, time_ops, time_point
+    from eval.bench_kernels import cudnn, row_summary, same_size_copy, sweep, time_point
 
     t0 = time.time()
     check(list(VARIANTS), interpret=False, dtype=jnp.bfloat16, tol=3e-2)
     all_heads.check(interpret=False, dtype=jnp.bfloat16, tol=3e-2, split_counts=(3,), leans=(True,), one_head=True)
-    cases = [((32, 9, 3, 64), 1024, 1), ((64, 9, 3, 64), 1024, 1), ((32, 9, 3, 64), 4096, 1),
-             ((32, 9, 3, 64), 4096, 9), ((8, 32, 8, 128), 4096, 9), ((8, 32, 8, 128), 1024, 1),
-             ((32, 9, 3, 64), 8192, 9), ((8, 32, 32, 128), 4096, 1), ((32, 9, 3, 64), 1024, 9)]
 
     def row_of(shape, S, T):
         B, Hq, Hkv, D = shape
@@ -143,18 +153,27 @@ def bench(out_dir, deadline):
                                                              stages=st, lean=lean) for lean in (False, True)}
         return time_point(600, shape, S, T, impls)
 
-    rows = sweep(cases, row_of, f"{out_dir}/exp_ab.json", deadline - (time.time() - t0))
+    rows = sweep(POINTS, row_of, f"{out_dir}/exp_ab.json", deadline - (time.time() - t0))
     print("\nus per call (K+V TB/s), fastest first")
     for row in rows:
         print(row["shape"], f"copy {row['copy']['us']:.1f} |", row_summary(row, top=8))
-    if time.time() - t0 < deadline:  # the prefill chunk of eval/bench_kernels.py, P = 4096 slots filled
-        B, Hq, Hkv, D, S, T, P = 8, 32, 32, 128, 16386, 512, 4096
-        flops = 4 * B * Hq * T * (P + (T + 1) / 2) * D
-        row = {"shape": [B, Hq, Hkv, D, S, T, P],
-               **time_ops({n: op(n) for n in VARIANTS}, [prefill_set(B, Hq, Hkv, D, S, T, P)], flops, timer="device")}
-        with open(f"{out_dir}/exp_ab_prefill.json", "w") as f:
-            json.dump(row, f, indent=1)
-        print("prefill, us (useful TFLOP/s):", row["shape"], row_summary(row, top=3))
+    if time.time() - t0 < deadline:
+        bench_prefill({n: op(n) for n in VARIANTS}, f"{out_dir}/exp_ab_prefill.json")
+
+
+def bench_prefill(ops, path):
+    """Device time of the attention ops `ops` on the prefill chunk of eval/bench_kernels.py
+    (the 7B shape, T = 512 rows over P = 4096 filled slots); the row goes to the JSON file
+    `path` and is printed short."""
+    from eval.bench_kernels import prefill_set, row_summary, time_ops
+
+    B, Hq, Hkv, D, S, T, P = 8, 32, 32, 128, 16386, 512, 4096
+    flops = 4 * B * Hq * T * (P + (T + 1) / 2) * D
+    row = {"shape": [B, Hq, Hkv, D, S, T, P],
+           **time_ops(ops, [prefill_set(B, Hq, Hkv, D, S, T, P)], flops, timer="device")}
+    with open(path, "w") as f:
+        json.dump(row, f, indent=1)
+    print("prefill, us (useful TFLOP/s):", row["shape"], row_summary(row, top=len(ops)))
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from adore_jax.kernels.attention_gpu import padded_rows, plan
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "kernels_session14"))
 import all_heads  # noqa: E402  (session 14's loop, as the control)
+import exp_ab  # noqa: E402  (its POINTS)
 
 
 def ours(cfg):
@@ -35,9 +36,6 @@ def main(out_dir, deadline):
 
     t0 = time.time()
     all_heads.check(interpret=False, dtype=jnp.bfloat16, tol=3e-2, split_counts=(3,), one_head=True)  # the control
-    cases = [((32, 9, 3, 64), 1024, 1), ((64, 9, 3, 64), 1024, 1), ((32, 9, 3, 64), 4096, 1),
-             ((32, 9, 3, 64), 4096, 9), ((8, 32, 8, 128), 4096, 9), ((8, 32, 8, 128), 1024, 1),
-             ((32, 9, 3, 64), 8192, 9), ((8, 32, 32, 128), 4096, 1), ((32, 9, 3, 64), 1024, 9)]
 
     def row_of(shape, S, T):
         B, Hq, Hkv, D = shape
@@ -51,7 +49,7 @@ def main(out_dir, deadline):
         impls |= {n: ours(c) for n, c in configs.items()}
         return time_point(700, shape, S, T, impls, configs)
 
-    rows = sweep(cases, row_of, f"{out_dir}/base2.json", deadline - (time.time() - t0))
+    rows = sweep(exp_ab.POINTS, row_of, f"{out_dir}/base2.json", deadline - (time.time() - t0))
     print("\nus per call (K+V TB/s), fastest first")
     for row in rows:
         print(row["shape"], f"copy {row['copy']['us']:.1f} |", row_summary(row, top=6))

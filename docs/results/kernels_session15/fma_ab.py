@@ -14,28 +14,27 @@ the decode and prefill kernels are traced (the library unchanged):
     PYTHONPATH=. python3 docs/results/kernels_session15/fma_ab.py check             # CPU, interpret mode
     PYTHONPATH=. python3 docs/results/kernels_session15/fma_ab.py bench OUT [DEADLINE_S]   # one H200
 
-check: each variant against `reference_attention` (out, mass, lse) on fresh random
-inputs: partly and fully empty caches, rebuilt rows before and after the cached
-slots, a padding row, non-multiple S, T = 1, 2, 9, 3 splits, the prefill kernel over
-a long chunk. bench: that check on the device (bf16), then device time of both at
-base2.py's points with cuDNN and a same-size copy (OUT/fma_ab.json), and the
-prefill chunk (OUT/fma_ab_prefill.json); tables printed last.
+check: exp_ab.py's check of each variant against `reference_attention` (out, mass,
+lse) on fresh random inputs: partly and fully empty caches, rebuilt rows before and
+after the cached slots, a padding row, non-multiple S, T = 1, 2, 9, 3 splits, the
+prefill kernel over a long chunk. bench: that check on the device (bf16), then
+device time of both at exp_ab.py's points with cuDNN and a same-size copy
+(OUT/fma_ab.json), and the prefill chunk (OUT/fma_ab_prefill.json); tables printed
+last.
 """
 import contextlib
-import json
 import os
 import sys
 import time
 
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
-from adore_jax.attention import NEG_INF, reference_attention
+from adore_jax.attention import NEG_INF
 from adore_jax.kernels import GpuConfig, softmax_gpu, sparse_attention_gpu
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "kernels_session14"))
-import all_heads  # noqa: E402  (the check's inputs)
+import exp_ab  # noqa: E402  (its check, points and prefill timing, with this file's op)
 
 
 def step_fma(carry, q, k, v, kpos, rpos, *, scale, precision, interpret):
@@ -82,61 +81,27 @@ def op(name, cfg=GpuConfig(), with_stats=False, interpret=False):
     return f
 
 
-def check(interpret, dtype=jnp.float32, tol=2e-5):
-    """Max abs error of each variant's out, mass and lse against the reference; raises on a failure."""
-    cases = [(3, 1, 9, 3, 64, 200, GpuConfig(), True), (2, 2, 8, 2, 32, 130, GpuConfig(splits=3), True),
-             (2, 9, 9, 3, 64, 77, GpuConfig(merge="xla"), True), (2, 1, 32, 8, 128, 1000, GpuConfig(), False),
-             (2, 40, 4, 2, 64, 100, GpuConfig(), False)]  # T = 40: the prefill kernel
-    worst = {}
-    for n, (B, T, Hq, Hkv, D, S, cfg, stats) in enumerate(cases):
-        args = all_heads.case(300 + n, B, T, Hq, Hkv, D, S, dtype=dtype)
-        ref = reference_attention(*[a.astype(jnp.float32) if a.dtype == dtype else a for a in args], with_stats=stats)
-        ref = (ref.out, ref.mass, ref.lse) if stats else (ref.out,)
-        for name in VARIANTS:
-            got = op(name, cfg, stats, interpret)(*args)
-            got = got if stats else (got,)
-            for label, g, r in zip(("out", "mass", "lse"), got, ref):
-                g, r = np.asarray(g, np.float32), np.asarray(r, np.float32)
-                if label == "lse":  # rows with nothing to attend keep about NEG_INF
-                    g, r = np.maximum(g, -1e4), np.maximum(r, -1e4)
-                err = float(np.max(np.abs(g - r))) if np.isfinite(g).all() else float("inf")
-                worst[name] = max(worst.get(name, 0.0), err)
-                if not err <= tol * (1 if label != "lse" else 10):
-                    raise AssertionError(f"{name}: case {(B, T, Hq, Hkv, D, S)} {label}: max abs error {err}")
-    print("check PASS:", {n: f"{e:.1e}" for n, e in worst.items()}, "interpret" if interpret else "device", flush=True)
-    return worst
-
-
 def bench(out_dir, deadline):
-    from eval.bench_kernels import cudnn, prefill_set, row_summary, same_size_copy, sweep, time_ops, time_point
+    from eval.bench_kernels import cudnn, row_summary, same_size_copy, sweep, time_point
 
     t0 = time.time()
-    check(interpret=False, dtype=jnp.bfloat16, tol=3e-2)
-    cases = [((32, 9, 3, 64), 1024, 1), ((64, 9, 3, 64), 1024, 1), ((32, 9, 3, 64), 4096, 1),
-             ((8, 32, 8, 128), 1024, 1), ((8, 32, 32, 128), 1024, 1), ((32, 9, 3, 64), 1024, 9),
-             ((32, 9, 3, 64), 8192, 9), ((8, 32, 8, 128), 4096, 9)]
+    exp_ab.check(list(VARIANTS), interpret=False, dtype=jnp.bfloat16, tol=3e-2, op=op)
 
     def row_of(shape, S, T):
         impls = {"copy": same_size_copy} | ({"cudnn": cudnn} if T == 1 else {}) | {n: op(n) for n in VARIANTS}
         return time_point(1100, shape, S, T, impls)
 
-    rows = sweep(cases, row_of, f"{out_dir}/fma_ab.json", deadline - (time.time() - t0))
+    rows = sweep(exp_ab.POINTS, row_of, f"{out_dir}/fma_ab.json", deadline - (time.time() - t0))
     print("\nus per call (K+V TB/s), fastest first")
     for row in rows:
         print(row["shape"], f"copy {row['copy']['us']:.1f} |", row_summary(row, top=3))
-    if time.time() - t0 < deadline:  # the prefill chunk of eval/bench_kernels.py, P = 4096 slots filled
-        B, Hq, Hkv, D, S, T, P = 8, 32, 32, 128, 16386, 512, 4096
-        flops = 4 * B * Hq * T * (P + (T + 1) / 2) * D
-        row = {"shape": [B, Hq, Hkv, D, S, T, P],
-               **time_ops({n: op(n) for n in VARIANTS}, [prefill_set(B, Hq, Hkv, D, S, T, P)], flops, timer="device")}
-        with open(f"{out_dir}/fma_ab_prefill.json", "w") as f:
-            json.dump(row, f, indent=1)
-        print("prefill, us (useful TFLOP/s):", row["shape"], row_summary(row, top=2))
+    if time.time() - t0 < deadline:
+        exp_ab.bench_prefill({n: op(n) for n in VARIANTS}, f"{out_dir}/fma_ab_prefill.json")
 
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["check"]:
-        check(interpret=True)
+        exp_ab.check(list(VARIANTS), interpret=True, op=op)
     elif sys.argv[1:2] == ["bench"] and len(sys.argv) in (3, 4):
         bench(sys.argv[2], float(sys.argv[3]) if sys.argv[3:] else 300.0)
     else:
