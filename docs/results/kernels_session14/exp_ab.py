@@ -94,9 +94,11 @@ def exp_as(name):
             m.jnp = o
 
 
-def op(name, cfg=GpuConfig(), with_stats=False, interpret=False):
+def op(name, cfg=GpuConfig(), with_stats=False, interpret=False, trace_as=exp_as):
+    """The attention op (out, or (out, mass, lse) with stats) of variant `name`,
+    traced inside the context manager `trace_as(name)`."""
     def f(q, k, v, ck, cv, cpos, qpos):
-        with exp_as(name):
+        with trace_as(name):
             r = sparse_attention_gpu(q, k, v, ck, cv, cpos, qpos, with_stats=with_stats, config=cfg,
                                      interpret=interpret)
         return (r.out, r.mass, r.lse) if with_stats else r.out

@@ -23,6 +23,7 @@ device time of both at exp_ab.py's points with cuDNN and a same-size copy
 last.
 """
 import contextlib
+import functools
 import os
 import sys
 import time
@@ -31,10 +32,10 @@ import jax.numpy as jnp
 from jax import lax
 
 from adore_jax.attention import NEG_INF
-from adore_jax.kernels import GpuConfig, softmax_gpu, sparse_attention_gpu
+from adore_jax.kernels import softmax_gpu
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "kernels_session14"))
-import exp_ab  # noqa: E402  (its check, points and prefill timing, with this file's op)
+import exp_ab  # noqa: E402  (its op, check, points and prefill timing, with this file's step)
 
 
 def step_fma(carry, q, k, v, kpos, rpos, *, scale, precision, interpret):
@@ -71,14 +72,7 @@ def step_as(name):
         softmax_gpu.step = old
 
 
-def op(name, cfg=GpuConfig(), with_stats=False, interpret=False):
-    def f(q, k, v, ck, cv, cpos, qpos):
-        with step_as(name):
-            r = sparse_attention_gpu(q, k, v, ck, cv, cpos, qpos, with_stats=with_stats, config=cfg,
-                                     interpret=interpret)
-        return (r.out, r.mass, r.lse) if with_stats else r.out
-
-    return f
+op = functools.partial(exp_ab.op, trace_as=step_as)
 
 
 def bench(out_dir, deadline):
