@@ -65,7 +65,7 @@ class GpuConfig:
     """Tuning knobs of the GPU kernel (static). None: the plan's choice (`plan`)."""
 
     block_s: Optional[int] = None  # slots per loop step; None: 32 (D >= 128) or 64 up to 16 query rows, 64 from 32
-    num_warps: Optional[int] = None  # None: 2 up to 16 query rows, 4 from 32 (`warps`)
+    num_warps: Optional[int] = None  # None: 2 up to 16 query rows (32 at D <= 64), else 4 (`warps`)
     num_stages: Optional[int] = None  # None: 4 (D >= 128) or 3 up to 16 query rows, 3 from 32
     splits: Optional[int] = None  # splits of S per (b, kv head); None: auto (below)
     ctas_per_sm: Optional[int] = None  # programs an SM runs side by side, in the split cost; None: 2, or 1 below the floor (plan)
@@ -106,10 +106,11 @@ def plan(B: int, Hkv: int, S: int, D: int, cfg: GpuConfig, rows: int = 16):
 
     Up to 16 rows (T = 1, and MHA up to T = 16): small blocks in a deep pipeline
     (32 slots x 4 stages at D >= 128, 64 x 3 below), and splits only until every SM
-    has about two programs (1.9), each SM counted as running one at a time; where
-    the (b, kv head) pairs alone reach that, splits as from 32 rows. From 32 rows:
-    64-slot blocks, 3 stages, splits counted at 2 programs an SM. Measured in
-    docs/KERNELS.md, sessions 10 to 13."""
+    has about two programs (1.9), each SM counted as running one at a time, and of
+    at least 5 blocks (session 16: 4-block splits lost 5-13% to 6-block ones at
+    S = 1024); where the (b, kv head) pairs alone reach that, splits as from 32 rows.
+    From 32 rows: 64-slot blocks, 3 stages, splits of at least 2 blocks counted at 2
+    programs an SM. Measured in docs/KERNELS.md, sessions 10 to 16."""
     few = rows <= 16
     bs = cfg.block_s or (32 if few and D >= 128 else 64)
     stages = cfg.num_stages or (4 if few and D >= 128 else 3)
@@ -120,16 +121,17 @@ def plan(B: int, Hkv: int, S: int, D: int, cfg: GpuConfig, rows: int = 16):
     else:
         floor = 1.9 * num_sms() if few else 0
         per_sm = cfg.ctas_per_sm or (1 if B * Hkv < floor else 2)
-        ns = auto_splits(B * Hkv, per_sm * num_sms(), max(1, nblocks // 2), floor)  # two blocks a split at least
+        ns = auto_splits(B * Hkv, per_sm * num_sms(), max(1, nblocks // (5 if few else 2)), floor)
     sp = round_up(cdiv(max(S, 1), ns), bs)
     ns = max(1, cdiv(S, sp))
     return bs, ns, sp, stages
 
 
-def warps(rows: int, cfg: GpuConfig) -> int:
-    """Warps a program runs for `rows` (padded) query rows: cfg.num_warps, else 2 up
-    to 16 rows and 4 from 32 (docs/KERNELS.md, session 15)."""
-    return cfg.num_warps or (2 if rows <= 16 else 4)
+def warps(rows: int, D: int, cfg: GpuConfig) -> int:
+    """Warps a program runs for `rows` (padded) query rows of head dim D:
+    cfg.num_warps, else 2 up to 16 rows, and up to 32 at D <= 64, 4 above
+    (docs/KERNELS.md, sessions 15 and 16)."""
+    return cfg.num_warps or (2 if rows <= 16 or (rows <= 32 and D <= 64) else 4)
 
 
 def _pow2_head(D: int) -> bool:
@@ -384,7 +386,7 @@ def sparse_attention_gpu(
         in_specs=in_specs,
         out_specs=out_specs,
         input_output_aliases=aliases,
-        compiler_params=plgpu.CompilerParams(num_warps=warps(R, config), num_stages=stages),
+        compiler_params=plgpu.CompilerParams(num_warps=warps(R, D, config), num_stages=stages),
         interpret=interpret,
         name="adore_sparse_attention",
     )(*args)
