@@ -10,18 +10,20 @@ twice ("plan", "plan2") for the spread within a row.
     PYTHONPATH=. python3 docs/results/kernels_session16/splits_more.py OUT [DEADLINE_S]   # one H200
 
 OUT/splits_more.json; a table printed last.
+
+Measured at commit 703f71f, before session 16 changed the plan: run at a later commit, the
+configs named around the plan follow the plan there (splits_more.json is 703f71f's).
 """
+import os
 import sys
 
-from adore_jax.kernels import GpuConfig, sparse_attention_gpu
-from adore_jax.kernels.attention_gpu import padded_rows, plan
+from adore_jax.kernels import GpuConfig
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from plan_sweep import cli, run  # noqa: E402
 
 
-def ours(cfg):
-    return lambda q, k, v, ck, cv, cpos, qpos: sparse_attention_gpu(q, k, v, ck, cv, cpos, qpos, config=cfg).out
-
-
-def variants(bs, ns, st, T):
+def variants(bs, ns, st, shape, S, T):
     """{name: GpuConfig}: the plan twice, its block and stages at other split counts,
     and at T = 9 the plan with 2 and 8 warps."""
     out = {"plan": GpuConfig(), "plan2": GpuConfig()}
@@ -34,27 +36,10 @@ def variants(bs, ns, st, T):
 
 
 def main(out_dir, deadline):
-    from eval.bench_kernels import row_summary, sweep, time_point
-
     cases = [((32, 9, 3, 64), S, T) for T in (1, 9) for S in (1024, 4096, 8192)]
     cases += [((8, 32, 8, 128), S, T) for T in (9, 1) for S in (1024, 4096)]
-
-    def row_of(shape, S, T):
-        B, Hq, Hkv, D = shape
-        bs, ns, _, st = plan(B, Hkv, S, D, GpuConfig(), padded_rows(Hq // Hkv, T))
-        configs = variants(bs, ns, st, T)
-        row = time_point(1700, shape, S, T, {n: ours(c) for n, c in configs.items()}, configs, copies=())
-        row["plan_cfg"] = [bs, ns, st]
-        return row
-
-    rows = sweep(cases, row_of, f"{out_dir}/splits_more.json", deadline)
-    print("\nus per call (K+V TB/s), fastest first; plan = (block, splits, stages)")
-    for row in rows:
-        print(row["shape"], "plan", row["plan_cfg"], f"plan {row['plan']['us']:.1f}/{row['plan2']['us']:.1f} |",
-              row_summary(row, top=4))
+    run(f"{out_dir}/splits_more.json", deadline, cases, variants, 1700)
 
 
 if __name__ == "__main__":
-    if len(sys.argv) not in (2, 3):
-        sys.exit("usage: splits_more.py OUT_DIR [DEADLINE_S]")
-    main(sys.argv[1], float(sys.argv[2]) if sys.argv[2:] else 300.0)
+    cli(main, "splits_more.py")

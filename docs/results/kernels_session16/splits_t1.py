@@ -11,22 +11,24 @@ SmolLM2's shape with S = 2048 and 4096, with cuDNN and a same-size copy.
     PYTHONPATH=. python3 docs/results/kernels_session16/splits_t1.py OUT [DEADLINE_S]   # one H200
 
 OUT/splits_t1.json; a table printed last (the plan is "plan").
+
+Measured at commit 703f71f, before session 16 changed the plan: run at a later commit, the
+configs named around the plan follow the plan there (splits_t1.json is 703f71f's).
 """
+import os
 import sys
 
-from adore_jax.kernels import GpuConfig, sparse_attention_gpu
-from adore_jax.kernels.attention_gpu import padded_rows, plan
+from adore_jax.kernels import GpuConfig
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from plan_sweep import cli, run  # noqa: E402
 
 
-def ours(cfg):
-    return lambda q, k, v, ck, cv, cpos, qpos: sparse_attention_gpu(q, k, v, ck, cv, cpos, qpos, config=cfg).out
-
-
-def variants(B, Hkv, S, D, ns):
+def variants(bs, ns, st, shape, S, T):
     """{name: GpuConfig}: the plan, then splits x (block, stages) with 2 warps, and 4
     warps at 64-slot blocks, 3 stages."""
     counts = sorted({ns, max(1, ns - 1), ns + 1, ns + 2, 2 * ns, 6, 8} - {0})
-    shapes = [(64, 3), (64, 4), (32, 4), (128, 2)] if D < 128 else [(32, 4), (64, 3), (32, 3)]
+    shapes = [(64, 3), (64, 4), (32, 4), (128, 2)] if shape[3] < 128 else [(32, 4), (64, 3), (32, 3)]
     out = {"plan": GpuConfig()}
     for n in counts:
         for b, s in shapes:
@@ -36,28 +38,13 @@ def variants(B, Hkv, S, D, ns):
 
 
 def main(out_dir, deadline):
-    from eval.bench_kernels import cudnn, row_summary, same_size_copy, sweep, time_point
+    from eval.bench_kernels import cudnn, same_size_copy
 
-    cases = [((64, 9, 3, 64), 1024), ((32, 9, 3, 64), 1024), ((8, 32, 32, 128), 1024),
-             ((64, 9, 3, 64), 2048), ((64, 9, 3, 64), 4096)]
-
-    def row_of(shape, S):
-        B, Hq, Hkv, D = shape
-        bs, ns, _, st = plan(B, Hkv, S, D, GpuConfig(), padded_rows(Hq // Hkv, 1))
-        configs = variants(B, Hkv, S, D, ns)
-        impls = {"copy": same_size_copy, "cudnn": cudnn} | {n: ours(c) for n, c in configs.items()}
-        row = time_point(1600, shape, S, 1, impls, configs)
-        row["plan_cfg"] = [bs, ns, st]
-        return row
-
-    rows = sweep(cases, row_of, f"{out_dir}/splits_t1.json", deadline)
-    print("\nus per call (K+V TB/s), fastest first; plan = (block, splits, stages)")
-    for row in rows:
-        print(row["shape"], "plan", row["plan_cfg"], f"copy {row['copy']['us']:.1f} |",
-              f"plan {row['plan']['us']:.1f} | cudnn {row['cudnn']['us']:.1f} |", row_summary(row, top=6))
+    cases = [((64, 9, 3, 64), 1024, 1), ((32, 9, 3, 64), 1024, 1), ((8, 32, 32, 128), 1024, 1),
+             ((64, 9, 3, 64), 2048, 1), ((64, 9, 3, 64), 4096, 1)]
+    run(f"{out_dir}/splits_t1.json", deadline, cases, variants, 1600,
+        extra=lambda T: {"copy": same_size_copy, "cudnn": cudnn}, copies=("copy",))
 
 
 if __name__ == "__main__":
-    if len(sys.argv) not in (2, 3):
-        sys.exit("usage: splits_t1.py OUT_DIR [DEADLINE_S]")
-    main(sys.argv[1], float(sys.argv[2]) if sys.argv[2:] else 300.0)
+    cli(main, "splits_t1.py")
