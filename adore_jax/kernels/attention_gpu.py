@@ -107,8 +107,8 @@ def plan(B: int, Hkv: int, S: int, D: int, cfg: GpuConfig, rows: int = 16):
     Up to 16 rows (T = 1, and MHA up to T = 16): small blocks in a deep pipeline
     (32 slots x 4 stages at D >= 128, 64 x 3 below), and splits only until every SM
     has about two programs (1.9), each SM counted as running one at a time, and of
-    at least 5 blocks (session 16: 4-block splits lost 5-13% to 6-block ones at
-    S = 1024); where the (b, kv head) pairs alone reach that, splits as from 32 rows.
+    at least 5 blocks (session 16: at S = 1024, 6-block splits were 5-9% faster
+    than 2- and 4-block ones); where the (b, kv head) pairs alone reach that, splits as from 32 rows.
     From 32 rows: 64-slot blocks, 3 stages, splits of at least 2 blocks counted at 2
     programs an SM. Measured in docs/KERNELS.md, sessions 10 to 16."""
     few = rows <= 16
