@@ -5,7 +5,7 @@ Under Nsight Compute (docs/KERNELS.md, "Session 16", item 6) the T = 9 program a
 (32,9,3,64) S=4096 holds 212 registers a thread over 2 warps, so 4 programs fit an
 SM (528 on 132 SMs); the plan's 5 splits give 480 programs, and 6 splits (576) were
 25-30% slower than 5 at S=4096 and 8192 (items 3 and 4), where 8 were only 13%
-slower. The schedulers found no eligible warp 76% of the time: the kernel waits on
+slower. The schedulers found no eligible warp 62-64% of the time: the kernel waits on
 latency with few warps. Prediction: 32-slot blocks or 2 stages take fewer registers
 and less shared memory, so more programs fit an SM, and with them more splits (8-10)
 hide more latency; if that is the bound, one of them beats the plan by 10% or more.
