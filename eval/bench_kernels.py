@@ -172,6 +172,45 @@ def sweep(cases, row_of, path, deadline):
     return rows
 
 
+
+def config_sweep(out_path, deadline, cases, configs_of, seed, extra=None, copies=(), timer="device", interpret=False):
+    """The GPU kernel (`ours`) under launch configs at each point (shape (B, Hq, Hkv,
+    D), S, T) of `cases`: configs_of(bs, ns, stages, shape, S, T) -> {name: GpuConfig},
+    given the plan's block, split count and stages there, beside the ops
+    extra(the same arguments) -> {name: op}, timed by `time_point` on inputs from
+    `seed` (`copies`: names whose bytes count read + written). Rows, each with
+    "plan_cfg" [bs, ns, stages], go to the JSON file out_path as `sweep` writes them
+    until `deadline` seconds; a line a row (its fastest ops) is printed last."""
+
+    def row_of(shape, S, T):
+        B, Hq, Hkv, D = shape
+        bs, ns, _, st = plan(B, Hkv, S, D, GpuConfig(), padded_rows(Hq // Hkv, T))
+        configs = configs_of(bs, ns, st, shape, S, T)
+        impls = (extra(bs, ns, st, shape, S, T) if extra else {}) | {
+            n: ours(c, interpret=interpret) for n, c in configs.items()}
+        row = time_point(seed, shape, S, T, impls, configs, copies, timer)
+        row["plan_cfg"] = [bs, ns, st]
+        return row
+
+    rows = sweep(cases, row_of, out_path, deadline)
+    print("\nus per call (K+V TB/s), fastest first; plan = (block, splits, stages)")
+    for row in rows:
+        print(row["shape"], "plan", row["plan_cfg"], "|", row_summary(row), flush=True)
+    return rows
+
+
+def sweep_main(main, name, argv=None):
+    """Run main(OUT_DIR, DEADLINE_S) from an experiment script's command line
+    (`name` OUT_DIR [DEADLINE_S], 300 s by default); a wrong one exits with its usage."""
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) not in (1, 2):
+        sys.exit(f"usage: {name} OUT_DIR [DEADLINE_S]")
+    try:
+        deadline = float(argv[1]) if argv[1:] else 300.0
+    except ValueError:
+        sys.exit(f"usage: {name} OUT_DIR [DEADLINE_S]: DEADLINE_S must be a number of seconds, got {argv[1]!r}")
+    main(argv[0], deadline)
+
 def _warm(call, seconds=0.05):
     """Run for a while first: clocks ramp up from idle."""
     t = time.perf_counter()

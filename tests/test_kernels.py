@@ -752,3 +752,40 @@ def test_bench_sweep_writes_each_row_and_stops_at_the_deadline(tmp_path):
     assert row_summary(rows[0]).startswith("neg ") and "copy" not in row_summary(rows[0])
     assert sweep([(32,)], row_of, str(tmp_path / "none.json"), deadline=-1) == []
     assert not (tmp_path / "none.json").exists()
+
+
+def test_bench_config_sweep_times_configs_around_the_plan(tmp_path, capsys, monkeypatch):
+    """eval/bench_kernels.config_sweep: each case's configs and extra ops get the
+    plan's block, splits and stages there, `ours` is built under each config, and
+    every row records that plan; sweep_main rejects a bad command line with its usage."""
+    import json
+
+    import eval.bench_kernels as bk
+
+    built = []
+    monkeypatch.setattr(bk, "ours", lambda cfg, interpret: built.append((cfg, interpret)) or (lambda q, *a: -q))
+    seen = []
+
+    def configs_of(bs, ns, st, shape, S, T):
+        seen.append((bs, ns, st, shape, S, T))
+        return {"plan": GpuConfig(), f"n{ns + 1}": GpuConfig(splits=ns + 1)}
+
+    path = tmp_path / "rows.json"
+    cases = [((1, 2, 1, 16), 40, 1), ((1, 4, 2, 16), 24, 2)]
+    rows = bk.config_sweep(str(path), 600, cases, configs_of, 0, extra=lambda *a: {"copy": bk.same_size_copy},
+                           copies=("copy",), timer="wall", interpret=True)
+    for (shape, S, T), row, got in zip(cases, rows, seen):
+        B, Hq, Hkv, D = shape
+        bs, ns, _, st = plan(B, Hkv, S, D, GpuConfig(), padded_rows(Hq // Hkv, T))
+        assert got == (bs, ns, st, shape, S, T) and row["plan_cfg"] == [bs, ns, st]
+        assert row["plan"]["us"] > 0 and row[f"n{ns + 1}"]["cfg"]["splits"] == ns + 1 and "cfg" not in row["copy"]
+    assert [c.splits for c, _ in built] == [None, seen[0][1] + 1, None, seen[1][1] + 1]
+    assert all(interpret for _, interpret in built)
+    assert [r["plan_cfg"] for r in json.loads(path.read_text())] == [r["plan_cfg"] for r in rows]
+    assert "plan = (block, splits, stages)" in capsys.readouterr().out
+    for argv in ([], ["a", "b", "c"], ["out", "soon"]):
+        with pytest.raises(SystemExit, match="usage: x.py OUT_DIR"):
+            bk.sweep_main(lambda *a: None, "x.py", argv)
+    got = []
+    bk.sweep_main(lambda out, deadline: got.append((out, deadline)), "x.py", ["out"])
+    assert got == [("out", 300.0)]

@@ -108,9 +108,10 @@ def plan(B: int, Hkv: int, S: int, D: int, cfg: GpuConfig, rows: int = 16):
     (32 slots x 4 stages at D >= 128, 64 x 3 below), and splits only until every SM
     has about two programs (1.9), each SM counted as running one at a time, and of
     at least 5 blocks (session 16: at S = 1024, 6-block splits were 5-9% faster
-    than 2- and 4-block ones); where the (b, kv head) pairs alone reach that, splits as from 32 rows.
-    From 32 rows: 64-slot blocks, 3 stages, splits of at least 2 blocks counted at 2
-    programs an SM. Measured in docs/KERNELS.md, sessions 10 to 16."""
+    than 2- and 4-block ones); where the (b, kv head) pairs alone reach that,
+    splits as from 32 rows. From 32 rows: 64-slot blocks, 3 stages, splits of at
+    least 2 blocks counted at 2 programs an SM. Measured in docs/KERNELS.md,
+    sessions 10 to 16."""
     few = rows <= 16
     bs = cfg.block_s or (32 if few and D >= 128 else 64)
     stages = cfg.num_stages or (4 if few and D >= 128 else 3)

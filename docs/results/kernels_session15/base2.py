@@ -19,43 +19,36 @@ import time
 
 import jax.numpy as jnp
 
-from adore_jax.kernels import GpuConfig, sparse_attention_gpu
-from adore_jax.kernels.attention_gpu import padded_rows, plan
+from adore_jax.kernels import GpuConfig
+from eval.bench_kernels import config_sweep, cudnn, same_size_copy, sweep_main
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "kernels_session14"))
 import all_heads  # noqa: E402  (session 14's loop, as the control)
 import exp_ab  # noqa: E402  (its POINTS)
 
 
-def ours(cfg):
-    return lambda q, k, v, ck, cv, cpos, qpos: sparse_attention_gpu(q, k, v, ck, cv, cpos, qpos, config=cfg).out
+def variants(bs, ns, st, shape, S, T):
+    """{name: GpuConfig}: the kernel as it is ("ours"), and at the T = 1 GQA points at
+    S = 1024 launch configs around the plan's."""
+    configs = {"ours": GpuConfig()}
+    if T == 1 and shape[1] // shape[2] > 1 and S == 1024:
+        for b, s, n in [(32, 4, ns), (64, 2, ns), (64, 4, ns), (128, 2, ns), (64, 3, ns * 2), (64, 3, max(1, ns // 2))]:
+            configs[f"b{b}s{s}n{n}"] = GpuConfig(block_s=b, num_stages=s, splits=n)
+    return configs
+
+
+def controls(bs, ns, st, shape, S, T):
+    """A same-size copy, cuDNN at T = 1, and session 14's loop with the plan's launch ("h1g1")."""
+    return {"copy": same_size_copy} | ({"cudnn": cudnn} if T == 1 else {}) | {
+        "h1g1": functools.partial(all_heads.all_heads_attention, hpp=1, hpg=1, bs=bs, splits=ns, stages=st)}
 
 
 def main(out_dir, deadline):
-    from eval.bench_kernels import cudnn, row_summary, same_size_copy, sweep, time_point
-
     t0 = time.time()
     all_heads.check(interpret=False, dtype=jnp.bfloat16, tol=3e-2, split_counts=(3,), one_head=True)  # the control
-
-    def row_of(shape, S, T):
-        B, Hq, Hkv, D = shape
-        bs, ns, _, st = plan(B, Hkv, S, D, GpuConfig(), padded_rows(Hq // Hkv, T))
-        impls = {"copy": same_size_copy} | ({"cudnn": cudnn} if T == 1 else {}) | {"ours": ours(GpuConfig())}
-        impls["h1g1"] = functools.partial(all_heads.all_heads_attention, hpp=1, hpg=1, bs=bs, splits=ns, stages=st)
-        configs = {}
-        if T == 1 and Hq // Hkv > 1 and S == 1024:
-            for b, s, n in [(32, 4, ns), (64, 2, ns), (64, 4, ns), (128, 2, ns), (64, 3, ns * 2), (64, 3, max(1, ns // 2))]:
-                configs[f"b{b}s{s}n{n}"] = GpuConfig(block_s=b, num_stages=s, splits=n)
-        impls |= {n: ours(c) for n, c in configs.items()}
-        return time_point(700, shape, S, T, impls, configs)
-
-    rows = sweep(exp_ab.POINTS, row_of, f"{out_dir}/base2.json", deadline - (time.time() - t0))
-    print("\nus per call (K+V TB/s), fastest first")
-    for row in rows:
-        print(row["shape"], f"copy {row['copy']['us']:.1f} |", row_summary(row, top=6))
+    config_sweep(f"{out_dir}/base2.json", deadline - (time.time() - t0), exp_ab.POINTS, variants, 700,
+                 extra=controls, copies=("copy",))
 
 
 if __name__ == "__main__":
-    if len(sys.argv) not in (2, 3):
-        sys.exit("usage: base2.py OUT_DIR [DEADLINE_S]")
-    main(sys.argv[1], float(sys.argv[2]) if sys.argv[2:] else 300.0)
+    sweep_main(main, "base2.py")

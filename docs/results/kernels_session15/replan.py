@@ -10,17 +10,11 @@ table and at its GQA T = 9 points, with cuDNN (T = 1) and a same-size copy.
 
 OUT/replan.json; a table printed last (the plan is "plan").
 """
-import sys
-
-from adore_jax.kernels import GpuConfig, sparse_attention_gpu
-from adore_jax.kernels.attention_gpu import padded_rows, plan
+from adore_jax.kernels import GpuConfig
+from eval.bench_kernels import config_sweep, cudnn, same_size_copy, sweep_main
 
 
-def ours(cfg):
-    return lambda q, k, v, ck, cv, cpos, qpos: sparse_attention_gpu(q, k, v, ck, cv, cpos, qpos, config=cfg).out
-
-
-def variants(bs, ns, st, T):
+def variants(bs, ns, st, shape, S, T):
     """{name: GpuConfig} around the plan (bs-slot blocks, ns splits, st stages)."""
     half = max(1, ns // 2)
     few = [(64, ns, 3), (64, half, 3), (64, ns, 4), (32, half, 4), (128, ns, 2), (32, ns, 3)] if T == 1 else \
@@ -33,29 +27,13 @@ def variants(bs, ns, st, T):
 
 
 def main(out_dir, deadline):
-    from eval.bench_kernels import cudnn, row_summary, same_size_copy, sweep, time_point
-
     shapes = [(32, 9, 3, 64), (8, 32, 8, 128), (8, 32, 32, 128)]
     cases = [(sh, S, 1) for S in (1024, 4096, 8192) for sh in shapes]
     cases += [(sh, S, 9) for S in (1024, 4096, 8192) for sh in shapes[:2]]
     cases.insert(1, ((64, 9, 3, 64), 1024, 1))  # SmolLM2's decode step
-
-    def row_of(shape, S, T):
-        B, Hq, Hkv, D = shape
-        bs, ns, _, st = plan(B, Hkv, S, D, GpuConfig(), padded_rows(Hq // Hkv, T))
-        configs = variants(bs, ns, st, T)
-        impls = {"copy": same_size_copy} | ({"cudnn": cudnn} if T == 1 else {}) | {n: ours(c) for n, c in configs.items()}
-        row = time_point(800, shape, S, T, impls, configs)
-        row["plan_cfg"] = [bs, ns, st]
-        return row
-
-    rows = sweep(cases, row_of, f"{out_dir}/replan.json", deadline)
-    print("\nus per call (K+V TB/s), fastest first; plan = (block, splits, stages)")
-    for row in rows:
-        print(row["shape"], "plan", row["plan_cfg"], f"copy {row['copy']['us']:.1f} |", row_summary(row, top=5))
+    config_sweep(f"{out_dir}/replan.json", deadline, cases, variants, 800, copies=("copy",),
+                 extra=lambda bs, ns, st, shape, S, T: {"copy": same_size_copy} | ({"cudnn": cudnn} if T == 1 else {}))
 
 
 if __name__ == "__main__":
-    if len(sys.argv) not in (2, 3):
-        sys.exit("usage: replan.py OUT_DIR [DEADLINE_S]")
-    main(sys.argv[1], float(sys.argv[2]) if sys.argv[2:] else 300.0)
+    sweep_main(main, "replan.py")

@@ -16,13 +16,8 @@ OUT/rules.json; a table printed last.
 Measured at commit 703f71f, before session 16 changed the plan: run at a later commit, the
 configs named around the plan follow the plan there (rules.json is 703f71f's).
 """
-import os
-import sys
-
 from adore_jax.kernels import GpuConfig
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from plan_sweep import cli, run  # noqa: E402
+from eval.bench_kernels import config_sweep, cudnn, sweep_main
 
 
 def variants(bs, ns, st, shape, S, T):
@@ -35,13 +30,12 @@ def variants(bs, ns, st, shape, S, T):
 
 
 def main(out_dir, deadline):
-    from eval.bench_kernels import cudnn
-
     cases = [((32, 9, 3, 64), S, 9) for S in (1024, 4096, 8192)]
     cases += [((8, 32, 8, 128), S, 8) for S in (1024, 4096)] + [((8, 32, 4, 128), 4096, 4), ((32, 16, 2, 64), 4096, 4)]
     cases += [((B, 9, 3, 64), 1024, 1) for B in (16, 32, 48)]
-    run(f"{out_dir}/rules.json", deadline, cases, variants, 1900, extra=lambda T: {"cudnn": cudnn} if T == 1 else {})
+    config_sweep(f"{out_dir}/rules.json", deadline, cases, variants, 1900,
+                 extra=lambda bs, ns, st, shape, S, T: {"cudnn": cudnn} if T == 1 else {})
 
 
 if __name__ == "__main__":
-    cli(main, "rules.py")
+    sweep_main(main, "rules.py")

@@ -14,13 +14,8 @@ OUT/splits_more.json; a table printed last.
 Measured at commit 703f71f, before session 16 changed the plan: run at a later commit, the
 configs named around the plan follow the plan there (splits_more.json is 703f71f's).
 """
-import os
-import sys
-
 from adore_jax.kernels import GpuConfig
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from plan_sweep import cli, run  # noqa: E402
+from eval.bench_kernels import config_sweep, sweep_main
 
 
 def variants(bs, ns, st, shape, S, T):
@@ -38,8 +33,8 @@ def variants(bs, ns, st, shape, S, T):
 def main(out_dir, deadline):
     cases = [((32, 9, 3, 64), S, T) for T in (1, 9) for S in (1024, 4096, 8192)]
     cases += [((8, 32, 8, 128), S, T) for T in (9, 1) for S in (1024, 4096)]
-    run(f"{out_dir}/splits_more.json", deadline, cases, variants, 1700)
+    config_sweep(f"{out_dir}/splits_more.json", deadline, cases, variants, 1700)
 
 
 if __name__ == "__main__":
-    cli(main, "splits_more.py")
+    sweep_main(main, "splits_more.py")

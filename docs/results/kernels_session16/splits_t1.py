@@ -15,13 +15,8 @@ OUT/splits_t1.json; a table printed last (the plan is "plan").
 Measured at commit 703f71f, before session 16 changed the plan: run at a later commit, the
 configs named around the plan follow the plan there (splits_t1.json is 703f71f's).
 """
-import os
-import sys
-
 from adore_jax.kernels import GpuConfig
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from plan_sweep import cli, run  # noqa: E402
+from eval.bench_kernels import config_sweep, cudnn, same_size_copy, sweep_main
 
 
 def variants(bs, ns, st, shape, S, T):
@@ -38,13 +33,11 @@ def variants(bs, ns, st, shape, S, T):
 
 
 def main(out_dir, deadline):
-    from eval.bench_kernels import cudnn, same_size_copy
-
     cases = [((64, 9, 3, 64), 1024, 1), ((32, 9, 3, 64), 1024, 1), ((8, 32, 32, 128), 1024, 1),
              ((64, 9, 3, 64), 2048, 1), ((64, 9, 3, 64), 4096, 1)]
-    run(f"{out_dir}/splits_t1.json", deadline, cases, variants, 1600,
-        extra=lambda T: {"copy": same_size_copy, "cudnn": cudnn}, copies=("copy",))
+    config_sweep(f"{out_dir}/splits_t1.json", deadline, cases, variants, 1600,
+                 extra=lambda *_: {"copy": same_size_copy, "cudnn": cudnn}, copies=("copy",))
 
 
 if __name__ == "__main__":
-    cli(main, "splits_t1.py")
+    sweep_main(main, "splits_t1.py")

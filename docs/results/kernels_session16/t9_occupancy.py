@@ -17,13 +17,8 @@ the GQA T = 9 points at S = 4096 and 8192.
 
 OUT/t9_occupancy.json; a table printed last.
 """
-import os
-import sys
-
 from adore_jax.kernels import GpuConfig
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from plan_sweep import cli, run  # noqa: E402
+from eval.bench_kernels import config_sweep, sweep_main
 
 
 def variants(bs, ns, st, shape, S, T):
@@ -37,8 +32,8 @@ def variants(bs, ns, st, shape, S, T):
 
 def main(out_dir, deadline):
     cases = [((32, 9, 3, 64), S, 9) for S in (4096, 8192)] + [((8, 32, 8, 128), S, 9) for S in (4096, 8192)]
-    run(f"{out_dir}/t9_occupancy.json", deadline, cases, variants, 2100)
+    config_sweep(f"{out_dir}/t9_occupancy.json", deadline, cases, variants, 2100)
 
 
 if __name__ == "__main__":
-    cli(main, "t9_occupancy.py")
+    sweep_main(main, "t9_occupancy.py")
