@@ -172,7 +172,6 @@ def sweep(cases, row_of, path, deadline):
     return rows
 
 
-
 def config_sweep(out_path, deadline, cases, configs_of, seed, extra=None, copies=(), timer="device", interpret=False):
     """The GPU kernel (`ours`) under launch configs at each point (shape (B, Hq, Hkv,
     D), S, T) of `cases`: configs_of(bs, ns, stages, shape, S, T) -> {name: GpuConfig},
@@ -199,17 +198,28 @@ def config_sweep(out_path, deadline, cases, configs_of, seed, extra=None, copies
     return rows
 
 
-def sweep_main(main, name, argv=None):
+def sweep_main(main, name, argv=None, choices=None):
     """Run main(OUT_DIR, DEADLINE_S) from an experiment script's command line
-    (`name` OUT_DIR [DEADLINE_S], 300 s by default); a wrong one exits with its usage."""
+    (`name` OUT_DIR [DEADLINE_S], 300 s by default). With `choices` (names of
+    variants) it takes a third, optional argument, NAMES: some of them, comma-separated
+    (all by default), and runs main(OUT_DIR, DEADLINE_S, names). A wrong command line
+    exits with the usage."""
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) not in (1, 2):
-        sys.exit(f"usage: {name} OUT_DIR [DEADLINE_S]")
+    usage = f"usage: {name} OUT_DIR [DEADLINE_S{' [NAMES]' if choices else ''}]"
+    if not 1 <= len(argv) <= (3 if choices else 2):
+        sys.exit(usage)
     try:
         deadline = float(argv[1]) if argv[1:] else 300.0
     except ValueError:
-        sys.exit(f"usage: {name} OUT_DIR [DEADLINE_S]: DEADLINE_S must be a number of seconds, got {argv[1]!r}")
-    main(argv[0], deadline)
+        sys.exit(f"{usage}: DEADLINE_S must be a number of seconds, got {argv[1]!r}")
+    if not choices:
+        return main(argv[0], deadline)
+    names = argv[2].split(",") if argv[2:] else list(choices)
+    unknown = [n for n in names if n not in choices]
+    if unknown:
+        sys.exit(f"{usage}: unknown NAMES {unknown}; known: {','.join(choices)}")
+    return main(argv[0], deadline, names)
+
 
 def _warm(call, seconds=0.05):
     """Run for a while first: clocks ramp up from idle."""

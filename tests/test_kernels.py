@@ -757,7 +757,8 @@ def test_bench_sweep_writes_each_row_and_stops_at_the_deadline(tmp_path):
 def test_bench_config_sweep_times_configs_around_the_plan(tmp_path, capsys, monkeypatch):
     """eval/bench_kernels.config_sweep: each case's configs and extra ops get the
     plan's block, splits and stages there, `ours` is built under each config, and
-    every row records that plan; sweep_main rejects a bad command line with its usage."""
+    every row records that plan; sweep_main rejects a bad command line with its usage,
+    and with `choices` passes the names picked (all by default) and rejects unknown ones."""
     import json
 
     import eval.bench_kernels as bk
@@ -789,3 +790,12 @@ def test_bench_config_sweep_times_configs_around_the_plan(tmp_path, capsys, monk
     got = []
     bk.sweep_main(lambda out, deadline: got.append((out, deadline)), "x.py", ["out"])
     assert got == [("out", 300.0)]
+    # with choices: an optional third argument picks some of them (all by default)
+    for argv, want in ((["out", "60"], ["a", "b", "c"]), (["out", "60", "c,a"], ["c", "a"])):
+        bk.sweep_main(lambda *a: got.append(a), "x.py", argv, choices=["a", "b", "c"])
+        assert got[-1] == ("out", 60.0, want)
+    for argv, match in ((["out", "60", "a,z"], r"unknown NAMES \['z'\]; known: a,b,c"), (["o", "1", "a", "b"], "NAMES]]$")):
+        with pytest.raises(SystemExit, match=match):
+            bk.sweep_main(lambda *a: None, "x.py", argv, choices=["a", "b", "c"])
+    with pytest.raises(SystemExit, match=r"OUT_DIR \[DEADLINE_S\]$"):  # NAMES only with choices
+        bk.sweep_main(lambda *a: None, "x.py", ["out", "60", "a"])

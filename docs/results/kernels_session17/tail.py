@@ -18,9 +18,9 @@ source while the op is traced (the library unchanged):
   (wrong outputs: bounds on what each costs).
 
     PYTHONPATH=. python3 docs/results/kernels_session17/tail.py check              # CPU, interpret mode
-    PYTHONPATH=. python3 docs/results/kernels_session17/tail.py bench OUT [DEADLINE_S [VARIANTS]]   # one H200
+    PYTHONPATH=. python3 docs/results/kernels_session17/tail.py bench OUT [DEADLINE_S [NAMES]]   # one H200
 
-VARIANTS: comma-separated names to time (all by default; session 17's first call
+NAMES: comma-separated variants to time (all by default; session 17's first call
 timed all but new_pre). check: exp_ab.py's check of the correct variants against
 `reference_attention` (empty slots, rebuilt rows before and after the cached ones, non-multiple S, T = 1,
 2, 9, 3 splits). bench: that check on the device (bf16), then device time of each
@@ -36,6 +36,7 @@ import textwrap
 import jax.numpy as jnp
 
 from adore_jax.kernels import attention_gpu
+from eval.bench_kernels import config_sweep, cudnn, sweep_main
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "kernels_session14"))
 import exp_ab  # noqa: E402  (its op and check)
@@ -116,8 +117,6 @@ CASES = [((32, 9, 3, 64), S, T) for T in (1, 9) for S in (1024, 4096, 8192)] + [
 
 
 def bench(out_dir, deadline, names=VARIANTS):
-    from eval.bench_kernels import config_sweep, cudnn
-
     exp_ab.check([n for n in CORRECT if n in names], interpret=False, dtype=jnp.bfloat16, tol=3e-2, op=op)
 
     def extra(bs, ns, st, shape, S, T):
@@ -126,25 +125,10 @@ def bench(out_dir, deadline, names=VARIANTS):
     config_sweep(f"{out_dir}/tail.json", deadline, CASES, lambda *a: {}, 1700, extra=extra)
 
 
-USAGE = "usage: tail.py check | tail.py bench OUT_DIR [DEADLINE_S [VARIANTS]]"
-
-
-def _bench_args(args):
-    """(out_dir, deadline, names) of `bench`'s command line; a wrong one exits with the usage."""
-    try:
-        deadline = float(args[1]) if args[1:] else 300.0
-    except ValueError:
-        sys.exit(f"{USAGE}: DEADLINE_S must be a number of seconds, got {args[1]!r}")
-    names = args[2].split(",") if args[2:] else VARIANTS
-    if not set(names) <= set(VARIANTS):
-        sys.exit(f"{USAGE}: unknown variants {sorted(set(names) - set(VARIANTS))}; known: {','.join(VARIANTS)}")
-    return args[0], deadline, names
-
-
 if __name__ == "__main__":
     if sys.argv[1:] == ["check"]:
         exp_ab.check(CORRECT, interpret=True, op=op)
-    elif sys.argv[1:2] == ["bench"] and len(sys.argv) in (3, 4, 5):
-        bench(*_bench_args(sys.argv[2:]))
+    elif sys.argv[1:2] == ["bench"]:
+        sweep_main(bench, "tail.py bench", sys.argv[2:], choices=VARIANTS)
     else:
-        sys.exit(USAGE)
+        sys.exit("usage: tail.py check | tail.py bench OUT_DIR [DEADLINE_S [NAMES]]")
