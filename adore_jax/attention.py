@@ -42,12 +42,15 @@ def layer_cache(cache_k, cache_v, layer):
     return pick(cache_k), pick(cache_v)
 
 
-def reference_attention(q, k, v, cache_k, cache_v, cache_pos, q_pos, *, layer=None, with_stats=False, scale=None):
+def reference_attention(q, k, v, cache_k, cache_v, cache_pos, q_pos, *, layer=None, with_stats=False, scale=None,
+                        key_until=None):
     """Plain XLA attention.
 
     q: [B, T, Hq, D]; k, v: [B, T, Hkv, D] (new rows, after RoPE);
     cache_k, cache_v: [B, S, Hkv, D], or [L, B, S, Hkv, D] with `layer` choosing one;
     cache_pos: [B, S]; q_pos: [B, T] (int32, -1 = none).
+    key_until: optional [B, S+T] int32; key j (cache slots, then new rows) is
+    seen only by queries at positions <= key_until[:, j] (a release schedule).
     """
     cache_k, cache_v = layer_cache(cache_k, cache_v, layer)
     B, T, Hq, D = q.shape
@@ -59,6 +62,8 @@ def reference_attention(q, k, v, cache_k, cache_v, cache_pos, q_pos, *, layer=No
     s_n = jnp.einsum("bthgd,bshd->bhgts", qg, k, preferred_element_type=jnp.float32)
     key_pos = jnp.concatenate([cache_pos, q_pos], axis=1)  # [B, S+T]
     allowed = (key_pos[:, None, :] >= 0) & (key_pos[:, None, :] <= q_pos[:, :, None])  # [B, T, S+T]
+    if key_until is not None:
+        allowed &= q_pos[:, :, None] <= key_until[:, None, :]
     s = jnp.concatenate([s_c, s_n], axis=-1) * scale
     s = jnp.where(allowed[:, None, None], s, NEG_INF)
     m = jnp.max(s, axis=-1, keepdims=True)

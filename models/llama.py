@@ -280,6 +280,11 @@ def embed_tokens(params: Params, tokens: jax.Array) -> jax.Array:
     return jnp.take(params.embed, tokens, axis=0)
 
 
+def head_logits(params: Params, x: jax.Array) -> jax.Array:
+    """Logits [..., V] fp32 of final-normalized hidden states x [..., E] (the LM head)."""
+    return _matmul(x, params.embed.T if params.lm_head is None else params.lm_head)
+
+
 class ForwardOut(NamedTuple):
     logits: jax.Array  # [B, T or R, V] fp32
     new_k: jax.Array  # [L, B, T, Hkv, D]: the rows' keys (after RoPE), to write into the cache
@@ -363,9 +368,7 @@ def forward(
         feat = normalized(x)
     if logits_rows is not None:
         x = jnp.take_along_axis(x, logits_rows[..., None], axis=1)
-    x = rms_norm(x, params.final_norm, cfg.rms_norm_eps)
-    head = params.embed.T if params.lm_head is None else params.lm_head
-    logits = _matmul(x, head)
+    logits = head_logits(params, rms_norm(x, params.final_norm, cfg.rms_norm_eps))
     return ForwardOut(logits, new_k, new_v, mass.mean(0) if with_stats else None,
                       feat if feature_layer is not None else None)
 

@@ -4,6 +4,11 @@ The target of the shared (one decision for all layers and heads) sparse
 attention: A[t, i] = attention weight of query t on key i, averaged over layers
 and heads. y(t, i) = 1 iff i is among the top K keys of row t (i <= t).
 
+Labels from the future (horizon H): a released token is gone, so the label of
+key i at step t looks at the next H queries: F[t, i] = max (or sum) of
+A[q, i] over q in [t, t + H), and y(t, i) = 1 iff i is among the top K of
+F[t, :] (i <= t). H = 1 is the current row.
+
 Blockwise: one causal forward fills a full cache; then each block of Bq query
 rows runs again against that cache (slots at the block's positions and later
 read as empty) with statistics on. Memory is O(B x Bq x n), never n x n for
@@ -55,6 +60,46 @@ def topk_mask(attn: jax.Array, q_pos: jax.Array, k: int) -> jax.Array:
     a = jnp.where(causal[None], attn, -1.0)
     kth = jax.lax.top_k(a, min(k, n))[0][..., -1:]
     return causal[None] & (a >= kth)
+
+
+AGGREGATES = ("max", "sum")
+
+
+def future_rows(a: jax.Array, after: jax.Array, horizon: int, agg: str = "max") -> jax.Array:
+    """F [B, T, n]: row t aggregates rows t .. t + horizon - 1 of a [B, T, n]
+    followed by after [B, T', n] (the next rows; zeros past the sequence end).
+    agg: "max" or "sum"; horizon in [1, T' + 1]."""
+    if agg not in AGGREGATES:
+        raise ValueError(f"label aggregate must be one of {AGGREGATES}, got {agg!r}")
+    if not 1 <= horizon <= after.shape[1] + 1:
+        raise ValueError(f"horizon must be in [1, {after.shape[1] + 1}], got {horizon}")
+    rows = jnp.concatenate([a, after], axis=1)
+    op, init = (jax.lax.max, -jnp.inf) if agg == "max" else (jax.lax.add, 0.0)
+    out = jax.lax.reduce_window(rows, jnp.array(init, rows.dtype), op, (1, horizon, 1), (1, 1, 1), "VALID")
+    return out[:, : a.shape[1]]
+
+
+def topk_labels(params: Params, cfg: LlamaConfig, tokens: jax.Array, k: int, block: int, horizon: int = 1,
+                agg: str = "max"):
+    """(indices [B, n, K] int32, weights [B, n, K] fp32) of each row's top-K keys
+    under layer/head-averaged full attention, aggregated over the next `horizon`
+    queries (module docstring; horizon <= block + 1); rows t < K-1 fill their
+    missing keys with weight 0. Blocks of `block` query rows run last to first,
+    each carrying its attention to the one before: memory O(B x block x n)."""
+    B, n = tokens.shape
+    cache = full_cache(params, cfg, tokens)
+    starts = jnp.arange(0, n, block)
+
+    def one(after, start):
+        a = attention_block(params, cfg, tokens, cache, start, block)  # [B, block, n]
+        f = future_rows(a, after, horizon, agg)
+        causal = jnp.arange(n)[None, :] <= (start + jnp.arange(block))[:, None]
+        w, idx = jax.lax.top_k(jnp.where(causal, f, -1.0), k)
+        return a, (idx, jnp.maximum(w, 0.0))
+
+    _, (idx, w) = jax.lax.scan(one, jnp.zeros((B, block, n), jnp.float32), starts, reverse=True)
+    flat = lambda x: jnp.swapaxes(x, 0, 1).reshape(B, n, k)
+    return flat(idx).astype(jnp.int32), flat(w)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 3, 4))

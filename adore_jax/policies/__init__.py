@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from adore_jax.policies.adore import AdorePolicy, AdoreState
-from adore_jax.policies.base import Evicting, Policy, keep_top_m
+from adore_jax.policies.base import Evicting, Policy, keep_top_m, release_times
 from adore_jax.policies.baselines import H2OPolicy, OraclePolicy, RecencyPolicy, TOVAPolicy
 from adore_jax.policies.full import FullPolicy, full_policy
 
@@ -84,5 +84,6 @@ def build_policy(name: str, cfg, cache_size: Optional[int] = None, *, controller
 
 __all__ = [
     "POLICIES", "Policy", "Evicting", "FullPolicy", "full_policy", "RecencyPolicy", "H2OPolicy",
-    "TOVAPolicy", "OraclePolicy", "AdorePolicy", "AdoreState", "keep_top_m", "make_policy", "build_policy",
+    "TOVAPolicy", "OraclePolicy", "AdorePolicy", "AdoreState", "keep_top_m", "release_times", "make_policy",
+    "build_policy",
 ]

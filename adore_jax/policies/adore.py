@@ -122,6 +122,19 @@ class AdorePolicy(Evicting):
             st = self._observe(pp, st, feature, positions, new)
         return super().assign_slots(pp, st, cache, positions, mass)
 
+    def release_schedule(self, pp, x):
+        """The controller's schedule without rebuild; x [B, n, E] its inputs. Exactly the
+        decode loop's for a controller reading embeddings; for one reading a hidden
+        layer, x from a full-attention forward gives an approximation."""
+        if self.rebuild:
+            raise NotImplementedError("a schedule ahead of the decode loop has no rebuild (R = 0 only)")
+        ctrl = self._ctrl(pp)
+        B, n, _ = x.shape
+        _, q, k = ctrl.scan(ctrl.init_state(B), x, jnp.ones((B, n), bool))
+        hist = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (B, n))
+        row = lambda t: ctrl.logits(jax.lax.dynamic_slice_in_dim(q, t, 1, axis=1), jnp.full((B, 1), t), k, hist)[:, 0]
+        return self.release(row, x)
+
     def scores(self, pp, st: AdoreState, cache, positions, mass):
         c = jnp.take_along_axis(st.score, jnp.maximum(cache.pos, 0), axis=1)
         r = jnp.take_along_axis(st.score, jnp.maximum(positions, 0), axis=1)

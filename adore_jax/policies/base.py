@@ -8,7 +8,7 @@ maximum total length; history is indexed by token position).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -97,8 +97,46 @@ class Evicting(Policy):
         """Scores of the cache slots [B, S] and new rows [B, T]; and the new state."""
         raise NotImplementedError
 
+    def release_schedule(self, pp, x: jax.Array) -> jax.Array:
+        """leave [B, n] (release_times) of a sequence fed one token a step; x [B, n, E]:
+        the controller's inputs (ignored by policies that read none). Defined for
+        policies that decide before the forward pass; those that read attention raise."""
+        raise NotImplementedError(f"{type(self).__name__} decides from attention: its schedule needs the decode loop")
+
+    def release(self, score_row, x: jax.Array) -> jax.Array:
+        """release_times for this policy's budget and protected positions."""
+        return release_times(score_row, x.shape[0], x.shape[1], self.cache_size, self.sinks, self.window)
+
     def assign_slots(self, pp, state, cache, positions, mass, feature=None):
         c_score, r_score, state = self.scores(pp, state, cache, positions, mass)
         t = last_position(positions)
         prot = self.protected(jnp.concatenate([cache.pos, positions], axis=1), t)
         return keep_top_m(cache.pos, c_score, positions, r_score, prot, cache.pos.shape[1]), state
+
+
+def release_times(score_row: Callable[[jax.Array], jax.Array], batch: int, n: int, m: int, sinks: int = 0,
+                  window: int = 0) -> jax.Array:
+    """When each position leaves a cache of m slots fed one token a step (the decode
+    loop of an evicting policy, with keep_top_m's order: protected, score, position).
+
+    score_row(t) -> [B, n] fp32: every position's score for the query at step t
+    (positions > t are ignored). Returns leave [B, n] int32: position j is held
+    after steps j .. leave[j] - 1 and released by step leave[j] (n: never), so
+    the query at step t sees key j iff j <= t <= leave[j]."""
+    pos = jnp.arange(n, dtype=jnp.int32)[None]
+
+    def step(carry, t):
+        held, leave = carry
+        cand = held | (pos == t)
+        prot = (pos < sinks) | (pos > t - window)
+        s = score_row(t).astype(jnp.float32)
+        tier = jnp.where(cand, prot.astype(jnp.int32), 2)
+        lowest = cand & (tier == jnp.min(tier, axis=1, keepdims=True))
+        lowest &= s == jnp.min(jnp.where(lowest, s, jnp.inf), axis=1, keepdims=True)
+        victim = jnp.argmax(lowest, axis=1)[:, None]  # the oldest of the least wanted
+        out = (pos == victim) & (jnp.sum(cand, axis=1, keepdims=True) > m)
+        return (cand & ~out, jnp.where(out, t, leave)), None
+
+    init = (jnp.zeros((batch, n), bool), jnp.full((batch, n), n, jnp.int32))
+    (_, leave), _ = jax.lax.scan(step, init, jnp.arange(n, dtype=jnp.int32))
+    return leave

@@ -27,6 +27,10 @@ class RecencyPolicy(Evicting):
     def scores(self, pp, state, cache, positions, mass):
         return cache.pos.astype(jnp.float32), positions.astype(jnp.float32), state
 
+    def release_schedule(self, pp, x):
+        B, n = x.shape[:2]
+        return self.release(lambda t: jnp.broadcast_to(jnp.arange(n, dtype=jnp.float32), (B, n)), x)
+
 
 @dataclasses.dataclass(frozen=True)
 class H2OPolicy(Evicting):
