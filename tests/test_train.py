@@ -11,12 +11,14 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
-from adore_jax.controller import recency_controller
-from train.controller import Job, TrainConfig, metrics_fn, parse_config, topk_labels, train
-from train.labels import attention_labels
+from adore_jax.controller import Controller, recency_controller
+from train.controller import (Job, TrainConfig, features, loss_fn, make_optimizer, metrics_fn, pair_weights,
+                              parse_config, schedule_policy, train)
+from train.labels import attention_labels, topk_labels
 from train.mesh import make_mesh
 from tiny_model import CFG, tiny_params
 
@@ -44,6 +46,44 @@ def test_topk_labels_match_dense_labels():
             np.testing.assert_allclose(np.sort(w[b, t]), np.sort(attn[b, t][idx[b, t]]), rtol=1e-5)
 
 
+@pytest.mark.parametrize("horizon,agg", [(1, "max"), (5, "max"), (17, "max"), (9, "sum")])
+def test_future_labels_match_brute_force(horizon, agg):
+    """Top-K of the next H rows' attention (max or sum) against NumPy loops over the
+    dense attention; H up to block + 1 crosses block boundaries."""
+    K, block = 6, 16
+    tokens = jnp.asarray(np.random.default_rng(horizon).integers(0, 120, (2, SEQ)))
+    idx, w = map(np.asarray, topk_labels(tiny_params(), CFG, tokens, K, block, horizon, agg))
+    attn = np.asarray(attention_labels(tiny_params(), CFG, tokens, K, block)[0], np.float64)
+    red = np.max if agg == "max" else np.sum
+    for b in range(2):
+        for t in range(K, SEQ):
+            f = red(attn[b, t:t + horizon, : t + 1], axis=0)
+            want = np.argsort(-f)[:K]
+            assert set(idx[b, t].tolist()) == set(want.tolist()), (b, t)
+            np.testing.assert_allclose(np.sort(w[b, t]), np.sort(f[want]), rtol=1e-4)
+    if horizon > 1:  # the future changes the labels
+        now = np.asarray(topk_labels(tiny_params(), CFG, tokens, K, block)[0])
+        assert (np.sort(now, -1) != np.sort(idx, -1)).any()
+
+
+def test_pair_weights_follow_the_schedule():
+    """On-policy weights: causal pairs times (1 - w), plus w on the unprotected keys
+    still held at a row once the cache is full."""
+    tc = TrainConfig(seq_len=64, block=16, budget=6, sinks=1, recent=2, on_policy=0.75).validate()
+    leave = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 64)), jnp.int32)
+    leave = jnp.maximum(leave, jnp.arange(64))  # a position leaves at or after its own step
+    rows = jnp.arange(16, 32)
+    got = np.asarray(pair_weights(rows, 64, leave, tc))
+    for b in range(2):
+        for i, t in enumerate(range(16, 32)):
+            for j in range(64):
+                cand = j <= t <= int(leave[b, j]) and not (j < 1 or j > t - 2)
+                want = 0.25 * (j <= t) + 0.75 * cand
+                assert got[b, i, j] == pytest.approx(want), (b, t, j)
+    off = np.asarray(pair_weights(rows, 64, leave, dataclasses.replace(tc, on_policy=0.0)))
+    assert (off[0] == (np.arange(64)[None] <= np.arange(16, 32)[:, None])).all()
+
+
 def test_training_lowers_loss_and_improves_heldout_auc(tmp_path):
     job = _job(tmp_path)
     job = dataclasses.replace(job, tc=dataclasses.replace(job.tc, steps=30, save_every=100, eval_every=10, lr=2e-2))
@@ -55,6 +95,33 @@ def test_training_lowers_loss_and_improves_heldout_auc(tmp_path):
     assert np.mean(losses[-5:]) < 0.92 * np.mean(losses[:5])
     assert evals[-1]["auc"] > evals[0]["auc"]
     assert evals[-1] == metrics
+    m = job.tc.cache_size
+    assert metrics[f"ppl_full@{m}"] < metrics[f"ppl_streaming@{m}"]  # the schedules cost perplexity
+    assert np.isfinite(metrics[f"ppl_adore@{m}"])
+
+
+def test_on_policy_training_lowers_its_loss(tmp_path):
+    """Future labels and the on-policy schedule (protected sinks and recent): a few
+    steps lower the on-policy loss on a fixed batch."""
+    job = _job(tmp_path, horizon=8, on_policy=1.0, budget=12, sinks=1, recent=3)
+    tokens = jnp.asarray(job.train[:4])
+    gd, state = nnx.split(Controller(CFG.hidden_size, 16, rngs=nnx.Rngs(0)))
+    tc = dataclasses.replace(job.tc, lr=2e-2)
+    idx, w = topk_labels(job.params, CFG, tokens, tc.top_k, tc.block, tc.horizon)
+    x = features(job.params, CFG, tokens, tc.feature)
+    opt = make_optimizer(tc)
+    opt_state = opt.init(state)
+
+    def losses(state):
+        leave = schedule_policy(gd, tc).release_schedule(state, x)
+        return loss_fn(nnx.merge(gd, state), x, idx, w, tc, leave)
+
+    first = float(losses(state))
+    for _ in range(tc.steps):
+        _, g = jax.value_and_grad(losses)(state)
+        upd, opt_state = opt.update(g, opt_state, state)
+        state = optax.apply_updates(state, upd)
+    assert float(losses(state)) < 0.9 * first
 
 
 def test_metrics_on_a_recency_controller():

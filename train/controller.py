@@ -5,14 +5,23 @@
 
 Per batch of token sequences [B, n]:
   labels: the top-K keys of each query row under full attention averaged over
-          layers and heads (train.labels), kept as indices [B, n, K];
+          layers and heads, or of the next `horizon` rows aggregated (labels
+          from the future; train.labels), kept as indices [B, n, K];
   loss:   weighted binary cross-entropy over causal pairs ("bce"), or KL from
           the top-K attention row to the softmax of the controller's logits
           ("listwise"); computed in query blocks under remat, so memory stays
           O(B x block x n).
+  on-policy (bce, on_policy > 0): the controller's own release schedule for a
+          cache of `budget` slots (with `sinks` and `recent` protected) is
+          simulated on the batch, and the loss weighs the pairs it meets: each
+          step's unprotected candidates once the cache is full, where a
+          released token that a later query needs shows as a positive it
+          scored too low.
 Metrics on held-out sequences: recall of the true top-K within the
-controller's top-m, precision, AUC. orbax CheckpointManager for periodic saves
-and exact resume; a jax.sharding Mesh with axes (data, fsdp).
+controller's top-m, precision, AUC; perplexity under the controller's
+schedule at m = budget against full attention and StreamingLLM (one parallel
+pass each: adore_jax.schedule). orbax CheckpointManager for periodic saves and
+exact resume; a jax.sharding Mesh with axes (data, fsdp).
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -37,8 +47,10 @@ from tqdm import tqdm
 
 from adore_jax.cache import KVCache
 from adore_jax.controller import Controller, feature_layer, model_signature, save_controller
+from adore_jax.policies import AdorePolicy, RecencyPolicy
+from adore_jax.schedule import schedule_logprobs
 from models.llama import LlamaConfig, Params, forward
-from train.labels import attention_block, full_cache
+from train.labels import AGGREGATES, topk_labels
 from train.config import parse_config as read_config
 from train.mesh import fsdp_specs, make_mesh
 
@@ -56,10 +68,17 @@ class TrainConfig:
     clip: float = 1.0
     top_k: int = 64  # K of the labels
     block: int = 256  # query rows per label/loss block
+    horizon: int = 1  # labels from the next H queries (1: the current row; at most block + 1)
+    label_agg: str = "max"  # how the H rows combine: max | sum
     loss: str = "bce"  # bce | listwise
     pos_weight: float = 8.0  # bce weight of positive pairs
+    on_policy: float = 0.0  # weight of the pairs the controller's own schedule meets (0: all causal pairs)
+    budget: int = 0  # cache slots m of the schedule (on-policy, perplexity metrics); 0: seq_len // 8
+    sinks: int = 0  # protected first positions in the schedule (saved as the policy's default)
+    recent: int = 0  # protected recent positions in the schedule (saved as the policy's default)
     feature: str = "embedding"  # embedding | hidden:<layer>
     d_c: int = 64
+    num_buckets: int = 16  # distance buckets (log-spaced; the last holds every longer distance)
     eval_every: int = 200
     eval_batches: int = 4
     recall_m: tuple = (64, 128, 256, 512)
@@ -76,6 +95,20 @@ class TrainConfig:
     def validate(self) -> "TrainConfig":
         if self.loss not in ("bce", "listwise"):
             raise ValueError(f"loss must be bce or listwise, got {self.loss!r}")
+        if self.label_agg not in AGGREGATES:
+            raise ValueError(f"label_agg must be one of {AGGREGATES}, got {self.label_agg!r}")
+        if not 1 <= self.horizon <= self.block + 1:
+            raise ValueError(f"horizon must be in [1, block + 1 = {self.block + 1}], got {self.horizon}")
+        if not 0.0 <= self.on_policy <= 1.0 or (self.on_policy and self.loss != "bce"):
+            raise ValueError(f"on_policy must be in [0, 1], with loss bce when > 0 (got {self.on_policy}, {self.loss})")
+        if not 0 <= self.budget < self.seq_len or self.sinks < 0 or self.recent < 0:
+            raise ValueError(f"budget must be in [0, seq_len), sinks and recent >= 0 (got {self.budget}, "
+                             f"{self.sinks}, {self.recent})")
+        if self.sinks + self.recent >= self.cache_size:
+            raise ValueError(f"sinks + recent ({self.sinks + self.recent}) must leave the controller some of the "
+                             f"{self.cache_size} slots")
+        if not 2 <= self.num_buckets <= 32:
+            raise ValueError(f"num_buckets must be in [2, 32], got {self.num_buckets}")
         if not (self.feature == "embedding" or self.feature.startswith("hidden:")):
             raise ValueError(f"feature must be embedding or hidden:<layer>, got {self.feature!r}")
         if self.seq_len % self.block:
@@ -83,6 +116,11 @@ class TrainConfig:
         if self.steps < 1 or self.batch_size < 1 or self.top_k < 1:
             raise ValueError("steps, batch_size and top_k must be >= 1")
         return self
+
+    @property
+    def cache_size(self) -> int:
+        """m of the schedule: budget, or 1/8 of the sequence."""
+        return self.budget or self.seq_len // 8
 
 
 # ---------------------------------------------------------------- features and labels
@@ -108,23 +146,6 @@ def features(params: Params, cfg: LlamaConfig, tokens: jax.Array, feature: str) 
     return forward(sub, sub_cfg, tokens, pos, empty)[0]
 
 
-def topk_labels(params: Params, cfg: LlamaConfig, tokens: jax.Array, k: int, block: int):
-    """(indices [B, n, K] int32, weights [B, n, K] fp32) of each row's top-K keys
-    under layer/head-averaged full attention; rows t < K repeat key t with weight 0."""
-    B, n = tokens.shape
-    cache = full_cache(params, cfg, tokens)
-
-    def one(start):
-        a = attention_block(params, cfg, tokens, cache, start, block)  # [B, block, n]
-        causal = jnp.arange(n)[None, :] <= (start + jnp.arange(block))[:, None]
-        w, idx = jax.lax.top_k(jnp.where(causal, a, -1.0), k)
-        return idx, jnp.maximum(w, 0.0)
-
-    idx, w = jax.lax.map(one, jnp.arange(0, n, block))
-    flat = lambda x: jnp.swapaxes(x, 0, 1).reshape(B, n, k)
-    return flat(idx).astype(jnp.int32), flat(w)
-
-
 def _dense(idx: jax.Array, w: jax.Array, n: int):
     """Scatter [B, T, K] indices/weights into dense [B, T, n] (labels bool, weights)."""
     B, T, K = idx.shape
@@ -148,32 +169,53 @@ def _block_logits(ctrl: Controller, q, k, start, block):
     return logits, causal
 
 
-def loss_fn(ctrl: Controller, x, idx, w, tc: TrainConfig):
-    """Mean loss over causal pairs (bce) or rows (listwise). x [B, n, E]; idx, w [B, n, K]."""
+def schedule_policy(gd, tc: TrainConfig, layer: Optional[int] = None) -> AdorePolicy:
+    """The ADORE policy (no rebuild) whose release schedule on-policy training follows."""
+    return AdorePolicy(tc.cache_size, tc.sinks, tc.recent, graphdef=gd, feature_layer=layer)
+
+
+def pair_weights(rows: jax.Array, n: int, leave: Optional[jax.Array], tc: TrainConfig) -> jax.Array:
+    """Loss weight [B or 1, T, n] of the pairs (query rows [T], key j): causal pairs
+    (1 - on_policy), plus on_policy where the schedule `leave` [B, n] makes j a candidate
+    for release at that row (held, unprotected, the cache full)."""
+    j = jnp.arange(n)[None, :]
+    causal = (j <= rows[:, None])[None].astype(jnp.float32)
+    if leave is None or not tc.on_policy:
+        return causal
+    t = rows[None, :, None]
+    protected = (j < tc.sinks) | (j > rows[:, None] - tc.recent)
+    cand = (causal > 0) & (t <= leave[:, None, :]) & ~protected[None] & (t >= tc.cache_size)
+    return (1.0 - tc.on_policy) * causal + tc.on_policy * cand
+
+
+def loss_fn(ctrl: Controller, x, idx, w, tc: TrainConfig, leave: Optional[jax.Array] = None):
+    """Mean loss over weighted pairs (bce; pair_weights) or rows (listwise).
+    x [B, n, E]; idx, w [B, n, K]; leave [B, n]: the schedule of on-policy training."""
     B, n, _ = x.shape
     _, q, k = ctrl.scan(ctrl.init_state(B), jax.lax.stop_gradient(x), jnp.ones((B, n), bool))
 
     @jax.checkpoint
     def block_loss(q, k, start):
-        logits, causal = _block_logits(ctrl, q, k, start, tc.block)
+        logits, _ = _block_logits(ctrl, q, k, start, tc.block)
         bi = jax.lax.dynamic_slice_in_dim(idx, start, tc.block, axis=1)
         bw = jax.lax.dynamic_slice_in_dim(w, start, tc.block, axis=1)
         lab, wt = _dense(bi, bw, n)
         if tc.loss == "bce":
             per = optax.sigmoid_binary_cross_entropy(logits, lab.astype(jnp.float32))
-            per = per * jnp.where(lab, tc.pos_weight, 1.0)
-            return jnp.sum(jnp.where(causal[None], per, 0.0)), jnp.sum(causal) * B
+            pw = jnp.broadcast_to(pair_weights(start + jnp.arange(tc.block), n, leave, tc), per.shape)
+            return jnp.sum(pw * jnp.where(lab, tc.pos_weight, 1.0) * per), jnp.sum(pw)
+        causal = jnp.arange(n)[None, :] <= (start + jnp.arange(tc.block))[:, None]
         target = wt / jnp.maximum(jnp.sum(wt, -1, keepdims=True), 1e-9)
         logp = jax.nn.log_softmax(jnp.where(causal[None], logits, -1e9), axis=-1)
         kl = jnp.sum(jnp.where(target > 0, target * (jnp.log(jnp.maximum(target, 1e-9)) - logp), 0.0), -1)
-        return jnp.sum(kl), B * tc.block
+        return jnp.sum(kl), jnp.float32(B * tc.block)
 
     def body(acc, start):
         s, c = block_loss(q, k, start)
         return (acc[0] + s, acc[1] + c), None
 
-    (total, count), _ = jax.lax.scan(body, (0.0, 0), jnp.arange(0, n, tc.block))
-    return total / count
+    (total, count), _ = jax.lax.scan(body, (0.0, jnp.float32(0)), jnp.arange(0, n, tc.block))
+    return total / jnp.maximum(count, 1.0)
 
 
 def metrics_fn(ctrl: Controller, x, idx, w, tc: TrainConfig):
@@ -255,26 +297,53 @@ def _global_batch(job: Job, rows: np.ndarray) -> jax.Array:
     return jax.make_array_from_process_local_data(sharding, local)
 
 
+def _labels(tc: TrainConfig, cfg, params, tokens):
+    return topk_labels(params, cfg, tokens, tc.top_k, tc.block, tc.horizon, tc.label_agg)
+
+
 def _train_step(gd, tc, cfg, opt, params, state, opt_state, tokens):
-    idx, w = topk_labels(params, cfg, tokens, tc.top_k, tc.block)
+    idx, w = _labels(tc, cfg, params, tokens)
     x = features(params, cfg, tokens, tc.feature)
+    leave = None
+    if tc.on_policy:  # the schedule the controller makes today, without gradient
+        leave = schedule_policy(gd, tc, feature_layer(tc.feature)).release_schedule(state, jax.lax.stop_gradient(x))
 
     def f(state):
-        return loss_fn(nnx.merge(gd, state), x, idx, w, tc)
+        return loss_fn(nnx.merge(gd, state), x, idx, w, tc, leave)
 
     loss, grads = jax.value_and_grad(f)(state)
     updates, opt_state = opt.update(grads, opt_state, state)
     return optax.apply_updates(state, updates), opt_state, loss
 
 
+def schedule_nll(gd, tc: TrainConfig, cfg, params, state, tokens, x) -> dict:
+    """NLL sums and token counts {name: (sum, count)} of tokens [B, n] under full
+    attention, StreamingLLM (4 sinks) and the controller's own schedule, all at
+    m = tc.cache_size (adore_jax.schedule: one pass each). x: the controller's inputs."""
+    B, n = tokens.shape
+    m = tc.cache_size
+    leaves = {
+        "full": jnp.full((B, n), n, jnp.int32),
+        "streaming": RecencyPolicy(m, 4, m - 4).release_schedule(None, x),
+        "adore": schedule_policy(gd, tc, feature_layer(tc.feature)).release_schedule(state, x),
+    }
+    out = {}
+    for name, leave in leaves.items():
+        lp = schedule_logprobs(params, cfg, tokens, leave)
+        out[f"nll_{name}@{m}"] = (-jnp.sum(lp), jnp.int32(lp.size))
+    return out
+
+
 def eval_step(gd, tc, cfg, params, state, tokens):
-    """Held-out metric sums (see metrics_fn) for one batch of tokens [B, n]."""
-    idx, w = topk_labels(params, cfg, tokens, tc.top_k, tc.block)
+    """Held-out metric sums (metrics_fn, schedule_nll) for one batch of tokens [B, n]."""
+    idx, w = _labels(tc, cfg, params, tokens)
     x = features(params, cfg, tokens, tc.feature)
-    return metrics_fn(nnx.merge(gd, state), x, idx, w, tc)
+    return {**metrics_fn(nnx.merge(gd, state), x, idx, w, tc), **schedule_nll(gd, tc, cfg, params, state, tokens, x)}
 
 
 def evaluate(job: Job, gd, state, eval_fn) -> dict:
+    """Held-out metrics averaged over tc.eval_batches batches; each mean NLL `nll_X`
+    also gives its perplexity `ppl_X`."""
     tc = job.tc
     acc = None
     B = tc.batch_size
@@ -284,7 +353,9 @@ def evaluate(job: Job, gd, state, eval_fn) -> dict:
             break
         out = jax.device_get(eval_fn(job.params, state, _global_batch(job, rows)))
         acc = out if acc is None else {k: (acc[k][0] + v[0], acc[k][1] + v[1]) for k, v in out.items()}
-    return {k: float(s) / max(int(c), 1) for k, (s, c) in (acc or {}).items()}
+    metrics = {k: float(s) / max(int(c), 1) for k, (s, c) in (acc or {}).items()}
+    metrics.update({"ppl" + k[3:]: math.exp(v) for k, v in list(metrics.items()) if k.startswith("nll")})
+    return metrics
 
 
 def train(job: Job, stop_after: Optional[int] = None, progress: bool = True) -> tuple[Controller, dict]:
@@ -295,7 +366,7 @@ def train(job: Job, stop_after: Optional[int] = None, progress: bool = True) -> 
     out = Path(tc.out).absolute()
     out.mkdir(parents=True, exist_ok=True)
     d_in = job.cfg.hidden_size
-    ctrl = Controller(d_in, tc.d_c, feature_layer=feature_layer(tc.feature), rngs=nnx.Rngs(tc.seed))
+    ctrl = Controller(d_in, tc.d_c, tc.num_buckets, feature_layer(tc.feature), rngs=nnx.Rngs(tc.seed))
     gd, state = nnx.split(ctrl)
     opt = make_optimizer(tc)
     opt_state = opt.init(state)
