@@ -30,7 +30,7 @@ def _policy(args, cfg):
     from adore_jax.policies import build_policy
 
     pol, pp, note = build_policy(
-        args.policy, cfg, args.cache_size, controller=args.controller, sinks=args.sinks, window=args.window,
+        args.policy, cfg, args.cache_size, controller=args.controller, sinks=args.sinks, recent=args.recent,
         rebuild=args.rebuild, rebuild_every=args.rebuild_every,
     )
     if note:
@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--rebuild", type=int, default=0, help="adore: rebuilt tokens R per step")
         sp.add_argument("--rebuild-every", type=int, default=1, help="adore: rebuild on every k-th step")
         sp.add_argument("--sinks", type=int, default=None, help="always-kept first tokens (streaming: 4)")
-        sp.add_argument("--window", type=int, default=None, help="always-kept recent tokens (h2o: m/2)")
+        sp.add_argument("--recent", type=int, default=None, help="always-kept most recent tokens (h2o: m/2)")
         sp.add_argument("--controller", default=None, help="adore: controller checkpoint folder (default: packaged)")
 
     g = sub.add_parser("generate", help="generate text from a prompt, streamed to stdout")

@@ -1,7 +1,9 @@
 """Shared pieces of the quality evaluations: policy specs, text, tables, plots.
 
 A policy spec is a label on the command line: one of adore_jax.policies.POLICIES,
-or `adore-rN` for ADORE with N rebuilt tokens per step (`adore` alone is R = 0).
+or `adore-rN-sK-wP` for ADORE with N rebuilt tokens per step, K protected sink
+tokens and the most recent P% of the m slots protected (each part optional;
+`adore` alone takes the policy's defaults, with R = 0).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ class PolicySpec:
     name: str  # adore_jax.policies name
     rebuild: int = 0  # adore: R rebuilt tokens per step
     sinks: Optional[int] = None  # adore: protected first tokens (None: the policy default)
+    recent_pct: Optional[int] = None  # adore: protected recent tokens, % of m (None: the policy default)
 
 
 def split_values(values: Optional[Iterable[str]], cast=str) -> list:
@@ -43,16 +46,17 @@ def split_values(values: Optional[Iterable[str]], cast=str) -> list:
 
 
 def parse_policy(label: str) -> PolicySpec:
-    """A PolicySpec from `full`, `window`, ..., `adore`, or `adore-rN`, `adore-sK`,
-    `adore-rN-sK` (N rebuilt tokens per step, K protected sink tokens)."""
+    """A PolicySpec from `full`, `window`, ..., `adore`, or `adore-rN-sK-wP` with any
+    of its parts (N rebuilt tokens per step, K sink tokens, P% of m recent tokens)."""
     if label in POLICIES:
         return PolicySpec(label, label, 0)
-    m = re.fullmatch(r"adore(?:-r(\d+))?(?:-s(\d+))?", label)
-    if m:
-        r, k = int(m.group(1) or 0), None if m.group(2) is None else int(m.group(2))
-        return PolicySpec(label if (r or k is not None) else "adore", "adore", r, k)
-    raise ValueError(f"unknown policy {label!r}; choose from {', '.join(POLICIES)}, or adore-rN, adore-sK, "
-                     "adore-rN-sK (N rebuilt tokens, K sink tokens)")
+    m = re.fullmatch(r"adore(?:-r(\d+))?(?:-s(\d+))?(?:-w(\d+))?", label)
+    if m and (m.group(3) is None or int(m.group(3)) < 100):
+        r = int(m.group(1) or 0)
+        k, w = (None if g is None else int(g) for g in m.group(2, 3))
+        return PolicySpec(label if (r, k, w) != (0, None, None) else "adore", "adore", r, k, w)
+    raise ValueError(f"unknown policy {label!r}; choose from {', '.join(POLICIES)}, or adore-rN-sK-wP (N rebuilt "
+                     "tokens, K sink tokens, P < 100 percent of m recent tokens; each part optional)")
 
 
 def parse_policies(values: Iterable[str]) -> list[PolicySpec]:
@@ -88,7 +92,8 @@ def build(spec: PolicySpec, cfg, budget: int, controller=None, rebuild_every: in
     from flax import nnx
 
     gd, state, note = _controller(cfg, None if controller is None else str(controller))
-    policy = make_policy("adore", budget, rebuild=spec.rebuild, rebuild_every=rebuild_every, sinks=spec.sinks,
+    recent = None if spec.recent_pct is None else spec.recent_pct * budget // 100
+    policy = make_policy("adore", budget, rebuild=spec.rebuild, rebuild_every=rebuild_every, sinks=spec.sinks, recent=recent,
                          controller_graphdef=gd, feature_layer=nnx.merge(gd, state).feature_layer)
     return policy, state, note
 

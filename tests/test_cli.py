@@ -43,7 +43,7 @@ def test_info_reports_cache_bytes(smollm2_gguf, capsys):
         (["generate", "--prompt", "x", "--max-new-tokens", "0"], "max-new-tokens"),
         (["generate", "--prompt", "word " * 9000], "maximum length"),
         (["generate", "--prompt", "x", "--policy", "adore"], "cache size"),
-        (["generate", "--prompt", "x", "--policy", "window", "--cache-size", "4", "--sinks", "3", "--window", "3"], "exceed"),
+        (["generate", "--prompt", "x", "--policy", "window", "--cache-size", "4", "--sinks", "3", "--recent", "3"], "exceed"),
         (["train-controller", "--steps", "0"], "must be >= 1"),
         (["train-controller", "--config", "/no/such.toml"], "cannot read config"),
     ],

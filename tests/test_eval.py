@@ -130,8 +130,12 @@ def test_parsing_and_bad_input():
     assert parse_policies(["adore-s0"])[0].sinks == 0 and parse_policies(["adore"])[0].sinks is None
     policy, _, _ = build(spec, CFG, 32)
     assert policy.sinks == 4 and policy.rebuild == 8
+    spec = parse_policies(["adore-s2-w25"])[0]
+    assert (spec.rebuild, spec.sinks, spec.recent_pct) == (0, 2, 25)
+    policy, _, _ = build(spec, CFG, 32)
+    assert (policy.sinks, policy.recent) == (2, 8)
     assert parse_budgets(["128,64", "64"]) == [64, 128]
-    for bad, fn in ((["lru"], parse_policies), (["adore-s"], parse_policies), (["0"], parse_budgets), (["x"], parse_budgets)):
+    for bad, fn in ((["lru"], parse_policies), (["adore-s"], parse_policies), (["adore-w100"], parse_policies), (["0"], parse_budgets), (["x"], parse_budgets)):
         with pytest.raises(ValueError):
             fn(bad)
     with pytest.raises(ValueError, match="fewer than one segment"):

@@ -93,10 +93,10 @@ def _np_keep(cands, score, protected, m):
     return set(order[:m])
 
 
-@pytest.mark.parametrize("name,sinks,window", [("window", 0, 0), ("streaming", 2, None), ("h2o", 0, 3), ("tova", 0, 0), ("tova", 1, 2)])
-def test_baseline_choice_matches_numpy(name, sinks, window):
+@pytest.mark.parametrize("name,sinks,recent", [("window", 0, 0), ("streaming", 2, None), ("h2o", 0, 3), ("tova", 0, 0), ("tova", 1, 2)])
+def test_baseline_choice_matches_numpy(name, sinks, recent):
     m, n, B = 6, 25, 2
-    pol = make_policy(name, m, sinks=sinks, window=window)
+    pol = make_policy(name, m, sinks=sinks, recent=recent)
     rng = np.random.default_rng(0)
     cache = KVCache.empty(1, B, m, 1, 1)
     state = pol.init(None, B, n)
@@ -121,7 +121,7 @@ def test_baseline_choice_matches_numpy(name, sinks, window):
                     score[p] = mass[b, 0, j]
                 else:
                     score[p] = p
-            prot = {p for p in score if p < pol.sinks or p > t - pol.window}
+            prot = {p for p in score if p < pol.sinks or p > t - pol.recent}
             kept[b] = _np_keep(sorted(score), score, prot, m)
             held = set(np.asarray(cache.pos)[b][np.asarray(cache.pos)[b] >= 0].tolist())
             assert held == kept[b], (name, t, b)
@@ -194,7 +194,7 @@ def test_adore_deterministic_and_batch_independent(params, ctrl):
     [
         (dict(name="adore", cache_size=0), "cache size"),
         (dict(name="window", cache_size=None), "cache size"),
-        (dict(name="adore", cache_size=8, sinks=4, window=5), "exceed the cache size"),
+        (dict(name="adore", cache_size=8, sinks=4, recent=5), "exceed the cache size"),
         (dict(name="adore", cache_size=8, rebuild=9), "rebuild R"),
         (dict(name="adore", cache_size=8, rebuild_every=0), "rebuild-every"),
         (dict(name="h2o", cache_size=8, rebuild=2), "adore policy only"),

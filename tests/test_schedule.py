@@ -13,7 +13,7 @@ from models.llama import embed_tokens
 from tiny_model import CFG, prompts, tiny_controller, tiny_params
 
 
-def _np_leave(scores, m, sinks, window):
+def _np_leave(scores, m, sinks, recent):
     """leave[b, j] by simulating keep-top-m one token a step (protected, score, position)."""
     B, n, _ = scores.shape
     leave = np.full((B, n), n)
@@ -22,25 +22,25 @@ def _np_leave(scores, m, sinks, window):
         for t in range(n):
             held.append(t)
             if len(held) > m:
-                key = lambda j: (j < sinks or j > t - window, scores[b, t, j], j)
+                key = lambda j: (j < sinks or j > t - recent, scores[b, t, j], j)
                 victim = min(held, key=key)
                 held.remove(victim)
                 leave[b, victim] = t
     return leave
 
 
-@pytest.mark.parametrize("m,sinks,window,ties", [(5, 0, 0, False), (6, 2, 3, False), (4, 1, 0, True), (7, 0, 7, False)])
-def test_release_times_match_numpy(m, sinks, window, ties):
+@pytest.mark.parametrize("m,sinks,recent,ties", [(5, 0, 0, False), (6, 2, 3, False), (4, 1, 0, True), (7, 0, 7, False)])
+def test_release_times_match_numpy(m, sinks, recent, ties):
     B, n = 3, 29
     rng = np.random.default_rng(m + sinks)
     scores = rng.normal(size=(B, n, n)).astype(np.float32)
     if ties:  # few distinct values: the older of equal scores goes first
         scores = np.round(scores).astype(np.float32)
-    leave = release_times(lambda t: jnp.asarray(scores)[:, t], B, n, m, sinks, window)
-    np.testing.assert_array_equal(np.asarray(leave), _np_leave(scores, m, sinks, window))
+    leave = release_times(lambda t: jnp.asarray(scores)[:, t], B, n, m, sinks, recent)
+    np.testing.assert_array_equal(np.asarray(leave), _np_leave(scores, m, sinks, recent))
 
 
-@pytest.mark.parametrize("name,kw", [("window", {}), ("streaming", {}), ("adore", {}), ("adore", dict(sinks=2, window=3))])
+@pytest.mark.parametrize("name,kw", [("window", {}), ("streaming", {}), ("adore", {}), ("adore", dict(sinks=2, recent=3))])
 def test_schedule_logprobs_equal_the_decode_loop(name, kw):
     """One parallel pass under the policy's schedule gives the decode loop's
     log-probs (fp32 rounding), with a budget far below the length."""

@@ -20,7 +20,7 @@ def make_policy(
     cache_size: Optional[int] = None,
     *,
     sinks: Optional[int] = None,
-    window: Optional[int] = None,
+    recent: Optional[int] = None,
     rebuild: int = 0,
     rebuild_every: int = 1,
     controller_graphdef: Any = None,
@@ -28,7 +28,7 @@ def make_policy(
 ) -> Policy:
     """Build a policy. cache_size m (slots) is required except for `full`.
 
-    Defaults: streaming keeps 4 sinks + recent; h2o keeps a recent window of m/2;
+    Defaults: streaming keeps 4 sinks + recent; h2o keeps m/2 recent positions;
     adore, tova, window and oracle protect nothing unless asked.
     Raises ValueError for invalid settings."""
     if name not in POLICIES:
@@ -38,17 +38,17 @@ def make_policy(
     if cache_size is None or cache_size < 1:
         raise ValueError(f"policy {name} needs a cache size >= 1 (got {cache_size})")
     sinks = (4 if name == "streaming" else 0) if sinks is None else sinks
-    window = (cache_size // 2 if name == "h2o" else 0) if window is None else window
+    recent = (cache_size // 2 if name == "h2o" else 0) if recent is None else recent
     if name == "streaming":
         sinks = min(sinks, cache_size)
-        window = cache_size - sinks
-    if sinks < 0 or window < 0:
-        raise ValueError("sinks and window must be >= 0")
-    if sinks + window > cache_size:
-        raise ValueError(f"sinks ({sinks}) + window ({window}) exceed the cache size ({cache_size})")
+        recent = cache_size - sinks
+    if sinks < 0 or recent < 0:
+        raise ValueError("sinks and recent must be >= 0")
+    if sinks + recent > cache_size:
+        raise ValueError(f"sinks ({sinks}) + recent ({recent}) exceed the cache size ({cache_size})")
     if name != "adore" and rebuild:
         raise ValueError("--rebuild applies to the adore policy only")
-    common = dict(cache_size=cache_size, sinks=sinks, window=window)
+    common = dict(cache_size=cache_size, sinks=sinks, recent=recent)
     if name in ("window", "streaming"):
         return RecencyPolicy(**common)
     if name == "h2o":

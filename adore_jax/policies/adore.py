@@ -6,7 +6,7 @@ Each decode step (DESIGN.md):
    the cache (every `rebuild_every` steps; unused rows are padding);
 3. the current token and the rebuild set run together (R + 1 rows, each at its
    original position, under the shared mask rule);
-4. keep the top m of cache + rebuilt + current (sinks / recent window
+4. keep the top m of cache + rebuilt + current (sinks / recent positions
    protected, ties toward recency), writing kept rows into freed slots.
 Prefill chunks run the controller over the chunk and cut back to m by the
 scores of the chunk's last token.

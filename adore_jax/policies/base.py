@@ -57,7 +57,7 @@ def keep_top_m(cache_pos, cache_score, row_pos, row_score, protected, m: int) ->
     """Keep the top m candidates (cache slots + new rows); place kept rows in freed slots.
 
     cache_pos, cache_score: [B, S]; row_pos, row_score: [B, T]; protected: [B, S+T]
-    bool (always kept: sinks, recent window). Order: protected first, then score,
+    bool (always kept: sinks, recent positions). Order: protected first, then score,
     then recency (larger position wins ties). Invalid (position -1) candidates are
     never kept. Returns slots [B, T] int32 (-1: row not kept).
     """
@@ -84,14 +84,14 @@ class Evicting(Policy):
 
     cache_size: int
     sinks: int = 0  # positions < sinks are always kept
-    window: int = 0  # the `window` most recent positions are always kept
+    recent: int = 0  # the `recent` most recent positions are always kept
 
     def num_slots(self, max_total: int) -> int:
         return min(self.cache_size, max_total)
 
     def protected(self, pos: jax.Array, t: jax.Array) -> jax.Array:
-        """[B, K] bool: sink or recent-window positions for current position t [B]."""
-        return (pos >= 0) & ((pos < self.sinks) | (pos > t[:, None] - self.window))
+        """[B, K] bool: sink or recent positions for current position t [B]."""
+        return (pos >= 0) & ((pos < self.sinks) | (pos > t[:, None] - self.recent))
 
     def scores(self, pp, state, cache, positions, mass):
         """Scores of the cache slots [B, S] and new rows [B, T]; and the new state."""
@@ -105,7 +105,7 @@ class Evicting(Policy):
 
     def release(self, score_row, x: jax.Array) -> jax.Array:
         """release_times for this policy's budget and protected positions."""
-        return release_times(score_row, x.shape[0], x.shape[1], self.cache_size, self.sinks, self.window)
+        return release_times(score_row, x.shape[0], x.shape[1], self.cache_size, self.sinks, self.recent)
 
     def assign_slots(self, pp, state, cache, positions, mass, feature=None):
         c_score, r_score, state = self.scores(pp, state, cache, positions, mass)
@@ -115,7 +115,7 @@ class Evicting(Policy):
 
 
 def release_times(score_row: Callable[[jax.Array], jax.Array], batch: int, n: int, m: int, sinks: int = 0,
-                  window: int = 0) -> jax.Array:
+                  recent: int = 0) -> jax.Array:
     """When each position leaves a cache of m slots fed one token a step (the decode
     loop of an evicting policy, with keep_top_m's order: protected, score, position).
 
@@ -128,7 +128,7 @@ def release_times(score_row: Callable[[jax.Array], jax.Array], batch: int, n: in
     def step(carry, t):
         held, leave = carry
         cand = held | (pos == t)
-        prot = (pos < sinks) | (pos > t - window)
+        prot = (pos < sinks) | (pos > t - recent)
         s = score_row(t).astype(jnp.float32)
         tier = jnp.where(cand, prot.astype(jnp.int32), 2)
         lowest = cand & (tier == jnp.min(tier, axis=1, keepdims=True))
