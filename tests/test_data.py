@@ -455,3 +455,36 @@ def test_real_fetch_into_cache():
     assert works["debian-handbook"]["characters"] > 600_000 and "apt-get" in handbook
     assert handbook.startswith("Preface\n\nI'm pleased to have this opportunity to welcome you to Debian")
     assert "<div" not in handbook and "&amp;" not in handbook
+
+
+def test_eval_book_text_names_the_splits(tmp_path, monkeypatch):
+    from eval.common import book_text
+
+    texts = {"northangerabbey": ("valid", "Catherine."), "persuasion": ("heldout", "Anne."),
+             "debian-handbook": ("ood", "Debian is free.")}
+    make_corpora(tmp_path, texts)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    for w in manifest["works"]:
+        w["title"] = w["name"].title()
+    monkeypatch.setattr(data, "default_cache_dir", lambda: tmp_path)
+    monkeypatch.setattr(data, "fetch_corpora", lambda root: manifest)
+    assert book_text() == ("Anne.", "Persuasion (held-out book)") == book_text("heldout")
+    assert book_text("ood") == ("Debian is free.", "Debian-Handbook (out-of-domain text)")
+    assert book_text("valid")[0] == "Catherine."
+    (tmp_path / "mine.txt").write_text("my text")
+    assert book_text(str(tmp_path / "mine.txt")) == ("my text", str(tmp_path / "mine.txt"))
+    with pytest.raises(ValueError, match="no such text file"):
+        book_text(str(tmp_path / "ood"))
+
+
+def test_data_cli_checks_the_mix_before_fetching(monkeypatch, capsys):
+    from train import data_cli
+
+    monkeypatch.setattr(data_cli, "fetch_corpora", lambda root: pytest.fail("fetched despite a bad --mix"))
+    for bad, message in [("books=0.7,chat=0.2", "sum to 1"), ("books=1,novels=0", "unknown mix name")]:
+        with pytest.raises(SystemExit) as err:
+            data_cli.main(["fetch", "--mix", bad])
+        assert err.value.code == 2 and message in capsys.readouterr().err
+    monkeypatch.setattr(data_cli, "fetch_corpora", lambda root: {"works": [{"split": "train"}, {"split": "ood"}]})
+    assert data_cli.main(["fetch", "--raw-only", "--mix"]) == 0
+    assert "2 texts in" in capsys.readouterr().out

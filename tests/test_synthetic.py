@@ -75,6 +75,7 @@ def forbidden_phrases():
 def test_sentences_keep_titles_and_initials():
     assert synthetic.sentences('Mr. Darcy came at ten. "Did he?" said Mrs. Bennet. J. Smith left!') == [
         "Mr. Darcy came at ten.", '"Did he?" said Mrs. Bennet.', "J. Smith left!"]
+    assert synthetic.sentences("It was so.--Emma smiled. No--not yet") == ["It was so.", "Emma smiled.", "No--not yet"]
 
 
 def test_library_drops_passkey_text_and_rejects_empty_sources():

@@ -47,18 +47,18 @@ def _encode(tokenizer, text: str) -> list[int]:
     return encode(tokenizer, text)
 
 
-_SENTENCE_END = re.compile(r"(?<=[.!?])[\"'\u201d\u2019)]*\s+(?=[\"'\u201c\u2018(]*[A-Z])")
+_SENTENCE_END = re.compile(r"(?<=[.!?])(?P<close>[\"'\u201d\u2019)]*)(?:\s+|--)(?=[\"'\u201c\u2018(]*[A-Z])")
 
 
 _ABBREVIATION = re.compile(r"\b(Mr|Mrs|Ms|Dr|St|Sr|Jr|Col|Capt|Gen|Lieut|Rev|Esq|Messrs|Mme|Mlle|[A-Z])\.$")
 
 
 def sentences(paragraph: str) -> list[str]:
-    """Split a paragraph into sentences (after . ! ? followed by a capital,
-    not after a title such as "Mr." or an initial)."""
+    """Split a paragraph into sentences (after . ! ? and a space or "--"
+    before a capital, not after a title such as "Mr." or an initial)."""
     out, start = [], 0
     for m in _SENTENCE_END.finditer(paragraph):
-        end = m.start() + len(m.group(0).rstrip())
+        end = m.start() + len(m.group("close"))
         if not _ABBREVIATION.search(paragraph[start:end]):
             out.append(paragraph[start:end].strip())
             start = m.end()
