@@ -25,6 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from eval import passkey
+from train.data import _encode
 
 # Phrases of the pass-key evaluation that must never occur in training data.
 FORBIDDEN = tuple(sorted({
@@ -39,12 +40,6 @@ def is_clean(text: str) -> bool:
     """True when text holds none of the FORBIDDEN phrases (case-insensitive)."""
     low = text.lower()
     return not any(phrase in low for phrase in FORBIDDEN)
-
-
-def _encode(tokenizer, text: str) -> list[int]:
-    from train.data import _encode as encode
-
-    return encode(tokenizer, text)
 
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])(?P<close>[\"'\u201d\u2019)]*)(?:\s+|--)(?=[\"'\u201c\u2018(]*[A-Z])")
@@ -86,6 +81,7 @@ class Library:
         return cls(works)
 
     def pick_work(self, rng) -> tuple[str, str, list[str]]:
+        """A work drawn with probability proportional to its length."""
         sizes = np.array([sum(len(p) for p in w[2]) for w in self.works], float)
         return self.works[rng.choice(len(self.works), p=sizes / sizes.sum())]
 
@@ -106,19 +102,25 @@ def _words(text: str) -> int:
 
 
 def _clip_words(paragraphs: list[str], max_words: int) -> str:
-    """The paragraphs joined by blank lines, cut after the sentence that passes max_words."""
+    """The paragraphs joined by blank lines, cut after the sentence that
+    reaches max_words words (the text kept is verbatim, line breaks included)."""
     out, words = [], 0
     for p in paragraphs:
-        kept = []
+        end = 0
         for s in sentences(p):
-            kept.append(s)
+            end = p.index(s, end) + len(s)
             words += _words(s)
             if words >= max_words:
                 break
-        out.append(" ".join(kept))
+        out.append(p[:end])
         if words >= max_words:
             break
     return "\n\n".join(out)
+
+
+def _passage_sentences(passage: str) -> list[str]:
+    """The sentences of each blank-line separated paragraph, in order."""
+    return [s for p in passage.split("\n\n") for s in sentences(p)]
 
 
 # --------------------------------------------------------------------------
@@ -161,7 +163,7 @@ ENDS = (
 
 def _unique_word(rng, passage: str) -> tuple[str, str] | None:
     """(word, its sentence) for a word of >= 5 letters found in exactly one sentence."""
-    sents = sentences(passage.replace("\n\n", " "))
+    sents = _passage_sentences(passage)
     where: dict[str, set[int]] = {}
     for k, s in enumerate(sents):
         for w in re.findall(r"[A-Za-z]{5,}", s):
@@ -179,7 +181,7 @@ def _chat_turn(rng, library: Library, max_words: int) -> tuple[list[dict], str |
     passage = _clip_words(passage_paras, max_words)
     task = rng.choice(["continue", "next_line", "find", "ends"], p=[0.4, 0.2, 0.25, 0.15])
     fmt = dict(title=title, author=author, passage=passage)
-    sents = sentences(passage.replace("\n\n", " "))
+    sents = _passage_sentences(passage)
     if task == "next_line" and len(lines := sentences(" ".join(passage_paras + after[:1]))) >= 2:
         k = int(rng.integers(len(lines) - 1))
         user = NEXT_LINE[int(rng.integers(len(NEXT_LINE)))].format(line=lines[k], title=title, author=author)
@@ -265,6 +267,8 @@ ATTRS = ("number", "code", "sum", "reference", "mark", "figure")
 WORDS = ("amber", "birch", "cedar", "copper", "ember", "falcon", "harbor", "ivory", "juniper", "lantern", "maple",
          "meadow", "orchid", "pebble", "quartz", "raven", "saffron", "thistle", "velvet", "willow", "zephyr",
          "marble", "cobalt", "hazel", "linen", "russet", "sable", "tansy", "umber", "walnut")
+MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
+          "November", "December")
 HEADERS = (
     "",
     "The following pages mix a story with numbered records. Questions about the records come later.\n\n",
@@ -286,9 +290,6 @@ def _value(rng) -> str:
     letters = "".join(chr(65 + int(c)) for c in rng.integers(0, 26, int(rng.integers(2, 4))))
     return f"{letters}{int(rng.integers(10, 10000))}"
 
-
-MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
-          "November", "December")
 
 
 def _key(rng) -> tuple[str, str]:
