@@ -153,20 +153,26 @@ def chat_ids(tokenizer, text: str) -> list[int]:
     return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
 
+TEXTS = {"heldout": "held-out book", "valid": "validation book", "ood": "out-of-domain text"}  # corpora splits
+
+
 def book_text(text_file=None) -> tuple[str, str]:
-    """(text, description): a user text file, else the held-out book (Persuasion),
-    fetched into the project cache on first use."""
-    if text_file is not None:
+    """(text, description): the held-out book (Persuasion) when text_file is
+    None or "heldout"; "valid" (Northanger Abbey) or "ood" (The Debian
+    Administrator's Handbook) for those corpora splits, fetched into the
+    project cache on first use; else a user text file (write ./ood for a file named ood)."""
+    if text_file is not None and text_file not in TEXTS:
         p = Path(text_file)
         if not p.is_file():
-            raise ValueError(f"no such text file: {p}")
+            raise ValueError(f"no such text file: {p} (or name one of {', '.join(TEXTS)})")
         return p.read_text(encoding="utf-8", errors="replace"), str(p)
     from train.data import default_cache_dir, fetch_corpora
 
     root = default_cache_dir()
     manifest = fetch_corpora(root)
-    work = next(w for w in manifest["works"] if w["name"] == HELDOUT_BOOK)
-    return (root / work["file"]).read_text(encoding="utf-8"), f"{work['title']} (held-out book)"
+    split = text_file or "heldout"
+    work = next(w for w in manifest["works"] if w["split"] == split and (split != "heldout" or w["name"] == HELDOUT_BOOK))
+    return (root / work["file"]).read_text(encoding="utf-8"), f"{work['title']} ({TEXTS[split]})"
 
 
 def segments(ids: Sequence[int], length: int, count: int) -> np.ndarray:

