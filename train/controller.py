@@ -17,7 +17,7 @@ Per batch of token sequences [B, n]:
           step's unprotected candidates once the cache is full, where a
           released token that a later query needs shows as a positive it
           scored too low.
-Metrics on held-out sequences: recall of the true top-K within the
+Metrics on the validation book (Northanger Abbey; the test book stays out): recall of the true top-K within the
 controller's top-m, precision, AUC; perplexity under the controller's
 schedule at m = budget against full attention and StreamingLLM (one parallel
 pass each: adore_jax.schedule). orbax CheckpointManager for periodic saves and
@@ -59,6 +59,7 @@ from train.mesh import fsdp_specs, make_mesh
 class TrainConfig:
     model: str = ""  # checkpoint dir / .gguf / hub id; "" = the default SmolLM2
     data_dir: str = ""  # packed corpora (train.data); "" = fetched into the cache
+    mix: str = ""  # training rows: "" books only, else a train.mix string ("books=0.7,chat=0.15,retrieval=0.15")
     seq_len: int = 1024
     batch_size: int = 8
     steps: int = 1000
@@ -266,7 +267,7 @@ class Job:
     cfg: LlamaConfig
     params: Params
     train: np.ndarray  # [N, n] int32 (memory-mapped)
-    heldout: np.ndarray  # [M, n] int32
+    valid: np.ndarray  # [M, n] int32: the validation book (never trained on; the test book stays out)
     mesh: jax.sharding.Mesh
     source: str = ""
 
@@ -347,8 +348,8 @@ def evaluate(job: Job, gd, state, eval_fn) -> dict:
     tc = job.tc
     acc = None
     B = tc.batch_size
-    for i in range(min(tc.eval_batches, max(len(job.heldout) // B, 1))):
-        rows = job.heldout[i * B:(i + 1) * B]
+    for i in range(min(tc.eval_batches, max(len(job.valid) // B, 1))):
+        rows = job.valid[i * B:(i + 1) * B]
         if len(rows) < B:
             break
         out = jax.device_get(eval_fn(job.params, state, _global_batch(job, rows)))
@@ -419,27 +420,34 @@ def load_job(tc: TrainConfig) -> Job:
     model = load_model(resolve_model(tc.model or None), dtype=resolve_dtype(tc.dtype), layers="stacked")
     mesh = make_mesh(tc.data_parallel, tc.fsdp)
     params = jax.device_put(model.params, fsdp_specs(model.params, mesh))
-    data_dir = load_or_build_packed(tc.data_dir or None, model.tokenizer, tc.seq_len)
-    train_rows, heldout_rows = (np.load(Path(data_dir) / f"{s}.npy", mmap_mode="r") for s in ("train", "heldout"))
+    data_dir = load_or_build_packed(tc.data_dir or None, model.tokenizer, tc.seq_len, tc.mix or None)
+    train_rows, valid_rows = (np.load(Path(data_dir) / f"{s}.npy", mmap_mode="r") for s in ("train", "valid"))
     if len(train_rows) < tc.batch_size:
         raise ValueError(f"only {len(train_rows)} training sequences of {tc.seq_len} tokens; lower batch_size")
     if tc.batch_size % mesh.shape["data"]:
         raise ValueError(f"batch_size {tc.batch_size} must be a multiple of the data axis ({mesh.shape['data']})")
-    return Job(tc, model.cfg, params, train_rows, heldout_rows, mesh, model.source)
+    return Job(tc, model.cfg, params, train_rows, valid_rows, mesh, model.source)
 
 
 def write_model_card(path: Path, tc: TrainConfig, job: Job, metrics: dict, command: str) -> None:
+    """MODEL_CARD.md in path: data, labels, loss, schedule and the validation metrics."""
     rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in sorted(metrics.items()))
+    labels = "the current query row" if tc.horizon == 1 else f"the {tc.label_agg} over the next {tc.horizon} query rows"
     text = f"""# ADORE controller for {Path(job.source).name}
 
 - Backbone shape: {model_signature(job.cfg)}
-- Data: Austen (five novels) and Shakespeare (train split of `adore data fetch`); Persuasion held out
+- Data: {tc.mix or "books only"} (train split of `adore data fetch`: Austen and Shakespeare, chat and retrieval rows
+  made from them); Northanger Abbey validates, Persuasion (test) and the out-of-domain text are never seen
 - Sequences: {tc.seq_len} tokens, batch {tc.batch_size}, {tc.steps} steps
-- Labels: top-{tc.top_k} keys under full attention averaged over layers and heads
-- Loss: {tc.loss}; feature: {tc.feature}; d_c = {tc.d_c}; lr {tc.lr} (AdamW, warmup {tc.warmup}, cosine)
+- Labels: top-{tc.top_k} keys of {labels}, attention averaged over layers and heads
+- Loss: {tc.loss} (positive weight {tc.pos_weight}), on-policy weight {tc.on_policy} on the schedule of m = {tc.cache_size}
+  slots with {tc.sinks} sinks and {tc.recent} recent positions protected
+- Controller: feature {tc.feature}; d_c = {tc.d_c}; {tc.num_buckets} distance buckets; lr {tc.lr} (AdamW, warmup
+  {tc.warmup}, cosine)
 - Command: `{command}`
 
-Held-out metrics (Persuasion, {tc.eval_batches} batches):
+Validation metrics (Northanger Abbey, {tc.eval_batches} batches of {tc.batch_size} x {tc.seq_len} tokens; `ppl_*@m`:
+perplexity under each schedule at m slots, one parallel pass):
 
 | metric | value |
 |---|---|
