@@ -359,10 +359,12 @@ def evaluate(job: Job, gd, state, eval_fn) -> dict:
     return metrics
 
 
-def train(job: Job, stop_after: Optional[int] = None, progress: bool = True) -> tuple[Controller, dict]:
+def train(job: Job, stop_after: Optional[int] = None, progress: bool = True,
+          stop_at: Optional[float] = None) -> tuple[Controller, dict]:
     """Train (resuming from the latest checkpoint in tc.out); returns (controller, last metrics).
 
-    stop_after: return after this many steps of this call (to test resume)."""
+    stop_after: return after this many steps of this call (to test resume).
+    stop_at: a time.time() after which the step in progress is the last (evaluated and saved)."""
     tc = job.tc
     out = Path(tc.out).absolute()
     out.mkdir(parents=True, exist_ok=True)
@@ -391,16 +393,19 @@ def train(job: Job, stop_after: Optional[int] = None, progress: bool = True) -> 
             tokens = _global_batch(job, job.train[np.sort(batch_indices(tc, len(job.train), step))])
             state, opt_state, loss = step_fn(job.params, state, opt_state, tokens)
             done = step + 1
-            if done % tc.log_every == 0 or done == end:
+            late = stop_at is not None and time.time() >= stop_at
+            if done % tc.log_every == 0 or done == end or late:
                 rec = {"step": done, "loss": float(loss), "lr": float(_schedule(tc)(done)), "time_s": time.perf_counter() - t0}
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
                 bar.set_postfix(loss=f"{rec['loss']:.4f}", **{k: f"{v:.3f}" for k, v in last_metrics.items() if k.startswith("recall@")})
-            if done % tc.eval_every == 0 or done == tc.steps:
+            if done % tc.eval_every == 0 or done == tc.steps or late:
                 last_metrics = evaluate(job, gd, state, eval_fn)
                 log.write(json.dumps({"step": done, "eval": last_metrics}) + "\n")
                 log.flush()
-            mngr.save(done, args=ocp.args.StandardSave({"state": state, "opt": opt_state}), force=done == end)
+            mngr.save(done, args=ocp.args.StandardSave({"state": state, "opt": opt_state}), force=done == end or late)
+            if late:
+                break
         mngr.wait_until_finished()
     log.close()
     return nnx.merge(gd, state), last_metrics

@@ -41,7 +41,6 @@ LEVERS = {  # name: (TrainConfig fields when on, when off); "budget/4" is a quar
     "protect": (dict(sinks=4, recent="budget/4"), dict(sinks=0, recent=0)),
     "mix": (dict(mix="books=0.7,chat=0.15,retrieval=0.15"), dict(mix="")),
 }
-PROTECTIONS = ((0, 0), (4, 0), (4, 12), (4, 25), (4, 50))  # (sinks, recent % of m) scored for every controller
 REFERENCES = ("shipped", "baselines")
 
 
@@ -107,7 +106,7 @@ def schedule_scores(params, cfg, tokens: np.ndarray, budgets, policies) -> dict:
     return nll
 
 
-def _controller_policies(gd, state, feature):
+def _controller_policies(gd, state, feature, protections):
     from flax import nnx
 
     from adore_jax.controller import feature_layer
@@ -116,7 +115,7 @@ def _controller_policies(gd, state, feature):
     layer = feature_layer(feature)
     assert nnx.merge(gd, state).feature_layer == layer
     return lambda m: [(f"s{s}-w{w}", AdorePolicy(m, s, w * m // 100, graphdef=gd, feature_layer=layer), state, feature)
-                      for s, w in PROTECTIONS]
+                      for s, w in protections]
 
 
 def _baseline_policies(m):
@@ -150,7 +149,8 @@ def run_worker(name: str, args) -> dict:
             ctrl, meta = load_controller(ASSETS / model_signature(job.cfg))
             feature, metrics = meta.get("feature", "embedding"), meta.get("metrics", {})
         else:
-            ctrl, metrics = train(job, progress=False)
+            ctrl, metrics = train(job, progress=False, stop_at=args.start + args.train_seconds)
+            result["steps"] = max(json.loads(line).get("step", 0) for line in open(out / "metrics.jsonl"))
             feature = tc.feature
             save_controller(out / "controller", ctrl, {"backbone": model_signature(job.cfg), "feature": feature,
                                                        "metrics": metrics, "train": dataclasses.asdict(tc)})
@@ -158,7 +158,7 @@ def run_worker(name: str, args) -> dict:
         result["train_s"] = time.perf_counter() - t0
         result["metrics"] = metrics
         gd, state = nnx.split(ctrl)
-        result["ppl"] = schedule_scores(job.params, job.cfg, tokens, args.budgets, _controller_policies(gd, state, feature))
+        result["ppl"] = schedule_scores(job.params, job.cfg, tokens, args.budgets, _controller_policies(gd, state, feature, args.protections))
     result["seconds"] = time.perf_counter() - t0
     (out / "result.json").write_text(json.dumps(result, indent=1))
     return result
@@ -261,11 +261,15 @@ def main(argv=None) -> int:
     p.add_argument("--budgets", default="256,1024", help="cache sizes m scored, comma-separated")
     p.add_argument("--only", default=None, help="variants to run, comma-separated (default: all and the references)")
     p.add_argument("--out", default="results/ablation")
+    p.add_argument("--train-seconds", type=float, default=1e9, help="stop training after this long (then score)")
+    p.add_argument("--protections", default="0-0,4-0,4-25", help="(sinks-recent %%) pairs scored for each controller")
     p.add_argument("--timing", action="store_true", help="only time each variant's step on random weights")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.argv = [a for a in argv if not a.startswith("--worker=")]
     args.budgets = sorted({int(v) for v in args.budgets.split(",")})
+    args.protections = [tuple(int(x) for x in v.split("-")) for v in args.protections.split(",")]
+    args.start = time.time()
     known = [*variants(), *REFERENCES]
     names = known if args.only is None else args.only.split(",")
     if bad := [n for n in names if n not in known]:
