@@ -13,7 +13,7 @@ from adore_jax import engine
 from adore_jax.cache import KVCache, write_rows
 from adore_jax.policies import POLICIES, make_policy
 from adore_jax.sampling import SamplingParams
-from models.llama import forward
+from models.llama import embed_tokens, forward
 from tiny_model import CFG, prompts, tiny_controller, tiny_params
 
 
@@ -171,6 +171,21 @@ def test_rebuilt_kv_equals_plain_recomputation(params, ctrl):
                 np.testing.assert_allclose(nk[:, 0, r], ref[pos][0], atol=1e-5)
                 np.testing.assert_allclose(nv[:, 0, r], ref[pos][1], atol=1e-5)
     assert rebuilt_seen >= 2
+
+
+@pytest.mark.parametrize("rebuild", [0, 3])
+def test_adore_never_releases_protected_positions(params, ctrl, rebuild):
+    """ADORE with 2 sinks and 5 recent positions protected, m = 10, after every
+    prefix length (each token through a decode step, with and without rebuild):
+    the cache holds the sinks and the 5 latest positions."""
+    pol = _policy("adore", 10, ctrl, sinks=2, recent=5, rebuild=rebuild)
+    toks = np.asarray(prompts(41, [40, 40]))
+    for n in (12, 19, 26, 33, 40):
+        _, cache = engine.score(params, CFG, toks[:, :n], 1, policy=pol, policy_params=ctrl[1])
+        for row in np.asarray(cache.pos):  # the last token is scored, not fed: n - 2 is the latest held
+            assert {0, 1} | set(range(n - 6, n - 1)) <= set(row.tolist()), (n, sorted(row.tolist()))
+    leave = np.asarray(pol.__class__(10, 2, 5, graphdef=ctrl[0]).release_schedule(ctrl[1], embed_tokens(params, toks)))
+    assert (leave[:, :2] == 40).all() and (leave[:, 2:] >= np.minimum(np.arange(2, 40) + 5, 40)).all()
 
 
 def test_adore_deterministic_and_batch_independent(params, ctrl):
