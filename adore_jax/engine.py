@@ -26,10 +26,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adore_jax.cache import KVCache
 from adore_jax.kernels import default_kernels
 from adore_jax.policies import Policy, full_policy
 from adore_jax.sampling import SamplingParams, row_keys, sample
+from models.cache import KVCache
 from models.llama import LlamaConfig, Params, forward
 
 

@@ -45,12 +45,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adore_jax.attention import reference_attention
-from adore_jax.cache import KVCache, write_rows
 from adore_jax.kernels import GpuConfig, PrefillConfig, blockwise_attention, cache_update_gpu, sparse_attention_gpu
 from adore_jax.kernels.attention_gpu import padded_rows, plan
 from eval.bandwidth import copy_bandwidth as measured_copy_bandwidth
 from eval.trace import busy_ns, gpu_events
+from models.attention import reference_attention
+from models.cache import KVCache, write_rows
 
 SHAPES = [(8, 32, 8, 128), (32, 9, 3, 64), (8, 32, 32, 128)]  # (B, Hq, Hkv, D)
 SLOTS = [1024, 4096, 8192]

@@ -31,12 +31,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from adore_jax import engine
-from adore_jax.attention import AttentionOut, layer_cache
-from adore_jax.cache import KVCache
 from adore_jax.policies import build_policy
 from adore_jax.sampling import SamplingParams
 from eval.bandwidth import copy_bandwidth
 from eval.throughput_report import write_report
+from models.attention import AttentionOut, layer_cache
+from models.cache import KVCache
 from models.llama import LAYOUTS, LlamaConfig, Params, default_layout, init_params, with_layout
 from models.loading import place_params
 from models.shapes import SHAPES

@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adore_jax.attention import AttentionFn, reference_attention
-from adore_jax.cache import KVCache
+from models.attention import AttentionFn, reference_attention
+from models.cache import KVCache
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,8 +16,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from adore_jax.attention import AttentionOut, reference_attention
-from adore_jax.cache import KVCache, write_rows
 from adore_jax.kernels import (
     ENV_VAR,
     AttentionKernel,
@@ -40,6 +38,8 @@ from adore_jax.kernels import (
 )
 from adore_jax.kernels.attention_gpu import auto_splits, padded_rows, plan, warps
 from adore_jax.kernels.common import num_sms
+from models.attention import AttentionOut, reference_attention
+from models.cache import KVCache, write_rows
 
 _SEED = itertools.count(1000)
 _FAST = {"xla_backend_optimization_level": 0}

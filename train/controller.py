@@ -35,8 +35,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from adore_jax.cache import KVCache
 from adore_jax.controller import Controller, feature_layer, model_signature, save_controller
+from models.cache import KVCache
 from models.llama import LlamaConfig, Params, forward
 from train.labels import attention_block, full_cache
 from train.config import parse_config as read_config

@@ -35,8 +35,8 @@ import optax
 import orbax.checkpoint as ocp
 from tqdm import tqdm
 
-from adore_jax.attention import NEG_INF, AttentionFn, AttentionOut, layer_cache, reference_attention
-from adore_jax.cache import KVCache
+from models.attention import NEG_INF, AttentionFn, AttentionOut, layer_cache, reference_attention
+from models.cache import KVCache
 from models.llama import LlamaConfig, Params, forward, init_params
 from train.config import parse_config as read_config
 from train.controller import batch_indices

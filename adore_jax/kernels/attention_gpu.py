@@ -41,7 +41,6 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from adore_jax.attention import NEG_INF, AttentionOut
 from adore_jax.kernels import softmax_gpu
 from adore_jax.kernels.blockwise import blockwise_attention
 from adore_jax.kernels.common import (
@@ -58,6 +57,7 @@ from adore_jax.kernels.common import (
     stacked,
 )
 from adore_jax.kernels.prefill_gpu import PrefillConfig, prefill_attention_gpu
+from models.attention import NEG_INF, AttentionOut
 
 
 @dataclasses.dataclass(frozen=True)

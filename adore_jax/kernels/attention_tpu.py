@@ -31,7 +31,6 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from adore_jax.attention import NEG_INF, AttentionOut
 from adore_jax.kernels.blockwise import blockwise_attention
 from adore_jax.kernels.common import (
     MAX_ROWS,
@@ -46,6 +45,7 @@ from adore_jax.kernels.common import (
     round_up,
     stacked,
 )
+from models.attention import NEG_INF, AttentionOut
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from adore_jax.attention import NEG_INF, AttentionOut
+from models.attention import NEG_INF, AttentionOut
 
 MAX_T = 16  # decode kernels handle T <= MAX_T new rows; longer chunks (prefill): prefill_gpu or blockwise
 MAX_ROWS = 128  # and at most this many G * T rows per KV head

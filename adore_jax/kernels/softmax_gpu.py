@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental.pallas import triton as plgpu
 
-from adore_jax.attention import NEG_INF
+from models.attention import NEG_INF
 
 LOG2E = math.log2(math.e)
 _INT32_MAX = 2**31 - 1
