@@ -1,4 +1,4 @@
-# Source on the GPU machine from the repo root (the device tool's copy of the tree).
+# Source on the GPU machine from the repository root (the device tool's copy of the tree).
 # It installs the carried wheels and assembles the carried default model, its
 # tokenizer and the corpora into ADORE_CACHE. The GGUF is larger than one call may
 # carry, so it travels in two calls: .carry/p1/gguf.part, then .carry/p2/{gguf.part,
