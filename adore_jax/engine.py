@@ -13,7 +13,7 @@ caller can stream text between chunks. Both share `_prefill` and `_decode_steps`
 A policy whose steps differ (ADORE rebuilding every k steps: `policy.period`)
 runs in periods of k steps, the first with the extra rows and k - 1 without,
 each traced once: no conditional inside the decode loop. On the GPU a lax.cond
-there made ADORE R=8/8 up to 2.1x slower a step (docs/THROUGHPUT.md, session 7).
+there made ADORE R=8/8 up to 2.1x slower a step (docs/THROUGHPUT.md, "Design notes").
 """
 
 from __future__ import annotations

@@ -304,16 +304,16 @@ def test_gpu_plan_splits_cover_slots():
     assert plan(32, 3, 4096, 64, GpuConfig())[::3] == (64, 3) and plan(32, 3, 4096, 64, GpuConfig(), 32)[::3] == (64, 3)
     assert plan(8, 8, 4096, 128, GpuConfig(block_s=128, num_stages=2))[::3] == (128, 2)
     assert (padded_rows(1, 1), padded_rows(1, 9), padded_rows(3, 9), padded_rows(8, 9)) == (16, 16, 32, 128)
-    # warps: 2 up to 16 rows (session 15) and up to 32 at D <= 64 (session 16), else 4, or the config's
+    # warps: 2 up to 16 rows and up to 32 at D <= 64, else 4, or the config's (docs/KERNELS.md, "Design notes")
     assert [warps(padded_rows(G, T), D, GpuConfig()) for G, T, D in
             [(3, 1, 128), (1, 9, 128), (1, 16, 128), (3, 9, 64), (3, 9, 128), (8, 9, 64)]] == [2, 2, 2, 2, 4, 4]
     assert warps(16, 64, GpuConfig(num_warps=8)) == 8
 
 
 def test_gpu_plan_one_row_splits_at_the_bench_shapes(monkeypatch):
-    """Up to 16 rows (T = 1) on an H200's 132 SMs, the split counts sessions 12 and 13
-    measured (docs/KERNELS.md): none for MHA at B = 8 (256 programs), 4 for 64 or 96
-    (b, kv head) pairs, but 3 (6-block splits) for 96 at S = 1024 (session 16), 2 for
+    """Up to 16 rows (T = 1) on an H200's 132 SMs, the split counts measured best
+    (docs/KERNELS.md): none for MHA at B = 8 (256 programs), 4 for 64 or 96
+    (b, kv head) pairs, but 3 (6-block splits) for 96 at S = 1024, 2 for
     SmolLM2's B = 64 step; full attention's 16498 slots: none at B = 8, 3 at B = 10
     (320 programs; 2 splits were 17-20% slower)."""
     monkeypatch.setattr("adore_jax.kernels.attention_gpu.num_sms", lambda: 132)
@@ -323,7 +323,7 @@ def test_gpu_plan_one_row_splits_at_the_bench_shapes(monkeypatch):
                    (32, 3, 8192): 4, (8, 32, 1024): 1, (8, 32, 4096): 1, (8, 32, 8192): 1}
     assert plan(64, 3, 1024, 64, GpuConfig())[1] == 2 and plan(8, 32, 16498, 128, GpuConfig())[1] == 1
     assert plan(10, 32, 16498, 128, GpuConfig())[1] == 3 and plan(64, 3, 8306, 64, GpuConfig())[1] == 2
-    assert plan(16, 3, 1024, 64, GpuConfig())[1] == plan(48, 3, 1024, 64, GpuConfig())[1] == 3  # session 16's rules.py
+    assert plan(16, 3, 1024, 64, GpuConfig())[1] == plan(48, 3, 1024, 64, GpuConfig())[1] == 3  # measured by rules.py (docs/KERNELS.md)
 
 
 def test_gpu_auto_splits_fewest_near_best():
