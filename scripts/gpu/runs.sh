@@ -27,8 +27,8 @@ bench)  # four GPUs: the main throughput run (HF, fixed budget, TTFT), the 7B gr
     $GRID --shapes smollm2-135m --out $R/grid_c" &
   ;;
 single)  # one GPU: the kernel benchmark (docs/KERNELS.md), then the main throughput run (docs/THROUGHPUT.md)
-  [ -f $R/kernels/bench_kernels.json ] || on 0 bench_kernels python3 -m eval.bench_kernels \
-    --out $R/kernels/bench_kernels.json
+  [ -f $R/kernels/bench_kernels.txt ] || on 0 bench_kernels python3 -m eval.bench_kernels \
+    --out $R/kernels/bench_kernels.json  # the .txt table is written last, when the run is complete
   [ -f $R/main/throughput.json ] || on 0 main python3 -m eval.throughput --preset gpu --fixed-budget --out $R/main
   ;;
 grid)  # one GPU: the grids of docs/THROUGHPUT.md (7B, then SmolLM2; decode and TTFT), one batch size a job
