@@ -68,6 +68,7 @@ class EngineConfig:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class DecodeState:
+    """The decode loop's carry: cache, policy state and per-sequence progress (B sequences, N new tokens at most)."""
     cache: KVCache
     policy_state: Any
     last: jax.Array  # [B] int32: last emitted token (next input)

@@ -69,11 +69,13 @@ CALL_GPU_S = 300e-6  # and enough ops per call that the GPU, not the host, sets 
 
 
 def n_sets(nbytes, est_bw=3.0e12, cap=24):
+    """Input sets a jitted call rotates through for ops of nbytes: past the L2 and CALL_GPU_S of work, 2 to cap."""
     return int(max(2, min(cap, math.ceil(max(ROTATE_BYTES, CALL_GPU_S * est_bw) / nbytes))))
 T0 = time.time()
 
 
 def log(*a):
+    """Print a line with the seconds since the run started."""
     print(f"[{time.time() - T0:6.1f}s]", *a, flush=True)
 
 
@@ -169,6 +171,7 @@ def _chain(step, st, sets):
 
 
 def rand(key, shape, dtype=jnp.bfloat16):
+    """Standard normal values of `shape` in `dtype`."""
     return jax.random.normal(key, shape, jnp.float32).astype(dtype)
 
 
@@ -186,6 +189,7 @@ def attn_set(seed, B, Hq, Hkv, D, S, T, dtype=jnp.bfloat16):
 
 
 def kv_bytes(B, Hkv, D, S, itemsize=2):
+    """Bytes of K and V in S slots: 2 B S Hkv D itemsize."""
     return 2 * B * S * Hkv * D * itemsize
 
 
@@ -193,6 +197,7 @@ def kv_bytes(B, Hkv, D, S, itemsize=2):
 
 
 def ours(cfg=GpuConfig(), with_stats=False, interpret=False):
+    """The GPU decode kernel under `cfg` as an op on attn_set's inputs: out [B, T, Hq, D] (and mass, lse with stats)."""
     def f(q, k, v, ck, cv, cpos, qpos):
         r = sparse_attention_gpu(q, k, v, ck, cv, cpos, qpos, with_stats=with_stats, config=cfg, interpret=interpret)
         return (r.out, r.mass, r.lse) if with_stats else r.out
@@ -201,6 +206,7 @@ def ours(cfg=GpuConfig(), with_stats=False, interpret=False):
 
 
 def xla_ref(with_stats=False):
+    """The XLA reference attention as an op on attn_set's inputs: out [B, T, Hq, D] (and mass, lse with stats)."""
     def f(q, k, v, ck, cv, cpos, qpos):
         r = reference_attention(q, k, v, ck, cv, cpos, qpos, with_stats=with_stats)
         return (r.out, r.mass, r.lse) if with_stats else r.out
@@ -209,12 +215,14 @@ def xla_ref(with_stats=False):
 
 
 def jax_pallas_decode(q, k, v, ck, cv, cpos, qpos):
+    """jax's own Pallas decode attention (gqa) of q's first row over the whole cache: [B, Hq, D]."""
     from jax.experimental.pallas.ops.gpu import decode_attention
 
     return decode_attention.gqa(q[:, 0], ck, cv)
 
 
 def cudnn(q, k, v, ck, cv, cpos, qpos):
+    """cuDNN attention of q [B, T, Hq, D] over the whole cache, no mask (jax.nn.dot_product_attention)."""
     return jax.nn.dot_product_attention(q, ck, cv, implementation="cudnn")
 
 
@@ -234,6 +242,7 @@ def cache_only_reference(q, ck, cv):
 
 
 def copy_bandwidth(results, smoke):
+    """Measure the device's copy bandwidth into results["copy"]; returns the best, TB/s (read + written)."""
     bw = measured_copy_bandwidth((2 << 20) if smoke else (2 << 30))
     results["copy"] = {f"{k}_copy_TBps": v / 1e12 for k, v in bw.items()}
     log("copy bandwidth", results["copy"])
@@ -241,6 +250,7 @@ def copy_bandwidth(results, smoke):
 
 
 def rel_err(a, b):
+    """||a - b|| / ||b|| in float64; inf when a has a non-finite value."""
     a = np.asarray(a, np.float64)
     b = np.asarray(b, np.float64)
     if not np.isfinite(a).all():
@@ -249,6 +259,7 @@ def rel_err(a, b):
 
 
 def correctness(results, smoke, interpret, n_cases=7):
+    """The attention kernel (n_cases shapes and configs, stats, twice for determinism) and cache_update against their references on the device; results["correctness"], True when all pass."""
     checks = []
     cases = [
         # B, T, Hq, Hkv, D, S, dtype, config
@@ -325,6 +336,7 @@ def baseline_check(args):
 
 
 def attention_section(results, copy_bw, smoke, interpret, deadline, timer):
+    """results["attention"]: the kernel, XLA, a copy of the same bytes and (T = 1) jax's decode and cuDNN at SHAPES x SLOTS x TS."""
     rows = []
     shapes = [(2, 4, 2, 32)] if smoke else SHAPES
     slots = [64] if smoke else SLOTS
@@ -384,6 +396,7 @@ def cudnn_prefill(P):
 
 
 def prefill_section(results, smoke, interpret, deadline, timer):
+    """results["prefill"]: one 512-row chunk at the 7B shape over P filled slots, the kernel's configs against blockwise and cuDNN."""
     rows = []
     (B, Hq, Hkv, D, S, T), fills = ((1, 4, 2, 16, 80, 20), [40]) if smoke else ((8, 32, 32, 128, 16386, 512), [4096, 12288])
     for P in fills:
@@ -413,6 +426,7 @@ def prefill_section(results, smoke, interpret, deadline, timer):
 
 
 def update_inputs(L, B, S, Hkv, D, T, n_sets, seed=0):
+    """A random cache [L, B, S, Hkv, D] and n_sets sets of T new rows (new K, V [L, B, T, Hkv, D], slots and positions [B, T])."""
     ks = jax.random.split(jax.random.PRNGKey(seed), 3 + 4 * n_sets)
     cache = KVCache(rand(ks[0], (L, B, S, Hkv, D)), rand(ks[1], (L, B, S, Hkv, D)),
                     jax.random.randint(ks[2], (B, S), -1, S).astype(jnp.int32))
@@ -427,6 +441,7 @@ def update_inputs(L, B, S, Hkv, D, T, n_sets, seed=0):
 
 
 def update_section(results, smoke, interpret, deadline, timer):
+    """results["cache_update"]: the cache-update kernel against write_rows, donated cache, µs a call."""
     rows = []
     cases = [(32, 8, 1024, 8, 128), (30, 32, 1024, 3, 64), (32, 8, 1024, 32, 128), (32, 8, 8192, 8, 128)]
     if smoke:
@@ -670,6 +685,7 @@ SECTIONS = ("copy", "check", "attn", "update", "prefill", "matmul")
 
 
 def main(argv=None):
+    """`python -m eval.bench_kernels`: run the sections and write the JSON, the table and the plot (see the module's docstring)."""
     global T0
     T0 = time.time()  # --deadline counts from here, not from the import (a test suite imports it early)
     ap = argparse.ArgumentParser(prog="python -m eval.bench_kernels", description=__doc__,

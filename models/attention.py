@@ -22,12 +22,14 @@ NEG_INF = -1e30
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class AttentionOut:
+    """What an attention function returns: the output, and with_stats the mass per key and the lse."""
     out: jax.Array  # [B, T, Hq, D], dtype of q
     mass: Optional[jax.Array] = None  # [B, T, S+T] fp32: probability summed over query heads
     lse: Optional[jax.Array] = None  # [B, T, Hq] fp32: log-sum-exp of the scaled scores
 
 
 class AttentionFn(Protocol):
+    """The signature every attention implementation has (reference_attention's)."""
     def __call__(
         self, q, k, v, cache_k, cache_v, cache_pos, q_pos, *, layer=None, with_stats: bool = False
     ) -> AttentionOut: ...

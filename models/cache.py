@@ -16,6 +16,7 @@ import jax.numpy as jnp
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
+    """K and V of m slots per sequence for every layer, and the token position each slot holds."""
     k: jax.Array  # [L, B, S, Hkv, D]
     v: jax.Array  # [L, B, S, Hkv, D]
     pos: jax.Array  # [B, S] int32, -1 = empty slot

