@@ -48,6 +48,7 @@ def _encode_prompt(tok, prompt: str, chat: bool) -> list[int]:
 
 
 def cmd_generate(args) -> int:
+    """`adore generate`: stream a completion of --prompt to stdout (summary on stderr); exit status."""
     from adore_jax import engine
     from adore_jax.sampling import SamplingParams
 
@@ -89,6 +90,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_fetch_model(args) -> int:
+    """`adore fetch-model`: download the default model into the cache and print its path."""
     from adore_jax.hub import fetch_default_model
 
     path = fetch_default_model(progress=True)
@@ -97,6 +99,7 @@ def cmd_fetch_model(args) -> int:
 
 
 def cmd_info(args) -> int:
+    """`adore info`: the model's config, the cache's bytes for a policy and length, the devices."""
     import jax
 
     model = _load(args)
@@ -130,12 +133,14 @@ DELEGATED = {
 
 
 def cmd_eval(args) -> int:
+    """`adore eval KIND`: run a quality evaluation (eval.runner)."""
     from eval.runner import run_from_args
 
     return run_from_args(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The `adore` argument parser with its subcommands (the delegated ones excepted)."""
     p = argparse.ArgumentParser(prog="adore", description="ADORE sparse-attention decoding in JAX")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -203,6 +208,7 @@ def run_main(fn, *args) -> int:
 
 
 def main(argv=None) -> int:
+    """The `adore` entry point: dispatch argv to a subcommand or a delegated job's main; exit status."""
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv and argv[0] in DELEGATED:
         return run_main(importlib.import_module(DELEGATED[argv[0]]).main, argv[1:])

@@ -13,7 +13,7 @@ caller can stream text between chunks. Both share `_prefill` and `_decode_steps`
 A policy whose steps differ (ADORE rebuilding every k steps: `policy.period`)
 runs in periods of k steps, the first with the extra rows and k - 1 without,
 each traced once: no conditional inside the decode loop. On the GPU a lax.cond
-there made ADORE R=8/8 up to 2.1x slower a step (docs/THROUGHPUT.md, session 7).
+there made ADORE R=8/8 up to 2.1x slower a step (docs/THROUGHPUT.md, "Design notes").
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adore_jax.cache import KVCache
 from adore_jax.kernels import default_kernels
 from adore_jax.policies import Policy, full_policy
 from adore_jax.sampling import SamplingParams, row_keys, sample
+from models.cache import KVCache
 from models.llama import LlamaConfig, Params, forward
 
 
@@ -68,6 +68,7 @@ class EngineConfig:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class DecodeState:
+    """The decode loop's carry: cache, policy state and per-sequence progress (B sequences, N new tokens at most)."""
     cache: KVCache
     policy_state: Any
     last: jax.Array  # [B] int32: last emitted token (next input)

@@ -17,8 +17,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from adore_jax.attention import reference_attention
-from adore_jax.cache import KVCache
+from models.attention import reference_attention
+from models.cache import KVCache
 from models.llama import LlamaConfig, Params, forward, head_logits
 
 

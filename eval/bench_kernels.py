@@ -1,32 +1,39 @@
-"""Benchmark of the Pallas kernels on the GPU (one run, everything side by side).
+"""Benchmark of the Pallas GPU kernels against XLA, cuDNN and a copy: one run, JSON + table + plot.
 
-    PYTHONPATH=. python3 eval/bench_kernels.py --out results/bench_kernels.json
+    python -m eval.bench_kernels --out results/kernels/bench_kernels.json   # on the GPU
+    python -m eval.bench_kernels --smoke --out /tmp/k/bench_kernels.json    # tiny, interpret mode, any CPU
+    python -m eval.bench_kernels --from-json docs/results/kernels/bench_kernels.json  # table + plot again
 
-1. Device, measured copy bandwidth (large device-to-device copies: an XLA
+Sections (--sections, all by default):
+1. copy: the device's copy bandwidth (large device-to-device copies: an XLA
    elementwise copy and, if torch is there, torch's copy_; bytes read + written).
-2. Correctness of the GPU kernels on the GPU against the XLA reference (fp32
-   math on upcast inputs), fresh random inputs: tails, GQA ratios, T, stats,
-   both merge modes; cache_update against write_rows (exact).
-3. Sparse attention at the anchor shapes (B, Hq, Hkv, D) of BENCHMARKS.md, S in
-   {1024, 4096, 8192}, T in {1, 9}: this kernel (default config), the XLA
-   reference, and for T = 1 jax's Pallas decode_attention (gqa) and cuDNN
-   through jax.nn.dot_product_attention; with_stats at S = 4096. Effective
-   bandwidth = K+V bytes of the valid slots / time.
-4. cache_update vs write_rows (donated cache, in place).
-5. Prefill: one chunk of T = 512 rows at the 7B shape over a 16K-slot cache of
-   which P slots are filled: the prefill kernel (PREFILL_SWEEP configs), XLA's
-   blockwise_attention (what prefill used before), and cuDNN over the same P + T
-   keys given contiguous. TFLOP/s = useful FLOPs (4 B Hq T (P + T/2) D) / time.
-6. A sweep of kernel variants (SWEEP) at S in SWEEP_SLOTS, as time allows
-   (--deadline bounds the whole run). Results and history: docs/KERNELS.md.
+2. check: every GPU kernel on the device against its XLA reference (fp32 math
+   on upcast inputs), fresh random inputs: attention with tails, GQA ratios, T,
+   stats, both merge modes; cache_update against write_rows (exact); the few-row
+   matmul and q/k/v + RoPE kernels.
+3. attn: sparse decode attention at the anchor shapes (B, Hq, Hkv, D) of
+   BENCHMARKS.md, S in {1024, 4096, 8192}, T in {1, 9}: the kernel (its plan),
+   the XLA reference, a copy of the same K+V bytes, and for T = 1 jax's Pallas
+   decode_attention (gqa) and cuDNN through jax.nn.dot_product_attention;
+   with_stats at S = 4096. Effective bandwidth = K+V bytes of the valid slots / time.
+4. update: cache_update against write_rows (donated cache, in place).
+5. prefill: one chunk of T = 512 rows at the 7B shape over a 16K-slot cache of
+   which P slots are filled: the prefill kernel (PREFILL_CONFIGS), XLA's
+   blockwise_attention, and cuDNN over the same P + T keys given contiguous.
+   TFLOP/s = useful FLOPs (4 B Hq T (P + T/2) D) / time.
+6. matmul: the decode step's weight matmuls at the 7B shape (x [M, K] @ w [K, N],
+   bf16, fp32 accumulation; M in --matmul-rows): XLA's matmul (one dot a weight,
+   one row padded to two, as models/llama.py) against the few-row kernel's plan
+   (q, k and v as three weights in one launch). Rate = weight bytes / time.
 
-Timing (METHOD.md): random bf16 data, compile + warm-up first, U different
-input sets inside one jitted call (rotation past the 50 MB L2). --timer device
-(the default): the GPU's busy time per op in a jax.profiler trace of three calls
-(eval/trace.py; median over the calls), so an op of 15-40 us is not measured by
-how fast the host launches it; --timer wall: calls issued back to back, median
-over repeats of the host's time / (calls * U). A short table is printed last;
-everything goes to the JSON file.
+Timing: random bf16 data, compile + warm-up first, U different input sets inside
+one jitted call (rotation past the 50 MB L2). --timer device (the default): the
+GPU's busy time per op in a jax.profiler trace of three calls (eval/trace.py;
+median over the calls), so an op of 15-40 us is not measured by how fast the host
+launches it; --timer wall: calls issued back to back, median over repeats of the
+host's time / (calls * U). --deadline bounds the whole run. Writes OUT (JSON),
+and beside it OUT's name with .txt (the table, also printed) and .png (the plot).
+Results and design notes: docs/KERNELS.md.
 """
 
 from __future__ import annotations
@@ -45,27 +52,30 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adore_jax.attention import reference_attention
-from adore_jax.cache import KVCache, write_rows
 from adore_jax.kernels import GpuConfig, PrefillConfig, blockwise_attention, cache_update_gpu, sparse_attention_gpu
-from adore_jax.kernels.attention_gpu import padded_rows, plan
+from adore_jax.kernels.matmul_gpu import MatmulConfig, matmul_gpu, reference_matmul
+from adore_jax.kernels.qkv_gpu import qkv_rope_gpu, reference_qkv_rope
 from eval.bandwidth import copy_bandwidth as measured_copy_bandwidth
 from eval.trace import busy_ns, gpu_events
+from models.attention import reference_attention
+from models.cache import KVCache, write_rows
+from models.llama import rope_tables
 
 SHAPES = [(8, 32, 8, 128), (32, 9, 3, 64), (8, 32, 32, 128)]  # (B, Hq, Hkv, D)
 SLOTS = [1024, 4096, 8192]
-SWEEP_SLOTS = [1024, 4096]
 TS = [1, 9]
 ROTATE_BYTES = 200 << 20  # distinct inputs per jitted call: over 3x the 60 MB L2
 CALL_GPU_S = 300e-6  # and enough ops per call that the GPU, not the host, sets the pace
 
 
 def n_sets(nbytes, est_bw=3.0e12, cap=24):
+    """Input sets a jitted call rotates through for ops of nbytes: past the L2 and CALL_GPU_S of work, 2 to cap."""
     return int(max(2, min(cap, math.ceil(max(ROTATE_BYTES, CALL_GPU_S * est_bw) / nbytes))))
 T0 = time.time()
 
 
 def log(*a):
+    """Print a line with the seconds since the run started."""
     print(f"[{time.time() - T0:6.1f}s]", *a, flush=True)
 
 
@@ -107,7 +117,7 @@ def device_seconds(call, n_ops, calls=3):
     profiler trace: (median over calls, per call). The union of the kernels' intervals
     counts, so the gaps where the GPU waits for the host do not (at 12-40 us an op the
     wall clock of back-to-back calls measured the host's launches: docs/KERNELS.md,
-    session 12)."""
+    "Design notes")."""
     events = gpu_events(lambda: [call() for _ in range(calls)][-1])  # the last: earlier ones may be donated
     if not events or len(events) % calls:
         raise RuntimeError(f"{len(events)} GPU events in the trace for {calls} calls (no profiler data: --timer wall)")
@@ -116,109 +126,18 @@ def device_seconds(call, n_ops, calls=3):
     return statistics.median(per), per
 
 
-def time_ops(impls, sets, nbytes, configs=(), copies=(), timer="wall"):
-    """{name: {us, TBps, times_us[, cfg]}} for each op in impls, timed by `bench`
-    (reps=5, `timer`): nbytes / time, twice that for the names in `copies` (read + written),
-    with the GpuConfig of the names in `configs`. An op that fails records its error
-    and the rest still run."""
+def time_ops(impls, sets, nbytes, timer="wall"):
+    """{name: {us, TBps, times_us}} for each op in impls, timed by `bench` (reps=5,
+    `timer`) on the same input sets, TBps = nbytes / time. An op that fails records
+    its error and the rest still run."""
     row = {}
     for name, f in impls.items():
         try:
             t, ts = bench(f, sets, reps=5, timer=timer)
-            tb = (2 if name in copies else 1) * nbytes / t / 1e12
-            row[name] = {"us": t * 1e6, "TBps": tb, "times_us": [x * 1e6 for x in ts]}
-            if name in configs:
-                row[name]["cfg"] = dataclasses.asdict(configs[name])
-        except Exception:  # a config that does not compile
+            row[name] = {"us": t * 1e6, "TBps": nbytes / t / 1e12, "times_us": [x * 1e6 for x in ts]}
+        except Exception:  # a kernel that does not compile here
             row[name] = {"error": traceback.format_exc()[-1500:]}
     return row
-
-
-def time_point(seed, shape, S, T, impls, configs=(), copies=("copy",), timer="device"):
-    """`time_ops` of the attention ops `impls` at one point: shape (B, Hq, Hkv, D), S
-    cache slots, T query rows, on fresh input sets (`attn_set` from `seed` on). A row
-    {"shape": [B, Hq, Hkv, D, S, T], name: {us, TBps, ...}}."""
-    B, Hq, Hkv, D = shape
-    nbytes = kv_bytes(B, Hkv, D, S)
-    sets = [attn_set(seed + u, B, Hq, Hkv, D, S, T) for u in range(n_sets(nbytes))]
-    return {"shape": [B, Hq, Hkv, D, S, T], **time_ops(impls, sets, nbytes, configs, copies, timer)}
-
-
-def row_times(row):
-    """{name: us, rounded, or the end of its error} of a `time_ops` row."""
-    return {n: round(v["us"], 1) if "us" in v else v["error"][-300:] for n, v in row.items()
-            if isinstance(v, dict) and ("us" in v or "error" in v)}
-
-
-def row_summary(row, top=6, skip=("copy",)):
-    """'name us (TB/s) | ...' of a `time_ops` row: the `top` fastest ops not in `skip`."""
-    best = sorted((v["us"], n) for n, v in row.items() if isinstance(v, dict) and "us" in v and n not in skip)
-    return " | ".join(f"{n} {u:.1f} ({row[n]['TBps']:.2f})" for u, n in best[:top])
-
-
-def sweep(cases, row_of, path, deadline):
-    """[row_of(*case) for case in cases] while under `deadline` seconds from the start:
-    the rows so far go to the JSON file `path` after each one, which is printed short
-    (`row_times`) with its "shape"."""
-    t0, rows = time.time(), []
-    for case in cases:
-        if time.time() - t0 > deadline:
-            print("deadline: stopped before", case, flush=True)
-            break
-        rows.append(row_of(*case))
-        with open(path, "w") as f:
-            json.dump(rows, f, indent=1)
-        print(f"[{time.time() - t0:5.0f}s]", rows[-1]["shape"], row_times(rows[-1]), flush=True)
-    return rows
-
-
-def config_sweep(out_path, deadline, cases, configs_of, seed, extra=None, copies=(), timer="device", interpret=False):
-    """The GPU kernel (`ours`) under launch configs at each point (shape (B, Hq, Hkv,
-    D), S, T) of `cases`: configs_of(bs, ns, stages, shape, S, T) -> {name: GpuConfig},
-    given the plan's block, split count and stages there, beside the ops
-    extra(the same arguments) -> {name: op}, timed by `time_point` on inputs from
-    `seed` (`copies`: names whose bytes count read + written). Rows, each with
-    "plan_cfg" [bs, ns, stages], go to the JSON file out_path as `sweep` writes them
-    until `deadline` seconds; a line a row (its fastest ops) is printed last."""
-
-    def row_of(shape, S, T):
-        B, Hq, Hkv, D = shape
-        bs, ns, _, st = plan(B, Hkv, S, D, GpuConfig(), padded_rows(Hq // Hkv, T))
-        configs = configs_of(bs, ns, st, shape, S, T)
-        impls = (extra(bs, ns, st, shape, S, T) if extra else {}) | {
-            n: ours(c, interpret=interpret) for n, c in configs.items()}
-        row = time_point(seed, shape, S, T, impls, configs, copies, timer)
-        row["plan_cfg"] = [bs, ns, st]
-        return row
-
-    rows = sweep(cases, row_of, out_path, deadline)
-    print("\nus per call (K+V TB/s), fastest first; plan = (block, splits, stages)")
-    for row in rows:
-        print(row["shape"], "plan", row["plan_cfg"], "|", row_summary(row), flush=True)
-    return rows
-
-
-def sweep_main(main, name, argv=None, choices=None):
-    """Run main(OUT_DIR, DEADLINE_S) from an experiment script's command line
-    (`name` OUT_DIR [DEADLINE_S], 300 s by default). With `choices` (names of
-    variants) it takes a third, optional argument, NAMES: some of them, comma-separated
-    (all by default), and runs main(OUT_DIR, DEADLINE_S, names). A wrong command line
-    exits with the usage."""
-    argv = sys.argv[1:] if argv is None else argv
-    usage = f"usage: {name} OUT_DIR [DEADLINE_S{' [NAMES]' if choices else ''}]"
-    if not 1 <= len(argv) <= (3 if choices else 2):
-        sys.exit(usage)
-    try:
-        deadline = float(argv[1]) if argv[1:] else 300.0
-    except ValueError:
-        sys.exit(f"{usage}: DEADLINE_S must be a number of seconds, got {argv[1]!r}")
-    if not choices:
-        return main(argv[0], deadline)
-    names = argv[2].split(",") if argv[2:] else list(choices)
-    unknown = [n for n in names if n not in choices]
-    if unknown:
-        sys.exit(f"{usage}: unknown NAMES {unknown}; known: {','.join(choices)}")
-    return main(argv[0], deadline, names)
 
 
 def _warm(call, seconds=0.05):
@@ -252,6 +171,7 @@ def _chain(step, st, sets):
 
 
 def rand(key, shape, dtype=jnp.bfloat16):
+    """Standard normal values of `shape` in `dtype`."""
     return jax.random.normal(key, shape, jnp.float32).astype(dtype)
 
 
@@ -269,6 +189,7 @@ def attn_set(seed, B, Hq, Hkv, D, S, T, dtype=jnp.bfloat16):
 
 
 def kv_bytes(B, Hkv, D, S, itemsize=2):
+    """Bytes of K and V in S slots: 2 B S Hkv D itemsize."""
     return 2 * B * S * Hkv * D * itemsize
 
 
@@ -276,6 +197,7 @@ def kv_bytes(B, Hkv, D, S, itemsize=2):
 
 
 def ours(cfg=GpuConfig(), with_stats=False, interpret=False):
+    """The GPU decode kernel under `cfg` as an op on attn_set's inputs: out [B, T, Hq, D] (and mass, lse with stats)."""
     def f(q, k, v, ck, cv, cpos, qpos):
         r = sparse_attention_gpu(q, k, v, ck, cv, cpos, qpos, with_stats=with_stats, config=cfg, interpret=interpret)
         return (r.out, r.mass, r.lse) if with_stats else r.out
@@ -284,6 +206,7 @@ def ours(cfg=GpuConfig(), with_stats=False, interpret=False):
 
 
 def xla_ref(with_stats=False):
+    """The XLA reference attention as an op on attn_set's inputs: out [B, T, Hq, D] (and mass, lse with stats)."""
     def f(q, k, v, ck, cv, cpos, qpos):
         r = reference_attention(q, k, v, ck, cv, cpos, qpos, with_stats=with_stats)
         return (r.out, r.mass, r.lse) if with_stats else r.out
@@ -292,12 +215,14 @@ def xla_ref(with_stats=False):
 
 
 def jax_pallas_decode(q, k, v, ck, cv, cpos, qpos):
+    """jax's own Pallas decode attention (gqa) of q's first row over the whole cache: [B, Hq, D]."""
     from jax.experimental.pallas.ops.gpu import decode_attention
 
     return decode_attention.gqa(q[:, 0], ck, cv)
 
 
 def cudnn(q, k, v, ck, cv, cpos, qpos):
+    """cuDNN attention of q [B, T, Hq, D] over the whole cache, no mask (jax.nn.dot_product_attention)."""
     return jax.nn.dot_product_attention(q, ck, cv, implementation="cudnn")
 
 
@@ -317,6 +242,7 @@ def cache_only_reference(q, ck, cv):
 
 
 def copy_bandwidth(results, smoke):
+    """Measure the device's copy bandwidth into results["copy"]; returns the best, TB/s (read + written)."""
     bw = measured_copy_bandwidth((2 << 20) if smoke else (2 << 30))
     results["copy"] = {f"{k}_copy_TBps": v / 1e12 for k, v in bw.items()}
     log("copy bandwidth", results["copy"])
@@ -324,6 +250,7 @@ def copy_bandwidth(results, smoke):
 
 
 def rel_err(a, b):
+    """||a - b|| / ||b|| in float64; inf when a has a non-finite value."""
     a = np.asarray(a, np.float64)
     b = np.asarray(b, np.float64)
     if not np.isfinite(a).all():
@@ -332,6 +259,7 @@ def rel_err(a, b):
 
 
 def correctness(results, smoke, interpret, n_cases=7):
+    """The attention kernel (n_cases shapes and configs, stats, twice for determinism) and cache_update against their references on the device; results["correctness"], True when all pass."""
     checks = []
     cases = [
         # B, T, Hq, Hkv, D, S, dtype, config
@@ -408,6 +336,7 @@ def baseline_check(args):
 
 
 def attention_section(results, copy_bw, smoke, interpret, deadline, timer):
+    """results["attention"]: the kernel, XLA, a copy of the same bytes and (T = 1) jax's decode and cuDNN at SHAPES x SLOTS x TS."""
     rows = []
     shapes = [(2, 4, 2, 32)] if smoke else SHAPES
     slots = [64] if smoke else SLOTS
@@ -440,41 +369,7 @@ def attention_section(results, copy_bw, smoke, interpret, deadline, timer):
     results["attention"] = rows
 
 
-SWEEP = {  # name -> (config, its block as a multiple of the default plan's); earlier sweeps: docs/KERNELS.md
-    "default": (GpuConfig(), 1),
-    "st3": (GpuConfig(num_stages=3), 1),
-    "wave2": (GpuConfig(ctas_per_sm=2), 1),
-    "w8": (GpuConfig(num_warps=8), 1),
-    "w8_double": (GpuConfig(num_warps=8), 2),
-    "half": (GpuConfig(), 0.5),
-    "one_split": (GpuConfig(splits=1), 1),  # no merge, no counter memset: the per-call fixed cost without them
-}
-
-
-def sweep_section(results, copy_bw, smoke, interpret, deadline, timer):
-    rows = []
-    shapes = [(2, 4, 2, 32)] if smoke else SHAPES
-    slots = [64] if smoke else SWEEP_SLOTS
-    for (B, Hq, Hkv, D), S, T in [(sh, s, t) for s in slots for sh in shapes for t in TS]:
-        if time.time() - T0 > deadline:
-            log("deadline reached: skipping sweep", (B, Hq, Hkv, D, S, T))
-            continue
-        nbytes = kv_bytes(B, Hkv, D, S)
-        U = n_sets(nbytes)
-        sets = [attn_set(500 + u, B, Hq, Hkv, D, S, T) for u in range(U)]
-        row = {"B": B, "Hq": Hq, "Hkv": Hkv, "D": D, "S": S, "T": T}
-        base_bs = plan(B, Hkv, S, D, GpuConfig(), padded_rows(Hq // Hkv, T))[0]
-        configs = {name: dataclasses.replace(cfg, block_s=max(16, int(base_bs * scale))) if scale != 1 else cfg
-                   for name, (cfg, scale) in SWEEP.items()}
-        row.update(time_ops({n: ours(c, interpret=interpret) for n, c in configs.items()}, sets, nbytes, configs,
-                            timer=timer))
-        rows.append(row)
-        log("sweep", (B, Hq, Hkv, D, S, T), {k: round(v["TBps"], 2) for k, v in row.items() if isinstance(v, dict) and "TBps" in v})
-        del sets
-    results["sweep"] = rows
-
-
-PREFILL_SWEEP = {  # name -> prefill kernel config
+PREFILL_CONFIGS = {  # name -> prefill kernel config
     "default": PrefillConfig(),
     "r128_w8": PrefillConfig(rows=128, num_warps=8),
     "b32": PrefillConfig(block_s=32),
@@ -501,6 +396,7 @@ def cudnn_prefill(P):
 
 
 def prefill_section(results, smoke, interpret, deadline, timer):
+    """results["prefill"]: one 512-row chunk at the 7B shape over P filled slots, the kernel's configs against blockwise and cuDNN."""
     rows = []
     (B, Hq, Hkv, D, S, T), fills = ((1, 4, 2, 16, 80, 20), [40]) if smoke else ((8, 32, 32, 128, 16386, 512), [4096, 12288])
     for P in fills:
@@ -510,7 +406,7 @@ def prefill_section(results, smoke, interpret, deadline, timer):
         args = prefill_set(B, Hq, Hkv, D, S, T, P)
         flops = 4 * B * Hq * T * (P + (T + 1) / 2) * D
         row = {"B": B, "Hq": Hq, "Hkv": Hkv, "D": D, "S": S, "T": T, "P": P, "flops": flops}
-        impls = {f"ours_{n}": ours(GpuConfig(prefill=c), interpret=interpret) for n, c in PREFILL_SWEEP.items()}
+        impls = {f"ours_{n}": ours(GpuConfig(prefill=c), interpret=interpret) for n, c in PREFILL_CONFIGS.items()}
         impls["blockwise"] = lambda *a: blockwise_attention(*a).out
         if not interpret:
             impls["cudnn"] = cudnn_prefill(P)
@@ -530,6 +426,7 @@ def prefill_section(results, smoke, interpret, deadline, timer):
 
 
 def update_inputs(L, B, S, Hkv, D, T, n_sets, seed=0):
+    """A random cache [L, B, S, Hkv, D] and n_sets sets of T new rows (new K, V [L, B, T, Hkv, D], slots and positions [B, T])."""
     ks = jax.random.split(jax.random.PRNGKey(seed), 3 + 4 * n_sets)
     cache = KVCache(rand(ks[0], (L, B, S, Hkv, D)), rand(ks[1], (L, B, S, Hkv, D)),
                     jax.random.randint(ks[2], (B, S), -1, S).astype(jnp.int32))
@@ -544,6 +441,7 @@ def update_inputs(L, B, S, Hkv, D, T, n_sets, seed=0):
 
 
 def update_section(results, smoke, interpret, deadline, timer):
+    """results["cache_update"]: the cache-update kernel against write_rows, donated cache, µs a call."""
     rows = []
     cases = [(32, 8, 1024, 8, 128), (30, 32, 1024, 3, 64), (32, 8, 1024, 32, 128), (32, 8, 8192, 8, 128)]
     if smoke:
@@ -568,7 +466,108 @@ def update_section(results, smoke, interpret, deadline, timer):
     results["cache_update"] = rows
 
 
+MATMUL_SHAPES = {"qkv": [(4096, 4096)] * 3, "o": [(4096, 4096)], "gate_up": [(4096, 22016)], "down": [(11008, 4096)],
+                 "lm_head": [(4096, 32000)]}  # the 7B decode step's weights [K, N] of one call
+MATMUL_SMOKE_SHAPES = {"qkv": [(64, 64), (64, 32), (64, 32)], "down": [(176, 64)]}
+MATMUL_ROTATE_BYTES = 600 << 20  # distinct weights per jitted call: over 10x the 50 MB L2
+
+
+def xla_matmul(x, ws):
+    """models/llama.py's decode matmuls: one XLA dot per weight, one row padded to two."""
+    if x.shape[0] < 2:
+        return [reference_matmul(jnp.pad(x, ((0, 1), (0, 0))), w)[:1] for w in ws]
+    return [reference_matmul(x, w) for w in ws]
+
+
+def matmul_kernel(cfg: MatmulConfig, interpret: bool):
+    """The few-row matmul kernel under `cfg`, as an op (x [M, K], [w [K, N_i] ...]) -> [[M, N_i] ...]."""
+    return lambda x, ws: matmul_gpu(x, ws, interpret=interpret, config=cfg)
+
+
+def weight_sets(mats, M, n, seed=0):
+    """n sets (x [M, K], [w [K, N_i] ...]): the same x, distinct weights (shapes `mats`)."""
+    key = jax.random.key(seed)
+    x = rand(jax.random.fold_in(key, 0), (M, mats[0][0]))
+    return [(x, [rand(jax.random.fold_in(key, 8 * i + j + 1), s) * 0.02 for j, s in enumerate(mats)]) for i in range(n)]
+
+
+def matmul_correctness(results, smoke, interpret):
+    """The few-row matmul (its plan and two other configs) against the fp32 reference on
+    fresh inputs (aligned and ragged shapes, 1..64 rows, one or several weights), and
+    q/k/v + RoPE against its XLA reference; appended to results["correctness"]."""
+    configs = [MatmulConfig(), MatmulConfig(block_n=32, block_k=128, splits=3), MatmulConfig(block_n=128, splits=1)]
+    cases = [(1, 64, (48,)), (5, 200, (130, 30)), (16, 576, (192,)), (64, 96, (40, 40, 24))] if smoke else \
+        [(1, 4096, (4096,)), (8, 4096, (4096, 4096, 4096)), (9, 11008, (4096,)), (16, 576, (576, 192, 192)),
+         (3, 1000, (777,)), (64, 4096, (22016,))]
+    checks = []
+    for i, (M, K, Ns) in enumerate(cases):
+        for cfg in configs:
+            name = f"matmul M{M} K{K} N{list(Ns)} {cfg}"
+            try:
+                x = rand(jax.random.key(100 + i), (M, K))
+                ws = [rand(jax.random.key(200 + 8 * i + j), (K, N)) for j, N in enumerate(Ns)]
+                got = jax.jit(matmul_kernel(cfg, interpret))(x, ws)
+                refs = [reference_matmul(x.astype(jnp.float32), w.astype(jnp.float32)) for w in ws]
+                err = max(max_rel_err(g, r) for g, r in zip(got, refs))
+                e = {"case": name, "rel_err": err, "ok": all(bool(jnp.isfinite(g).all()) for g in got) and err < 1e-2}
+            except Exception:
+                e = {"case": name, "ok": False, "error": traceback.format_exc()[-2000:]}
+            checks.append(e)
+    for i, (M, E, D, heads, bias) in enumerate([(4, 64, 32, (4, 2, 2), True)] if smoke else
+                                               [(8, 4096, 128, (32, 32, 32), False), (3, 576, 64, (9, 3, 3), True)]):
+        name = f"qkv_rope M{M} E{E} D{D} heads{heads} bias={bias}"
+        try:
+            ks = jax.random.split(jax.random.key(300 + i), 8)
+            x = rand(ks[0], (M, E))
+            ws = [rand(ks[2 + j], (E, h * D)) * 0.02 for j, h in enumerate(heads)]
+            bs = [rand(ks[5 + j], (h * D,)) if bias else None for j, h in enumerate(heads)]
+            cos, sin = rope_tables(jnp.arange(M) * 97, 1.0 / (10000 ** (jnp.arange(0, D, 2) / D)))
+            got = jax.jit(lambda *a: qkv_rope_gpu(*a, head_dim=D, interpret=interpret))(x, ws, bs, cos, sin)
+            want = reference_qkv_rope(x, ws, bs, cos, sin, head_dim=D)
+            err = max(max_rel_err(g.astype(jnp.float32), w.astype(jnp.float32)) for g, w in zip(got, want))
+            e = {"case": name, "rel_err": err, "ok": err < 2e-2}
+        except Exception:
+            e = {"case": name, "ok": False, "error": traceback.format_exc()[-2000:]}
+        checks.append(e)
+    for e in checks:
+        log("check", "OK  " if e["ok"] else "FAIL", e["case"], e.get("rel_err", e.get("error", "")))
+    results.setdefault("correctness", []).extend(checks)
+    return all(e["ok"] for e in checks)
+
+
+def max_rel_err(got, ref):
+    """Largest absolute error over the reference's largest magnitude."""
+    return float(jnp.max(jnp.abs(got - ref)) / (jnp.max(jnp.abs(ref)) + 1e-30))
+
+
+def matmul_section(results, rows, smoke, interpret, deadline, timer):
+    """XLA's decode matmuls against the few-row kernel's plan at each shape of
+    MATMUL_SHAPES and each M in rows: results["matmul"], a row {shape, K, N, M, plan,
+    xla: {us, TBps}, kernel: {us, TBps}} each (weight bytes / time)."""
+    from adore_jax.kernels.matmul_gpu import plan as matmul_plan
+
+    out = []
+    for name, mats in (MATMUL_SMOKE_SHAPES if smoke else MATMUL_SHAPES).items():
+        for M in rows:
+            if time.time() - T0 > deadline:
+                log("deadline reached: skipping matmul", name, M)
+                continue
+            K, N = mats[0][0], sum(n for _, n in mats)
+            n = 2 if smoke else max(2, min(32, math.ceil(MATMUL_ROTATE_BYTES / sum(2 * k * n for k, n in mats))))
+            sets = weight_sets(mats, M, n)
+            row = {"shape": name, "K": K, "N": N, "M": M, "plan": matmul_plan(M, K, N)}
+            nbytes = sum(w.size * w.dtype.itemsize for w in sets[0][1])
+            row.update({k: v for k, v in time_ops({"xla": xla_matmul, "kernel": matmul_kernel(MatmulConfig(), interpret)},
+                                                  sets, nbytes, timer).items()})
+            out.append(row)
+            log("matmul", name, M, {k: round(row[k]["TBps"], 2) for k in ("xla", "kernel") if "TBps" in row[k]},
+                {k: row[k]["error"][-300:] for k in ("xla", "kernel") if "error" in row[k]})
+            del sets
+    results["matmul"] = out
+
+
 def table(results, copy_bw):
+    """The run's short table (text): attention, stats, cache update, prefill, matmul, the device check."""
     lines = []
     lines.append(f"copy bandwidth {copy_bw:.2f} TB/s (read+write); attention: K+V TB/s (us); "
                  f"timer: {results.get('timer', 'wall')}")
@@ -612,39 +611,118 @@ def table(results, copy_bw):
         for r in results["prefill"]:
             vals = " ".join(f"{r[n]['TFLOPs']:.0f}({r[n]['us']:.0f})" if "us" in r[n] else "err" for n in names)
             lines.append(f"T{r['T']} P{r['P']} | {vals}")
-    sw = results.get("sweep", [])
-    if sw:
-        names = list(SWEEP)
-        lines.append("sweep (TB/s): " + " ".join(names))
-        for r in sw:
-            vals = " ".join(f"{r[n]['TBps']:.2f}" if isinstance(r.get(n), dict) and "TBps" in r[n] else "-" for n in names)
-            lines.append(f"{'%d,%d,%d,%d' % (r['B'], r['Hq'], r['Hkv'], r['D']):>13} {r['S']:>5} {r['T']:>2} | {vals}")
+    if results.get("matmul"):
+        lines.append("decode matmuls, weight TB/s (us): XLA's matmul against the few-row kernel")
+        lines.append(f"{'shape':>8} {'K':>6} {'N':>6} {'M':>3} | {'xla':>13} {'kernel':>13} {'xla/kernel time':>15}")
+        for r in results["matmul"]:
+            a, b = r["xla"], r["kernel"]
+            if "us" not in a or "us" not in b:
+                lines.append(f"{r['shape']:>8} {r['K']:>6} {r['N']:>6} {r['M']:>3} | err")
+                continue
+            lines.append(f"{r['shape']:>8} {r['K']:>6} {r['N']:>6} {r['M']:>3} | {a['TBps']:6.2f}({a['us']:5.1f}) "
+                         f"{b['TBps']:6.2f}({b['us']:5.1f}) {a['us'] / b['us']:15.2f}")
     ok = results.get("correctness_ok")
     lines.append(f"correctness on device: {'not checked' if ok is None else 'PASS' if ok else 'FAIL'}")
     return "\n".join(lines)
 
 
+def plot(results, path, copy_bw):
+    """K+V TB/s against slots S, one panel per attention shape (ours at T = 1 and 9,
+    cuDNN, XLA's reference, a copy of the same bytes; the large copy dashed), and a
+    panel of the decode matmuls' weight TB/s when the run has them. Nothing is
+    written when the run has neither."""
+    from matplotlib.ticker import NullLocator
+
+    from eval.common import new_figure
+
+    shapes = sorted({(r["B"], r["Hq"], r["Hkv"], r["D"]) for r in results.get("attention", [])})
+    matmul = [r for r in results.get("matmul", []) if "TBps" in r["xla"] and "TBps" in r["kernel"]]
+    panels = len(shapes) + (1 if matmul else 0)
+    if not panels:
+        return
+    fig, axes = new_figure(4.0 * panels, 3.4, ncols=panels)
+    axes = axes if panels > 1 else [axes]
+    lines = (("ours", 1, "ours T=1", "C0", "-"), ("ours", 9, "ours T=9", "C0", "--"), ("cudnn", 1, "cuDNN T=1", "C1", "-"),
+             ("xla_ref", 1, "XLA ref T=1", "C2", ":"), ("copy_same_size", 1, "copy, same bytes", "grey", "-"))
+    for ax, shape in zip(axes, shapes):
+        rows = [r for r in results["attention"] if (r["B"], r["Hq"], r["Hkv"], r["D"]) == shape]
+        for name, T, label, color, style in lines:
+            pts = sorted((r["S"], r[name]["TBps"] * (2 if name == "copy_same_size" else 1)) for r in rows
+                         if r["T"] == T and isinstance(r.get(name), dict) and "TBps" in r[name])
+            if pts:
+                ax.plot(*zip(*pts), marker="o", color=color, linestyle=style, label=label)
+        ax.axhline(copy_bw, color="grey", linestyle="--", linewidth=0.8, label=f"copy {copy_bw:.2f} TB/s")
+        ax.set(xscale="log", xlabel="cache slots S", ylabel="K+V TB/s", ylim=(0, None),
+               title="B,Hq,Hkv,D = %d,%d,%d,%d" % shape)
+        ax.set_xticks(sorted({r["S"] for r in rows}), [str(r) for r in sorted({r["S"] for r in rows})])
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6)
+    if matmul:
+        ax = axes[-1]
+        labels = [f"{r['shape']} M={r['M']}" for r in matmul]
+        x = np.arange(len(matmul))
+        ax.bar(x - 0.2, [r["xla"]["TBps"] for r in matmul], 0.4, label="XLA", color="C2")
+        ax.bar(x + 0.2, [r["kernel"]["TBps"] for r in matmul], 0.4, label="few-row kernel", color="C0")
+        ax.axhline(copy_bw, color="grey", linestyle="--", linewidth=0.8, label=f"copy {copy_bw:.2f} TB/s")
+        ax.set_xticks(x, labels, rotation=60, fontsize=6)
+        ax.set(ylabel="weight TB/s", title="decode matmuls")
+        ax.legend(fontsize=6)
+    fig.savefig(path)
+
+
+def write_report(results, out, copy_bw):
+    """The table (printed, and OUT's name with .txt) and the plot (.png) beside the JSON file `out`."""
+    text = table(results, copy_bw)
+    stem = os.path.splitext(out)[0]
+    with open(stem + ".txt", "w") as f:
+        f.write(text + "\n")
+    plot(results, stem + ".png", copy_bw)
+    print("\n" + text, flush=True)
+
+
+SECTIONS = ("copy", "check", "attn", "update", "prefill", "matmul")
+
+
 def main(argv=None):
+    """`python -m eval.bench_kernels`: run the sections and write the JSON, the table and the plot (see the module's docstring)."""
     global T0
     T0 = time.time()  # --deadline counts from here, not from the import (a test suite imports it early)
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default="results/bench_kernels.json")
+    ap = argparse.ArgumentParser(prog="python -m eval.bench_kernels", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="results/kernels/bench_kernels.json")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes; interpret mode on CPU (checks the script only)")
-    ap.add_argument("--deadline", type=float, default=330.0, help="seconds after which remaining cases are skipped")
-    ap.add_argument("--sections", default="copy,check,sweep,attn,update,prefill")
-    ap.add_argument("--check-cases", type=int, default=7)
+    ap.add_argument("--deadline", type=float, default=480.0, help="seconds after which remaining cases are skipped")
+    ap.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated, of " + ",".join(SECTIONS))
+    ap.add_argument("--check-cases", type=int, default=7, help="attention cases of the device check")
+    ap.add_argument("--matmul-rows", default="1,8,64", help="rows M of the matmul section (comma-separated)")
     ap.add_argument("--timer", choices=("device", "wall"), default="device",
                     help="device: GPU-busy time from a profiler trace; wall: the host's clock (on CPU: wall)")
+    ap.add_argument("--from-json", metavar="JSON", help="write the table and plot of an earlier run's JSON; run nothing")
     args = ap.parse_args(argv)
+    secs = args.sections.split(",")
+    unknown = [s for s in secs if s not in SECTIONS]
+    if unknown:
+        ap.error(f"unknown --sections {unknown}; known: {','.join(SECTIONS)}")
+    try:
+        matmul_rows = [int(m) for m in args.matmul_rows.split(",")]
+    except ValueError:
+        ap.error(f"--matmul-rows must be comma-separated integers, got {args.matmul_rows!r}")
+    if args.from_json:
+        with open(args.from_json) as f:
+            results = json.load(f)
+        copy_bw = results.get("copy", {}).get("best_copy_TBps", 3.84)
+        write_report(results, args.from_json, copy_bw)
+        return
     interpret = jax.default_backend() == "cpu"
     if interpret and not args.smoke:
         sys.exit("no GPU: run with --smoke on CPU (interpret mode), or on the GPU machine")
     timer = "wall" if interpret else args.timer
     dev = jax.devices()[0]
     results = {"device": str(dev), "device_kind": getattr(dev, "device_kind", "?"), "jax": jax.__version__,
-               "cores": getattr(dev, "core_count", None), "args": vars(args), "timer": timer}
+               "cores": getattr(dev, "core_count", None), "args": vars(args), "timer": timer,
+               "command": " ".join(["python -m eval.bench_kernels", *(sys.argv[1:] if argv is None else argv)])}
     log("device", results["device_kind"], "jax", jax.__version__, "SMs", results["cores"])
-    secs = args.sections.split(",")
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
 
     def save():
@@ -654,23 +732,24 @@ def main(argv=None):
     copy_bw_tb = copy_bandwidth(results, args.smoke) if "copy" in secs else 3.84  # TB/s
     save()
     if "check" in secs:
-        results["correctness_ok"] = correctness(results, args.smoke, interpret, args.check_cases)
+        ok = correctness(results, args.smoke, interpret, args.check_cases)
+        results["correctness_ok"] = matmul_correctness(results, args.smoke, interpret) and ok
         save()
     if "attn" in secs:
-        attention_section(results, copy_bw_tb, args.smoke, interpret, args.deadline * 0.75, timer)
+        attention_section(results, copy_bw_tb, args.smoke, interpret, args.deadline * 0.7, timer)
         save()
     if "update" in secs:
-        update_section(results, args.smoke, interpret, args.deadline * 0.82, timer)
+        update_section(results, args.smoke, interpret, args.deadline * 0.77, timer)
         save()
     if "prefill" in secs:
-        prefill_section(results, args.smoke, interpret, args.deadline * 0.9, timer)
+        prefill_section(results, args.smoke, interpret, args.deadline * 0.85, timer)
         save()
-    if "sweep" in secs:
-        sweep_section(results, copy_bw_tb, args.smoke, interpret, args.deadline, timer)
+    if "matmul" in secs:
+        matmul_section(results, matmul_rows, args.smoke, interpret, args.deadline, timer)
         save()
     results["wall_s"] = time.time() - T0
     save()
-    print("\n" + table(results, copy_bw_tb), flush=True)
+    write_report(results, args.out, copy_bw_tb)
 
 
 if __name__ == "__main__":

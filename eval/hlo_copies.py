@@ -26,6 +26,7 @@ _CALLS = re.compile(r"calls=%?([\w.\-]+)")
 
 @dataclass(frozen=True)
 class Copy:
+    """One instruction of a compiled program that materializes a buffer by copying, and its bytes."""
     computation: str  # where the buffer is made (entry, a while body, ...)
     name: str  # the instruction
     op: str  # copy | dynamic-slice | fusion(copy) | fusion(dynamic-slice)
@@ -91,6 +92,7 @@ def copies(text: str) -> list[Copy]:
 
 
 def main(argv=None) -> int:
+    """`python -m eval.hlo_copies FILE.hlo.txt ...`: print each program's copies and their bytes; exit status."""
     paths = sys.argv[1:] if argv is None else argv
     if not paths:
         print("usage: python -m eval.hlo_copies FILE.hlo.txt ...", file=sys.stderr)

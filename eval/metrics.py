@@ -19,6 +19,7 @@ MAX_ORDER = 4
 
 
 class RougeL(NamedTuple):
+    """ROUGE-L of one candidate against one reference: precision, recall, F-measure."""
     precision: float
     recall: float
     fmeasure: float

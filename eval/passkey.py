@@ -23,6 +23,7 @@ NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
 
 @dataclasses.dataclass(frozen=True)
 class PasskeyPrompt:
+    """A pass-key prompt and where its key sits (characters and tokens)."""
     text: str  # the whole prompt
     key: str  # the key, key_digits decimal digits
     char_offset: int  # index in text of the key's first digit (first occurrence)

@@ -31,18 +31,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from adore_jax import engine
-from adore_jax.attention import AttentionOut, layer_cache
-from adore_jax.cache import KVCache
 from adore_jax.policies import build_policy
 from adore_jax.sampling import SamplingParams
 from eval.bandwidth import copy_bandwidth
 from eval.throughput_report import write_report
+from models.attention import AttentionOut, layer_cache
+from models.cache import KVCache
 from models.llama import LAYOUTS, LlamaConfig, Params, default_layout, init_params, with_layout
 from models.loading import place_params
 from models.shapes import SHAPES
 
 @dataclasses.dataclass(frozen=True)
 class Row:
+    """One benchmark row: a model shape, a policy and its settings, batch and context."""
     shape: str
     policy: str  # full | streaming | adore
     batch: int
@@ -334,6 +335,7 @@ def hf_reference(points, device: str = "cuda", done=(), save=None) -> list[dict]
 
 
 def preset_rows(preset: str) -> list[Row]:
+    """The rows of --preset tiny (smoke test), cpu (layer layouts) or gpu (the main 7B and SmolLM2 rows)."""
     if preset == "tiny":
         return [Row("tiny", p, 2, 256, cache_size=64, rebuild=r) for p, r in (("full", 0), ("streaming", 0), ("adore", 0), ("adore", 4))] + [
             Row("tiny", "full", 2, 256, variant="no-attention"), Row("tiny", "adore", 2, 256, cache_size=64, variant="no-update"),
@@ -423,6 +425,7 @@ def command_line(argv: list[str], environ=os.environ) -> str:
 
 
 def main(argv=None) -> int:
+    """`python -m eval.throughput`: time the preset's rows (and HF, the fixed budget, TTFT) and write the report; exit status."""
     p = argparse.ArgumentParser(prog="python -m eval.throughput")
     p.add_argument("--preset", choices=("tiny", "cpu", "gpu", "grid"), default="tiny",
                    help="tiny: smoke test; cpu: SmolLM2 shape, stacked vs unstacked layers; gpu: the main 7B rows; "

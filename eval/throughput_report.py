@@ -175,6 +175,7 @@ def render_table(report: dict) -> str:
 
 
 def main(argv=None) -> int:
+    """`python -m eval.throughput_report A.json B.json ... --out DIR`: merge runs into one report; exit status."""
     p = argparse.ArgumentParser(prog="python -m eval.throughput_report",
                                 description="merge eval.throughput reports (later files win) into one")
     p.add_argument("reports", nargs="+", help="throughput.json files")

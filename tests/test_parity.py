@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from adore_jax.cache import KVCache, write_rows
+from models.cache import KVCache, write_rows
 from models.llama import forward
 from models.loading import load_hf_dir
 
@@ -113,7 +113,7 @@ def test_sharded_load_on_fake_devices(tiny_hf_checkpoints):
     script = textwrap.dedent(f"""
         import jax, jax.numpy as jnp, numpy as np
         from jax.sharding import Mesh
-        from adore_jax.cache import KVCache
+        from models.cache import KVCache
         from models.llama import forward
         from models.loading import load_hf_dir
         path = {str(tiny_hf_checkpoints["mha_untied"])!r}

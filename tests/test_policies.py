@@ -10,9 +10,9 @@ import pytest
 from flax import nnx
 
 from adore_jax import engine
-from adore_jax.cache import KVCache, write_rows
 from adore_jax.policies import POLICIES, make_policy
 from adore_jax.sampling import SamplingParams
+from models.cache import KVCache, write_rows
 from models.llama import embed_tokens, forward
 from tiny_model import CFG, prompts, tiny_controller, tiny_params
 
@@ -222,7 +222,7 @@ def test_invalid_settings(ctrl, kw, msg):
 
 
 def test_stats_policy_needs_stats_kernel(params):
-    from adore_jax.attention import reference_attention
+    from models.attention import reference_attention
 
     def no_stats(*a, **k):
         return reference_attention(*a, **k)

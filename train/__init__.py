@@ -1,0 +1,1 @@
+"""Training jobs: data, the controller, Stage-1 sparse fine-tuning, variants."""

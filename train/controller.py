@@ -45,10 +45,10 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
-from adore_jax.cache import KVCache
 from adore_jax.controller import Controller, feature_layer, model_signature, save_controller
 from adore_jax.policies import AdorePolicy, RecencyPolicy
 from adore_jax.schedule import schedule_logprobs
+from models.cache import KVCache
 from models.llama import LlamaConfig, Params, forward
 from train.labels import AGGREGATES, topk_labels
 from train.config import parse_config as read_config

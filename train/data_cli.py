@@ -11,6 +11,7 @@ from train.mix import DEFAULT_MIX, parse_mix
 
 
 def main(argv=None) -> int:
+    """`adore data`: fetch and pack the training and evaluation corpora; exit status."""
     p = argparse.ArgumentParser(prog="adore data", description="training and evaluation corpora")
     sub = p.add_subparsers(dest="command", required=True)
     f = sub.add_parser("fetch", help="fetch Austen, Shakespeare and the out-of-domain handbook; pack them for a "

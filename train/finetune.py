@@ -35,8 +35,8 @@ import optax
 import orbax.checkpoint as ocp
 from tqdm import tqdm
 
-from adore_jax.attention import NEG_INF, AttentionFn, AttentionOut, layer_cache, reference_attention
-from adore_jax.cache import KVCache
+from models.attention import NEG_INF, AttentionFn, AttentionOut, layer_cache, reference_attention
+from models.cache import KVCache
 from models.llama import LlamaConfig, Params, forward, init_params
 from train.config import parse_config as read_config
 from train.controller import batch_indices
@@ -150,6 +150,7 @@ def nll_sum(params: Params, cfg: LlamaConfig, tokens: jax.Array, attn_fn: Attent
 
 @dataclasses.dataclass
 class FinetuneConfig:
+    """Settings of the Stage-1 sparse fine-tuning job (TOML keys and command-line flags)."""
     model: str = ""  # checkpoint dir / .gguf / hub id; "" = the default SmolLM2
     data_dir: str = ""  # packed corpora (train.data); "" = fetched into the cache
     seq_len: int = 256
@@ -180,6 +181,7 @@ class FinetuneConfig:
 
 @dataclasses.dataclass
 class Job:
+    """A fine-tuning job ready to run: its settings, the frozen base model and the token data."""
     fc: FinetuneConfig
     cfg: LlamaConfig
     params: Params  # the frozen base
@@ -341,6 +343,7 @@ def parse_config(argv) -> FinetuneConfig:
 
 
 def main(argv=None, prog: str = "adore finetune-sparse") -> int:
+    """`adore finetune-sparse`: fine-tune the backbone to top-K sparse attention with LoRA; exit status."""
     argv = sys.argv[1:] if argv is None else argv
     fc = parse_config(argv)
     report = run(load_job(fc), " ".join([prog, *argv]))

@@ -23,7 +23,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from adore_jax.cache import KVCache, write_rows
+from models.cache import KVCache, write_rows
 from models.llama import LlamaConfig, Params, forward
 
 

@@ -6,8 +6,8 @@
     matmul_fn = get_matmul_fn()             # decode projections: the few-row kernels on GPU, else None (XLA)
     default_kernels()                       # the three above, as the decode engine picks them by default
 
-Backends: "reference" (XLA: adore_jax.attention.reference_attention and
-adore_jax.cache.write_rows), "pallas_gpu" (Pallas, Triton lowering),
+Backends: "reference" (XLA: models.attention.reference_attention and
+models.cache.write_rows), "pallas_gpu" (Pallas, Triton lowering),
 "pallas_tpu" (Pallas, Mosaic TPU). With backend="auto" the environment variable
 ADORE_KERNEL_BACKEND, when set, forces one of them; an explicit backend
 argument wins over it. The decode kernels take T <= 16 new rows (G * T <= 128). Longer
@@ -26,8 +26,6 @@ from typing import Callable, Optional
 
 import jax
 
-from adore_jax.attention import AttentionOut, reference_attention
-from adore_jax.cache import KVCache, write_rows
 from adore_jax.kernels.attention_gpu import GpuConfig, sparse_attention_gpu
 from adore_jax.kernels.attention_tpu import TpuConfig, sparse_attention_tpu
 from adore_jax.kernels.blockwise import blockwise_attention
@@ -36,6 +34,8 @@ from adore_jax.kernels.matmul_gpu import MatmulConfig, matmul_gpu, reference_mat
 from adore_jax.kernels.projections import PROJECTIONS, FewRowMatmul
 from adore_jax.kernels.qkv_gpu import qkv_rope_gpu, reference_qkv_rope
 from adore_jax.kernels.prefill_gpu import PrefillConfig, prefill_attention_gpu
+from models.attention import AttentionOut, reference_attention
+from models.cache import KVCache, write_rows
 
 ENV_VAR = "ADORE_KERNEL_BACKEND"
 BACKENDS = ("auto", "reference", "pallas_gpu", "pallas_tpu")
@@ -141,7 +141,7 @@ def _attention_fn(name: str, interpret: bool, gpu_config, tpu_config) -> Attenti
 def get_cache_update_fn(backend: str = "auto", interpret: bool = False) -> Callable[..., KVCache]:
     """Cache update `(cache, new_k, new_v, slots, positions) -> KVCache` for `backend`.
 
-    The reference is adore_jax.cache.write_rows (XLA scatter); the kernels write
+    The reference is models.cache.write_rows (XLA scatter); the kernels write
     in place through input_output_aliases (donate the cache in the caller's jit).
     """
     return _cache_update_fn(resolve_backend(backend), interpret)

@@ -41,7 +41,6 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from adore_jax.attention import NEG_INF, AttentionOut
 from adore_jax.kernels import softmax_gpu
 from adore_jax.kernels.blockwise import blockwise_attention
 from adore_jax.kernels.common import (
@@ -58,6 +57,7 @@ from adore_jax.kernels.common import (
     stacked,
 )
 from adore_jax.kernels.prefill_gpu import PrefillConfig, prefill_attention_gpu
+from models.attention import NEG_INF, AttentionOut
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,7 +90,7 @@ def auto_splits(programs: int, side_by_side: int, max_splits: int, min_programs:
     `side_by_side` programs at once: among the split counts giving at least
     `min_programs` programs (all of them if none does), the fewest within 12% of the
     least ceil(programs * ns / side_by_side) / ns, the time of the busiest SM (a
-    last partial round leaves SMs idle; docs/KERNELS.md, sessions 10 to 12)."""
+    last partial round leaves SMs idle; docs/KERNELS.md, "Design notes")."""
     counts = [ns for ns in range(1, max_splits + 1) if programs * ns >= min_programs] or [max_splits]
     cost = {ns: cdiv(programs * ns, side_by_side) / ns for ns in counts}
     return next(ns for ns in counts if cost[ns] <= 1.12 * min(cost.values()))
@@ -107,11 +107,10 @@ def plan(B: int, Hkv: int, S: int, D: int, cfg: GpuConfig, rows: int = 16):
     Up to 16 rows (T = 1, and MHA up to T = 16): small blocks in a deep pipeline
     (32 slots x 4 stages at D >= 128, 64 x 3 below), and splits only until every SM
     has about two programs (1.9), each SM counted as running one at a time, and of
-    at least 5 blocks (session 16: at S = 1024, 6-block splits were 5-9% faster
-    than 2- and 4-block ones); where the (b, kv head) pairs alone reach that,
-    splits as from 32 rows. From 32 rows: 64-slot blocks, 3 stages, splits of at
-    least 2 blocks counted at 2 programs an SM. Measured in docs/KERNELS.md,
-    sessions 10 to 16."""
+    at least 5 blocks (at S = 1024, 6-block splits were 5-9% faster than 2- and
+    4-block ones); where the (b, kv head) pairs alone reach that, splits as from
+    32 rows. From 32 rows: 64-slot blocks, 3 stages, splits of at least 2 blocks
+    counted at 2 programs an SM. Measured in docs/KERNELS.md, "Design notes"."""
     few = rows <= 16
     bs = cfg.block_s or (32 if few and D >= 128 else 64)
     stages = cfg.num_stages or (4 if few and D >= 128 else 3)
@@ -131,7 +130,7 @@ def plan(B: int, Hkv: int, S: int, D: int, cfg: GpuConfig, rows: int = 16):
 def warps(rows: int, D: int, cfg: GpuConfig) -> int:
     """Warps a program runs for `rows` (padded) query rows of head dim D:
     cfg.num_warps, else 2 up to 16 rows, and up to 32 at D <= 64, 4 above
-    (docs/KERNELS.md, sessions 15 and 16)."""
+    (docs/KERNELS.md, "Design notes")."""
     return cfg.num_warps or (2 if rows <= 16 or (rows <= 32 and D <= 64) else 4)
 
 
@@ -213,7 +212,7 @@ def _kernel(*refs, T, G, D, S, R, Rr, bs, Sp, NS, Tp, scale, merge, with_scores,
     # block is read as the whole block that ends at slot S (overlapping the one
     # before it), its slots already counted masked out by position. So the
     # kernel's code, and with it how many programs fit on an SM, does not depend
-    # on S (docs/KERNELS.md, session 10).
+    # on S (docs/KERNELS.md, "Design notes").
     split_start = j * Sp
     n_blocks_total = cdiv(S, bs)
     if S % Sp == 0:

@@ -31,7 +31,6 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from adore_jax.attention import NEG_INF, AttentionOut
 from adore_jax.kernels.blockwise import blockwise_attention
 from adore_jax.kernels.common import (
     MAX_ROWS,
@@ -46,15 +45,18 @@ from adore_jax.kernels.common import (
     round_up,
     stacked,
 )
+from models.attention import NEG_INF, AttentionOut
 
 
 @dataclasses.dataclass(frozen=True)
 class TpuConfig:
+    """Tuning knobs of the TPU kernel (static)."""
     block_s: int = 512  # slots per block (multiple of 128, or all of S when S is smaller)
     splits: int = 1  # splits of S (more parallel programs for megacore / small batch)
 
 
 def head_group(Hkv: int, D: int) -> int:
+    """KV heads a block holds: the fewest hb dividing Hkv with hb * D a multiple of 128 lanes, else Hkv."""
     for c in range(1, Hkv + 1):
         if Hkv % c == 0 and (c * D) % 128 == 0:
             return c
@@ -62,6 +64,7 @@ def head_group(Hkv: int, D: int) -> int:
 
 
 def supported(q, k) -> bool:
+    """Whether the TPU decode kernel takes q [B, T, Hq, D] against new keys k [B, T, Hkv, D]."""
     B, T, Hq, D = q.shape
     Hkv = k.shape[2]
     return T <= MAX_T and (Hq // Hkv) * T <= MAX_ROWS

@@ -17,7 +17,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from adore_jax.attention import NEG_INF, AttentionOut, reference_attention
+from models.attention import NEG_INF, AttentionOut, reference_attention
 
 BLOCK = 1024  # slots per block
 

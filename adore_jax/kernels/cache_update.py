@@ -1,6 +1,6 @@
 """In-place cache update: write the new rows of every layer into chosen slots.
 
-Same contract as the reference `adore_jax.cache.write_rows(cache, new_k,
+Same contract as the reference `models.cache.write_rows(cache, new_k,
 new_v, slots, positions)`: new_k/new_v [L, B, T, Hkv, D], slots [B, T] (-1 or
 out of range: the row is dropped), positions [B, T]. Two rows must not target
 one slot. The cache buffers are aliased to the outputs (input_output_aliases),
@@ -17,8 +17,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 from jax.experimental.pallas import tpu as pltpu
 
-from adore_jax.cache import KVCache
 from adore_jax.kernels.common import cdiv, default_interpret_params, next_pow2
+from models.cache import KVCache
 
 
 def _check(cache: KVCache, new_k, new_v, slots, positions):

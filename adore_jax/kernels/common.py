@@ -11,13 +11,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from adore_jax.attention import NEG_INF, AttentionOut
+from models.attention import NEG_INF, AttentionOut
 
 MAX_T = 16  # decode kernels handle T <= MAX_T new rows; longer chunks (prefill): prefill_gpu or blockwise
 MAX_ROWS = 128  # and at most this many G * T rows per KV head
 
 
 def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1)."""
     return 1 << max(0, int(n) - 1).bit_length()
 
 
@@ -34,10 +35,12 @@ def num_sms() -> int:
 
 
 def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for integers."""
     return -(-a // b)
 
 
 def round_up(a: int, b: int) -> int:
+    """a rounded up to a multiple of b."""
     return cdiv(a, b) * b
 
 
@@ -129,6 +132,7 @@ def stacked(cache_k, cache_v, layer):
 
 
 def finish(out, lse, mass, with_stats: bool) -> AttentionOut:
+    """AttentionOut(out [B, T, Hq, D]), with mass [B, T, S+T] and lse [B, T, Hq] when with_stats."""
     if not with_stats:
         return AttentionOut(out)
     return AttentionOut(out, mass, lse)

@@ -9,7 +9,7 @@ Programs write fp32 partials [splits, M, N]; their sum happens in XLA, where it
 fuses into whatever reads the result (the cast, RoPE, the residual add).
 
 `reference_matmul` is the plain XLA matmul it replaces (what models/llama.py
-computes elsewhere). Measurements: docs/KERNELS.md, "Session 9".
+computes elsewhere). Measurements: docs/KERNELS.md, "Measured on the H200".
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def plan(M: int, K: int, N: int, cfg: MatmulConfig = MatmulConfig(), itemsize: i
     """Static launch plan: (rows padded, block_n, block_k, splits, K per split).
     N is the weights' columns together. block_k is halved until the pipeline's
     tiles fit SMEM_BYTES. At 8 rows on an H200 the best configs ran about one
-    program per SM (docs/KERNELS.md, "Session 9")."""
+    program per SM (docs/KERNELS.md)."""
     bn = max(16, min(cfg.block_n, next_pow2(N)))
     Mp, bk = tiles(M, K, bn, cfg, itemsize)
     nblocks_k = cdiv(K, bk)

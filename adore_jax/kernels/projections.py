@@ -23,7 +23,7 @@ class FewRowMatmul:
     RoPE in one launch (kernels/qkv_gpu.py) where the head dim allows. Other
     groups, and longer chunks, stay with XLA. The default groups made the 7B
     decode step faster than XLA's matmul on an H200; gate/up, down and the LM
-    head read as fast or faster in XLA (docs/KERNELS.md, "Session 9").
+    head read as fast or faster in XLA (docs/KERNELS.md, "Measured on the H200").
     Hashable: a jit static argument."""
 
     groups: tuple[str, ...] = ("qkv", "o")

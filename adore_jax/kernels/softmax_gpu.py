@@ -4,8 +4,8 @@ Scores are kept in base 2: s = q.k * scale * log2(e), so each score's
 exponential is one `ex2.approx.ftz.f32` instruction, where `jnp.exp` lowers to
 libdevice's accurate `__nv_expf`, a range reduction around that same
 instruction. Small decode calls are bound by the rate the loop issues
-instructions, and this made them 1-18% faster (docs/KERNELS.md, sessions 14 and
-15). The running max m is in the same base-2 units; `natural` turns it back for
+instructions, and this made them 1-16% faster (docs/KERNELS.md, "Design
+notes"). The running max m is in the same base-2 units; `natural` turns it back for
 the log-sum-exp and the split merge.
 """
 
@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental.pallas import triton as plgpu
 
-from adore_jax.attention import NEG_INF
+from models.attention import NEG_INF
 
 LOG2E = math.log2(math.e)
 _INT32_MAX = 2**31 - 1

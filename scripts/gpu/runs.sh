@@ -1,0 +1,70 @@
+# The GPU runs behind docs/THROUGHPUT.md, docs/KERNELS.md and docs/RESULTS.md: independent jobs, one per GPU
+# (bench, quality, quality2: a machine of 2 or 4 GPUs, nvidia-h200-x2/x4), or one after another on one GPU (single,
+# grid, groups), each resumable: call the same case again on the warm machine and finished jobs are skipped.
+# From the repository root: `source scripts/gpu/setup.sh`, then `bash scripts/gpu/runs.sh CASE` (docs/GPU.md).
+# Results go to /tmp/runs (kept while the machine stays warm), returned as $OUT/runs.tgz (without HLO text).
+set -u
+R=/tmp/runs
+mkdir -p "$R"
+LIMIT=${LIMIT:-540}  # seconds per call: the device tool allows 600; every job ends by then
+END=$(( $(date +%s) + LIMIT ))
+on() {  # GPU, log name, command: runs until END
+  local gpu=$1 log=$2 left=$(( END - $(date +%s) )); shift 2; [ "$left" -gt 10 ] || return 124
+  CUDA_VISIBLE_DEVICES=$gpu timeout "$left" "$@" >>"$R/$log.log" 2>&1
+}
+GRID="python3 -m eval.throughput --preset grid --ttft --no-hf --steps 8 --repeats 3"
+GRID_DECODE="python3 -m eval.throughput --preset grid --no-hf --steps 8 --repeats 3"  # decode rows only (TTFT: GRID)
+EVAL="python3 -m adore_jax eval"
+Q="--size full --out $R/quality"
+
+case "${1:-}" in
+bench)  # four GPUs: the main throughput run (HF, fixed budget, TTFT), the 7B grid in two halves, the kernel
+        # benchmark then the SmolLM2 grid
+  on 0 throughput python3 -m eval.throughput --preset gpu --fixed-budget --ttft --ttft-blockwise --out "$R/throughput" &
+  on 1 grid_a $GRID --shapes llama2-7b --contexts 2048,8192 --out "$R/grid_a" &
+  on 2 grid_b $GRID --shapes llama2-7b --contexts 16384,32768 --out "$R/grid_b" &
+  on 3 grid_c bash -c "python3 -m eval.bench_kernels --out $R/kernels/bench_kernels.json &&
+    $GRID --shapes smollm2-135m --out $R/grid_c" &
+  ;;
+single)  # one GPU: the kernel benchmark (docs/KERNELS.md), then the main throughput run (docs/THROUGHPUT.md)
+  [ -f $R/kernels/bench_kernels.txt ] || on 0 bench_kernels python3 -m eval.bench_kernels \
+    --out $R/kernels/bench_kernels.json  # the .txt table is written last, when the run is complete
+  [ -f $R/main/throughput.json ] || on 0 main python3 -m eval.throughput --preset gpu --fixed-budget --out $R/main
+  ;;
+grid)  # one GPU: the grids of docs/THROUGHPUT.md (7B, then SmolLM2; decode and TTFT), one batch size a job
+  for B in 1 8 16 64; do
+    [ -f $R/grid_7b_b$B/throughput.json ] || on 0 grid_7b_b$B $GRID --shapes llama2-7b --batches $B \
+      --out $R/grid_7b_b$B
+  done
+  [ -f $R/grid_smollm2/throughput.json ] || on 0 grid_smollm2 $GRID --shapes smollm2-135m --out $R/grid_smollm2
+  [ -f $R/grid_hf/throughput.json ] || on 0 grid_hf python3 -m eval.throughput --preset grid --hf-only --out $R/grid_hf
+  ;;
+groups)  # one GPU: the 7B TTFT at B=64 under JAX's default memory pool, prefilled in groups of 16 and of 8
+         # sequences (--prefill-group; docs/THROUGHPUT.md, "Open")
+  for g in 16 8; do
+    [ -f $R/t64g$g/throughput.json ] || on 0 t64g$g $GRID --ttft-only --shapes llama2-7b --batches 64 \
+      --prefill-group $g --out $R/t64g$g
+  done
+  ;;
+quality)  # four GPUs, with the model (docs/GPU.md): the four evaluations of `adore eval all --size full`
+  on 0 ppl_a $EVAL ppl $Q --policy full,window,streaming,h2o,tova &
+  on 1 ppl_b $EVAL ppl $Q --policy adore,adore-r8,oracle &
+  on 2 recall $EVAL recall $Q &
+  on 3 passkey_agreement bash -c "python3 -m adore_jax eval passkey --size full --out $R/quality &&
+    python3 -m adore_jax eval agreement --size full --out $R/quality" &
+  ;;
+quality2)  # with the model (carry .carry/p2, .carry/parts): a hidden-state controller, ADORE with sinks, fp32 agreement
+  [ -d .carry/parts/quality_parts ] && mkdir -p "$R/quality" && cp -rn .carry/parts/quality_parts/. "$R/quality/.parts/"
+  on 0 agreement $EVAL agreement --size full --dtype float32 --out "$R/quality_fp32" &
+  on 1 hidden bash -c "python3 -m train.variants --final hidden:8/bce --final-steps 600 --out $R/ctrl_h8 &&
+    $EVAL ppl --size full --policy full,streaming,adore,adore-r8 --controller $R/ctrl_h8/controller --out $R/quality_h8 &&
+    $EVAL ppl $Q --policy full,window,streaming,h2o,tova,adore,adore-r8,oracle,adore-s4,adore-r8-s4" &
+  ;;
+assemble)  # every quality row is in .parts by now: write the reports (grid rows are assembled off the GPU)
+  on 0 assemble_quality $EVAL all $Q &
+  ;;
+*) echo "usage: bash scripts/gpu/runs.sh bench|single|grid|groups|quality|quality2|assemble" >&2; exit 2 ;;
+esac
+wait
+mkdir -p "$OUT" && tar czf "$OUT/runs.tgz" --exclude='*.hlo.txt' -C /tmp runs  # one file (the tool returns few)
+tail -n 3 "$R"/*.log
