@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--cache-size", type=int, default=None, help="cache slots m (required unless --policy full)")
         sp.add_argument("--rebuild", type=int, default=0, help="adore: rebuilt tokens R per step")
         sp.add_argument("--rebuild-every", type=int, default=1, help="adore: rebuild on every k-th step")
-        sp.add_argument("--sinks", type=int, default=None, help="always-kept first tokens (streaming: 4)")
+        sp.add_argument("--sinks", type=int, default=None, help="always-kept first tokens (streaming and adore: 4)")
         sp.add_argument("--recent", type=int, default=None, help="always-kept most recent tokens (h2o: m/2)")
         sp.add_argument("--controller", default=None, help="adore: controller checkpoint folder (default: packaged)")
 

@@ -13,6 +13,9 @@ from adore_jax.policies.baselines import H2OPolicy, OraclePolicy, RecencyPolicy,
 from adore_jax.policies.full import FullPolicy, full_policy
 
 POLICIES = ("full", "window", "streaming", "h2o", "tova", "adore", "oracle")
+# adore protects this many sink tokens by default (at most a quarter of the slots): an embedding-input
+# controller without them loses the first token and its perplexity doubles (docs/TRAINING.md, the ablation)
+ADORE_SINKS = 4
 
 
 def make_policy(
@@ -29,7 +32,8 @@ def make_policy(
     """Build a policy. cache_size m (slots) is required except for `full`.
 
     Defaults: streaming keeps 4 sinks + recent; h2o keeps m/2 recent positions;
-    adore, tova, window and oracle protect nothing unless asked.
+    adore keeps ADORE_SINKS sinks (at most m/4); tova, window and oracle protect
+    nothing unless asked.
     Raises ValueError for invalid settings."""
     if name not in POLICIES:
         raise ValueError(f"unknown policy {name!r}; choose one of {', '.join(POLICIES)}")
@@ -37,7 +41,8 @@ def make_policy(
         return full_policy
     if cache_size is None or cache_size < 1:
         raise ValueError(f"policy {name} needs a cache size >= 1 (got {cache_size})")
-    sinks = (4 if name == "streaming" else 0) if sinks is None else sinks
+    if sinks is None:
+        sinks = {"streaming": 4, "adore": min(ADORE_SINKS, cache_size // 4)}.get(name, 0)
     recent = (cache_size // 2 if name == "h2o" else 0) if recent is None else recent
     if name == "streaming":
         sinks = min(sinks, cache_size)
@@ -83,7 +88,7 @@ def build_policy(name: str, cfg, cache_size: Optional[int] = None, *, controller
 
 
 __all__ = [
-    "POLICIES", "Policy", "Evicting", "FullPolicy", "full_policy", "RecencyPolicy", "H2OPolicy",
+    "POLICIES", "ADORE_SINKS", "Policy", "Evicting", "FullPolicy", "full_policy", "RecencyPolicy", "H2OPolicy",
     "TOVAPolicy", "OraclePolicy", "AdorePolicy", "AdoreState", "keep_top_m", "release_times", "make_policy",
     "build_policy",
 ]

@@ -1,6 +1,6 @@
 # The GPU runs behind docs/THROUGHPUT.md, docs/KERNELS.md and docs/RESULTS.md: independent jobs, one per GPU
-# (bench, quality, quality2: a machine of 2 or 4 GPUs, nvidia-h200-x2/x4), or one after another on one GPU (single,
-# grid, groups), each resumable: call the same case again on the warm machine and finished jobs are skipped.
+# (bench, quality: a machine of 2 or 4 GPUs, nvidia-h200-x2/x4), or one after another on one GPU (single, grid,
+# groups, controller, quality1), each resumable: call the same case again on the warm machine and finished jobs are skipped.
 # From the repository root: `source scripts/gpu/setup.sh`, then `bash scripts/gpu/runs.sh CASE` (docs/GPU.md).
 # Results go to /tmp/runs (kept while the machine stays warm), returned as $OUT/runs.tgz (without HLO text).
 set -u
@@ -53,17 +53,27 @@ quality)  # four GPUs, with the model (docs/GPU.md): the four evaluations of `ad
   on 3 passkey_agreement bash -c "python3 -m adore_jax eval passkey --size full --out $R/quality &&
     python3 -m adore_jax eval agreement --size full --out $R/quality" &
   ;;
-quality2)  # with the model (carry .carry/p2, .carry/parts): a hidden-state controller, ADORE with sinks, fp32 agreement
-  [ -d .carry/parts/quality_parts ] && mkdir -p "$R/quality" && cp -rn .carry/parts/quality_parts/. "$R/quality/.parts/"
-  on 0 agreement $EVAL agreement --size full --dtype float32 --out "$R/quality_fp32" &
-  on 1 hidden bash -c "python3 -m train.variants --final hidden:8/bce --final-steps 600 --out $R/ctrl_h8 &&
-    $EVAL ppl --size full --policy full,streaming,adore,adore-r8 --controller $R/ctrl_h8/controller --out $R/quality_h8 &&
-    $EVAL ppl $Q --policy full,window,streaming,h2o,tova,adore,adore-r8,oracle,adore-s4,adore-r8-s4" &
+controller)  # one GPU, with the model and the 2048-token packed data (docs/GPU.md): the ablation of docs/TRAINING.md
+             # (nine processes at once), then the shipped controller's recipe
+  [ -f $R/ablation/ablation.json ] || on 0 ablation python3 -m train.variants --steps 160 --train-seconds 290 \
+    --seq-len 2048 --batch-size 8 --eval-batches 2 --eval-len 8192 --eval-segments 4 --budgets 256,1024 \
+    --protections 0-0,4-0,4-25 --out $R/ablation
+  [ -f $R/controller/controller/controller.json ] || on 0 controller python3 -m adore_jax train-controller \
+    --config train/configs/smollm2-135m.toml --out $R/controller
+  ;;
+quality1)  # one GPU, with the model, resumable (call again until done): the tables of docs/RESULTS.md with the
+           # shipped controller: perplexity on the test book and on the out-of-domain text, pass-key, fp32 agreement
+  P="--policy full,streaming,h2o,tova,adore,adore-r8 --cache-size 128,256,512,1024"
+  on 0 ppl $EVAL ppl $Q $P
+  on 0 ppl_ood $EVAL ppl --size full --text ood --policy full,streaming,h2o,tova,adore,adore-r8 --cache-size 1024 \
+    --out $R/quality_ood
+  on 0 passkey $EVAL passkey $Q $P
+  on 0 agreement $EVAL agreement $Q --dtype float32 $P
   ;;
 assemble)  # every quality row is in .parts by now: write the reports (grid rows are assembled off the GPU)
   on 0 assemble_quality $EVAL all $Q &
   ;;
-*) echo "usage: bash scripts/gpu/runs.sh bench|single|grid|groups|quality|quality2|assemble" >&2; exit 2 ;;
+*) echo "usage: bash scripts/gpu/runs.sh bench|single|grid|groups|quality|controller|quality1|assemble" >&2; exit 2 ;;
 esac
 wait
 mkdir -p "$OUT" && tar czf "$OUT/runs.tgz" --exclude='*.hlo.txt' -C /tmp runs  # one file (the tool returns few)
