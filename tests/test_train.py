@@ -209,3 +209,18 @@ def test_hidden_feature_controller_round_trip(tmp_path):
     assert ctrl.feature_layer == 1 and meta["feature"] == "hidden:1"
     policy, _, _ = build_policy("adore", CFG, 16, controller=tmp_path / "controller")
     assert policy.feature_layer == 1
+
+
+def test_shipped_controller_matches_its_config_file():
+    """The shipped controller's recorded training settings are those of the config
+    file that reproduces it (bookkeeping fields aside)."""
+    from adore_jax.controller import ASSETS
+
+    root = Path(__file__).parent.parent
+    tc = parse_config(["--config", str(root / "train" / "configs" / "smollm2-135m.toml")])
+    shipped = json.loads((ASSETS / "L30-E576-H9x3-V49152" / "controller.json").read_text())
+    bookkeeping = {"out", "eval_every", "save_every", "keep", "log_every"}
+    ours = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(tc).items()}
+    assert {k: v for k, v in ours.items() if k not in bookkeeping} == \
+        {k: v for k, v in shipped["train"].items() if k not in bookkeeping}
+    assert shipped["feature"] == tc.feature and shipped["num_buckets"] == tc.num_buckets
