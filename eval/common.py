@@ -25,6 +25,8 @@ HELDOUT_BOOK = "persuasion"
 
 @dataclasses.dataclass(frozen=True)
 class PolicySpec:
+    """A policy as named on the command line: its label, policy name and ADORE settings."""
+
     label: str  # as written in tables and plots
     name: str  # adore_jax.policies name
     rebuild: int = 0  # adore: R rebuilt tokens per step

@@ -57,6 +57,8 @@ from train.mesh import fsdp_specs, make_mesh
 
 @dataclasses.dataclass
 class TrainConfig:
+    """Every setting of a controller training job (a TOML file's keys, each also a --flag)."""
+
     model: str = ""  # checkpoint dir / .gguf / hub id; "" = the default SmolLM2
     data_dir: str = ""  # packed corpora (train.data); "" = fetched into the cache
     mix: str = ""  # training rows: "" books only, else a train.mix string ("books=0.7,chat=0.15,retrieval=0.15")
@@ -263,6 +265,8 @@ def metrics_fn(ctrl: Controller, x, idx, w, tc: TrainConfig):
 
 @dataclasses.dataclass
 class Job:
+    """A loaded training job: config, backbone, token rows [N, n] of training and validation, mesh."""
+
     tc: TrainConfig
     cfg: LlamaConfig
     params: Params
@@ -277,6 +281,7 @@ def _schedule(tc: TrainConfig):
 
 
 def make_optimizer(tc: TrainConfig):
+    """AdamW with global-norm clipping and warmup + cosine decay of the learning rate."""
     return optax.chain(optax.clip_by_global_norm(tc.clip), optax.adamw(_schedule(tc), weight_decay=tc.weight_decay))
 
 
@@ -467,6 +472,7 @@ def parse_config(argv) -> TrainConfig:
 
 
 def main(argv=None) -> int:
+    """`adore train-controller`: train, then write OUT/controller with its model card."""
     tc = parse_config(sys.argv[1:] if argv is None else argv)
     job = load_job(tc)
     ctrl, metrics = train(job)

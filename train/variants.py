@@ -249,6 +249,7 @@ def plot(results: dict, budgets, path) -> None:
 
 
 def main(argv=None) -> int:
+    """`python -m train.variants`: run the variants (or one worker), then write the table and plot."""
     argv = sys.argv[1:] if argv is None else list(argv)
     p = argparse.ArgumentParser(prog="python -m train.variants", description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=400)

@@ -33,6 +33,8 @@ _NEG = -jnp.inf
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class AdoreState:
+    """ADORE's per-sequence state: the history (token, controller key, latest scores) and the GRU state."""
+
     tok: jax.Array  # [B, N] int32 token id at each position
     key: jax.Array  # [B, N, d_c] controller key W_k c_i at each position
     h: jax.Array  # [B, d_c] GRU state
@@ -49,6 +51,8 @@ def in_cache(cache, n: int) -> jax.Array:
 
 @dataclasses.dataclass(frozen=True)
 class AdorePolicy(Evicting):
+    """Controller scores decide which m tokens stay; up to R released tokens are rebuilt (module docstring)."""
+
     rebuild: int = 0  # R: rebuilt rows per step
     rebuild_every: int = 1  # k: rebuild on every k-th decode step
     graphdef: Any = None  # nnx GraphDef of the controller; its state is `pp`

@@ -11,6 +11,8 @@ from adore_jax.policies.base import Policy
 
 @dataclasses.dataclass(frozen=True)
 class FullPolicy(Policy):
+    """Full attention: a slot for every position, nothing released (the reference)."""
+
     def num_slots(self, max_total: int) -> int:
         return max_total
 
