@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from adore_jax import engine
-from adore_jax.policies import build_policy
+from adore_jax.policies import build_policy, make_policy
 from adore_jax.sampling import SamplingParams
 from eval.bandwidth import copy_bandwidth
 from eval.throughput_report import write_report
@@ -53,13 +53,32 @@ class Row:
     rebuild_every: int = 1
     variant: str = ""  # "" | no-attention | no-update (step breakdown) | sliced-cache | stacked | unstacked (layers)
     #                    | xla-matmul (the projections by XLA's matmul, not the few-row kernel)
+    feature: str = ""  # adore: the controller's input, "hidden:l" (a random controller reading layer l's input);
+    #                    "" the shape's default controller (the packaged one, else random on the embeddings)
 
     @property
     def name(self) -> str:
         p = self.policy if self.policy == "full" else f"{self.policy} m={self.cache_size}"
         if self.policy == "adore":
             p += f" R={self.rebuild}" + (f"/{self.rebuild_every}" if self.rebuild_every > 1 else "")
+            p += f" {self.feature}" if self.feature else ""
         return p + (f" [{self.variant}]" if self.variant else "")
+
+
+def row_policy(row: Row, cfg: LlamaConfig):
+    """(policy, policy params) a row runs: build_policy's, or for `feature` a random
+    controller with that input."""
+    m = None if row.policy == "full" else row.cache_size
+    if not row.feature:
+        return build_policy(row.policy, cfg, m, rebuild=row.rebuild, rebuild_every=row.rebuild_every)[:2]
+    from flax import nnx
+
+    from adore_jax.controller import feature_layer, new_controller
+
+    layer = feature_layer(row.feature)
+    gd, state = nnx.split(new_controller(cfg.hidden_size, feature_layer=layer))
+    return make_policy(row.policy, m, controller_graphdef=gd, feature_layer=layer, rebuild=row.rebuild,
+                       rebuild_every=row.rebuild_every), state
 
 
 def _no_attention(q, k, v, cache_k, cache_v, cache_pos, q_pos, *, layer=None, with_stats=False, scale=None):
@@ -143,8 +162,7 @@ def _program(cfg, params, row: Row, steps: int, repeats: int, kernels):
     row. params may be abstract (jax.ShapeDtypeStruct leaves): then so is the state,
     and nothing is allocated."""
     attn_fn, update_fn, matmul_fn = row_kernels(row, kernels)
-    pol, pp, _ = build_policy(row.policy, cfg, None if row.policy == "full" else row.cache_size,
-                              rebuild=row.rebuild, rebuild_every=row.rebuild_every)
+    pol, pp = row_policy(row, cfg)
     ec = engine.EngineConfig(max_new_tokens=steps * (repeats + 2) + 2, prompt_len=row.context, chunk=512,
                              policy=pol, attn_fn=attn_fn, cache_update=update_fn, matmul_fn=matmul_fn)
     state = lambda p: synthetic_state(p, pp, cfg, ec, row.batch, row.context, jax.random.key(0))
@@ -204,7 +222,7 @@ def measure_row(cfg, params, row: Row, steps: int, repeats: int, kernels, hlo_di
 def prefill_program(cfg, params, row: Row, kernels, prefill_group: Optional[int] = None):
     """(compiled prefill of `context` tokens per sequence, its arguments) for a row;
     prefill_group: sequences prefilled at a time (EngineConfig.prefill_group)."""
-    pol, pp, _ = build_policy(row.policy, cfg, None if row.policy == "full" else row.cache_size, rebuild=row.rebuild)
+    pol, pp = row_policy(dataclasses.replace(row, rebuild_every=1), cfg)
     ec = engine.EngineConfig(max_new_tokens=2, prompt_len=row.context, chunk=min(512, row.context), policy=pol,
                              attn_fn=kernels[0], cache_update=kernels[1], matmul_fn=kernels[2],
                              prefill_group=prefill_group)
@@ -335,17 +353,23 @@ def hf_reference(points, device: str = "cuda", done=(), save=None) -> list[dict]
 
 
 def preset_rows(preset: str) -> list[Row]:
-    """The rows of --preset tiny (smoke test), cpu (layer layouts) or gpu (the main 7B and SmolLM2 rows)."""
+    """The rows of --preset tiny (smoke test), cpu (layer layouts), gpu (the main 7B and SmolLM2 rows) or
+    controller (the controller's and the cache update's cost per controller input, 7B shape)."""
     if preset == "tiny":
         return [Row("tiny", p, 2, 256, cache_size=64, rebuild=r) for p, r in (("full", 0), ("streaming", 0), ("adore", 0), ("adore", 4))] + [
             Row("tiny", "full", 2, 256, variant="no-attention"), Row("tiny", "adore", 2, 256, cache_size=64, variant="no-update"),
             Row("tiny", "full", 2, 256, variant="sliced-cache"), Row("tiny", "adore", 2, 256, cache_size=64, variant="unstacked"),
-            Row("tiny", "adore", 2, 256, cache_size=64, variant="stacked")]
+            Row("tiny", "adore", 2, 256, cache_size=64, variant="stacked"),
+            Row("tiny", "adore", 2, 256, cache_size=64, feature="hidden:1")]
+    main = dict(shape="llama2-7b", batch=8, context=16384)
+    if preset == "controller":  # the controller's cost: adore R=0 against streaming, per input; the update's: R=8 without it
+        return [Row(policy="full", **main), Row(policy="streaming", **main)] + [
+            Row(policy="adore", rebuild=R, feature=f, variant=v, **main)
+            for f in ("", "hidden:8") for R, v in ((0, ""), (8, ""), (8, "no-update"))]
     if preset == "cpu":  # the scan over stacked layers against per-layer weight buffers, at a CPU size
         small = dict(shape="smollm2-135m", batch=4, context=2048)
         return [Row(policy=p, variant=v, **small) for p in ("full", "adore") for v in LAYOUTS]
     rows = [Row("smollm2-135m", "full", 64, 8192), Row("smollm2-135m", "adore", 64, 8192, rebuild=8)]
-    main = dict(shape="llama2-7b", batch=8, context=16384)
     rows += [Row(policy="full", **main), Row(policy="streaming", **main), Row(policy="adore", **main),
              Row(policy="adore", rebuild=8, **main), Row(policy="adore", rebuild=8, rebuild_every=REBUILD_EVERY, **main),
              Row(policy="full", variant="no-attention", **main), Row(policy="adore", rebuild=8, variant="no-attention", **main),
@@ -427,9 +451,10 @@ def command_line(argv: list[str], environ=os.environ) -> str:
 def main(argv=None) -> int:
     """`python -m eval.throughput`: time the preset's rows (and HF, the fixed budget, TTFT) and write the report; exit status."""
     p = argparse.ArgumentParser(prog="python -m eval.throughput")
-    p.add_argument("--preset", choices=("tiny", "cpu", "gpu", "grid"), default="tiny",
+    p.add_argument("--preset", choices=("tiny", "cpu", "gpu", "controller", "grid"), default="tiny",
                    help="tiny: smoke test; cpu: SmolLM2 shape, stacked vs unstacked layers; gpu: the main 7B rows; "
-                        "grid: contexts x batches x policies")
+                        "controller: the controller's and the cache update's cost at the 7B shape, per controller "
+                        "input; grid: contexts x batches x policies")
     p.add_argument("--shapes", default="smollm2-135m,llama2-7b", help="grid: comma-separated shapes")
     p.add_argument("--contexts", default=",".join(map(str, GRID_CONTEXTS)), help="grid: comma-separated context lengths")
     p.add_argument("--batches", default=",".join(map(str, GRID_BATCHES)), help="grid: comma-separated batch sizes")

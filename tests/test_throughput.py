@@ -3,7 +3,8 @@
 import json
 
 from adore_jax.kernels import get_attention_fn, get_cache_update_fn
-from eval.throughput import Row, grid_rows, main
+from eval.throughput import Row, grid_rows, main, row_policy
+from models.shapes import SHAPES
 
 
 def test_tiny_benchmark_writes_complete_json(tmp_path):
@@ -12,6 +13,7 @@ def test_tiny_benchmark_writes_complete_json(tmp_path):
     assert report["copy_bandwidth_tb_s"] > 0
     names = [r["name"] for r in report["rows"]]
     assert "full" in names and any(n.startswith("adore") for n in names) and any("no-attention" in n for n in names)
+    assert any(n.endswith("hidden:1") for n in names)  # a controller reading the hidden state entering layer 1
     for r in report["rows"]:
         assert "error" not in r, r
         for key in ("step_ms", "tokens_per_s", "roofline_ms", "roofline_fraction", "bytes_per_step_gb", "peak_gb"):
@@ -273,3 +275,11 @@ def test_row_variants_pick_their_kernels():
     assert row_kernels(row("xla-matmul"), kernels) == (*kernels[:2], None)
     assert row_kernels(row("no-attention"), kernels) == (_no_attention, *kernels[1:])
     assert row_kernels(row("no-update"), kernels) == (kernels[0], _no_update, kernels[2])
+
+
+def test_row_policy_builds_the_controller_input_asked():
+    cfg = SHAPES["tiny"]
+    pol, state = row_policy(Row("tiny", "adore", 2, 256, cache_size=64, feature="hidden:1"), cfg)
+    assert pol.feature_layer == 1 and state is not None
+    assert row_policy(Row("tiny", "adore", 2, 256, cache_size=64), cfg)[0].feature_layer is None  # no packaged one
+    assert row_policy(Row("tiny", "streaming", 2, 256, cache_size=64), cfg)[1] is None

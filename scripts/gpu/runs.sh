@@ -1,6 +1,6 @@
 # The GPU runs behind docs/THROUGHPUT.md, docs/KERNELS.md and docs/RESULTS.md: independent jobs, one per GPU
 # (bench, quality: a machine of 2 or 4 GPUs, nvidia-h200-x2/x4), or one after another on one GPU (single, grid,
-# groups, controller, quality1), each resumable: call the same case again on the warm machine and finished jobs are skipped.
+# groups, controller, quality1, cost), each resumable: call the same case again on the warm machine and finished jobs are skipped.
 # From the repository root: `source scripts/gpu/setup.sh`, then `bash scripts/gpu/runs.sh CASE` (docs/GPU.md).
 # Results go to /tmp/runs (kept while the machine stays warm), returned as $OUT/runs.tgz (without HLO text).
 set -u
@@ -62,18 +62,22 @@ controller)  # one GPU, with the model and the 2048-token packed data (docs/GPU.
     --config train/configs/smollm2-135m.toml --out $R/controller
   ;;
 quality1)  # one GPU, with the model, resumable (call again until done): the tables of docs/RESULTS.md with the
-           # shipped controller: perplexity on the test book and on the out-of-domain text, pass-key, fp32 agreement
-  P="--policy full,streaming,h2o,tova,adore,adore-r8 --cache-size 128,256,512,1024"
-  on 0 ppl $EVAL ppl $Q $P
-  on 0 ppl_ood $EVAL ppl --size full --text ood --policy full,streaming,h2o,tova,adore,adore-r8 --cache-size 1024 \
-    --out $R/quality_ood
-  on 0 passkey $EVAL passkey $Q $P
-  on 0 agreement $EVAL agreement $Q --dtype float32 $P
+           # shipped controller: perplexity on the test book (m = 128-1024) and on the out-of-domain text (m = 1024),
+           # pass-key and float32 agreement at m = 256 and 1024
+  P="--policy full,streaming,h2o,tova,adore,adore-r8"
+  on 0 ppl $EVAL ppl $Q $P --cache-size 128,256,512,1024
+  on 0 ppl_ood $EVAL ppl --size full --text ood $P --cache-size 1024 --out $R/quality_ood
+  on 0 passkey $EVAL passkey $Q --policy full,streaming,h2o,tova,adore --cache-size 256,1024
+  on 0 agreement $EVAL agreement $Q --dtype float32 --policy full,streaming,h2o,tova,adore --cache-size 256,1024
+  ;;
+cost)  # one GPU: the controller's and the cache update's share of a 7B decode step, per controller input
+       # (docs/THROUGHPUT.md, "Targets")
+  [ -f $R/cost/throughput.json ] || on 0 cost python3 -m eval.throughput --preset controller --no-hf --out $R/cost
   ;;
 assemble)  # every quality row is in .parts by now: write the reports (grid rows are assembled off the GPU)
   on 0 assemble_quality $EVAL all $Q &
   ;;
-*) echo "usage: bash scripts/gpu/runs.sh bench|single|grid|groups|quality|controller|quality1|assemble" >&2; exit 2 ;;
+*) echo "usage: bash scripts/gpu/runs.sh bench|single|grid|groups|quality|controller|quality1|cost|assemble" >&2; exit 2 ;;
 esac
 wait
 mkdir -p "$OUT" && tar czf "$OUT/runs.tgz" --exclude='*.hlo.txt' -C /tmp runs  # one file (the tool returns few)
