@@ -22,7 +22,7 @@ def _load(args):
     from adore_jax.hub import resolve_model
     from models.loading import load_model, resolve_dtype
 
-    return load_model(resolve_model(args.model), dtype=resolve_dtype(args.dtype))
+    return load_model(resolve_model(args.model), dtype=resolve_dtype(args.dtype), adapter=args.adapter)
 
 
 def _policy(args, cfg):
@@ -147,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     def model_args(sp):
         sp.add_argument("--model", default=None, help="checkpoint dir, .gguf file or hub id (default: SmolLM2-135M-Instruct)")
         sp.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: bfloat16 on GPU/TPU, float32 on CPU")
+        sp.add_argument("--adapter", default=None, help="a LoRA adapter folder merged into the model (adore finetune-sparse)")
         sp.add_argument("--policy", choices=POLICIES, default="full", help="KV cache policy (default: full)")
         sp.add_argument("--cache-size", type=int, default=None, help="cache slots m (required unless --policy full)")
         sp.add_argument("--rebuild", type=int, default=0, help="adore: rebuilt tokens R per step")

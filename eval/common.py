@@ -121,9 +121,10 @@ def controller_fingerprint(cfg, controller=None) -> str:
     return h.hexdigest()[:16]
 
 
-def load_model(path=None, dtype: str = "auto"):
-    """models.loading.Model from a path/hub id (None: the default SmolLM2).
-    dtype: auto (bfloat16 on accelerators, float32 on CPU), float32 or bfloat16."""
+def load_model(path=None, dtype: str = "auto", adapter=None):
+    """models.loading.Model from a path/hub id (None: the default SmolLM2), with a LoRA
+    adapter folder merged in if given. dtype: auto (bfloat16 on accelerators,
+    float32 on CPU), float32 or bfloat16."""
     import jax
     import jax.numpy as jnp
 
@@ -136,7 +137,7 @@ def load_model(path=None, dtype: str = "auto"):
         dt = jnp.dtype(dtype)
     else:
         raise ValueError(f"dtype must be auto, float32 or bfloat16, got {dtype!r}")
-    return _load(resolve_model(path), dtype=dt)
+    return _load(resolve_model(path), dtype=dt, adapter=adapter)
 
 
 def encode(tokenizer, text: str) -> list[int]:

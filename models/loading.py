@@ -454,12 +454,15 @@ def _download_hub(repo_id: str) -> Path:
         ) from None
 
 
-def load_model(spec: str | os.PathLike, dtype=jnp.float32, mesh: Optional[Mesh] = None, layers: str = "auto") -> Model:
+def load_model(spec: str | os.PathLike, dtype=jnp.float32, mesh: Optional[Mesh] = None, layers: str = "auto",
+               adapter: Optional[str | os.PathLike] = None) -> Model:
     """Load a model from a checkpoint directory, a .gguf file or a Hub id ("org/name").
 
     layers: how the layer weights are held: "stacked" [L, ...] (scanned), "unstacked"
     (a buffer per layer, unrolled: faster decode on GPU) or "auto" (unstacked on GPU
-    without a mesh, else stacked). Training passes "stacked"."""
+    without a mesh, else stacked). Training passes "stacked".
+    adapter: a LoRA adapter folder (models/lora.py) merged into the weights; the
+    model's source then names it."""
     p = Path(spec).expanduser()
     if not p.exists():
         s = str(spec)
@@ -476,4 +479,13 @@ def load_model(spec: str | os.PathLike, dtype=jnp.float32, mesh: Optional[Mesh] 
         tokenizer = load_tokenizer(p)
     else:
         raise ModelLoadError(f"{p} is neither a checkpoint directory nor a .gguf file")
-    return Model(with_eos_ids(cfg, tokenizer), params, tokenizer, str(spec))
+    source = str(spec)
+    if adapter is not None:
+        from models.lora import merge_adapter
+
+        try:
+            params = merge_adapter(params, adapter)
+        except ValueError as e:
+            raise ModelLoadError(str(e)) from None
+        source += f" + adapter {Path(adapter).expanduser().absolute()}"
+    return Model(with_eos_ids(cfg, tokenizer), params, tokenizer, source)

@@ -38,6 +38,7 @@ def test_info_reports_cache_bytes(smollm2_gguf, capsys):
     "args,msg",
     [
         (["generate", "--prompt", "x", "--model", "/no/such/dir"], "no such model"),
+        (["generate", "--prompt", "x", "--adapter", "/no/such/adapter"], "not an adapter folder"),
         (["generate", "--prompt", "x", "--temperature", "-1"], "temperature"),
         (["generate", "--prompt", "x", "--top-p", "0"], "top-p"),
         (["generate", "--prompt", "x", "--max-new-tokens", "0"], "max-new-tokens"),

@@ -1,4 +1,4 @@
-"""Stage 1: top-K sparse attention, LoRA, frozen base, merge (tiny random model, random data)."""
+"""Stage 1: top-K sparse attention, LoRA, frozen base, the adapter and its merge (tiny random model, random data)."""
 
 import dataclasses
 import json
@@ -11,10 +11,8 @@ import pytest
 from models.attention import reference_attention
 from models.cache import KVCache
 from models.llama import forward
-from train.finetune import (
-    TARGETS, FinetuneConfig, Job, apply_lora, init_lora, load_merged, nll_sum, parse_config, report_table, run,
-    save_merged, topk_attention, train,
-)
+from models.lora import TARGETS, apply_lora, init_lora, load_adapter, merge_adapter, save_adapter
+from train.finetune import FinetuneConfig, Job, nll_sum, parse_config, report_table, run, topk_attention, train
 from tiny_model import CFG, tiny_params
 
 SEQ = 32
@@ -87,7 +85,7 @@ def _job(tmp_path, **kw):
     return Job(fc.validate(), CFG, tiny_params(), data[:8], data[8:])
 
 
-def test_finetune_lowers_topk_loss_freezes_base_and_saves_merged(tmp_path):
+def test_finetune_lowers_topk_loss_freezes_base_and_saves_the_adapter(tmp_path):
     job = _job(tmp_path)
     base_before = jax.tree_util.tree_map(np.array, job.params)
     batch = jnp.asarray(job.train[:4])
@@ -96,8 +94,8 @@ def test_finetune_lowers_topk_loss_freezes_base_and_saves_merged(tmp_path):
     report = run(job, progress=False)
     out = tmp_path / "run"
 
-    # base bitwise unchanged; the merged model differs only in the LoRA targets
-    merged = load_merged(out / "merged", CFG)
+    # base bitwise unchanged; the adapter merged in changes only the LoRA targets
+    merged = merge_adapter(job.params, out / "adapter")
     for a, b in zip(jax.tree_util.tree_leaves(base_before), jax.tree_util.tree_leaves(job.params)):
         np.testing.assert_array_equal(a, b)
     for f in dataclasses.fields(merged.layers):
@@ -115,11 +113,15 @@ def test_finetune_lowers_topk_loss_freezes_base_and_saves_merged(tmp_path):
     assert saved["heldout_ppl"] == report["heldout_ppl"]
     assert report["heldout_ppl"]["after"]["topk"] < report["heldout_ppl"]["before"]["topk"]
     assert "| top-4 |" in report_table(report)
+    card = (out / "adapter" / "MODEL_CARD.md").read_text()
+    assert "| top-4 |" in card and "rank 4, alpha 8.0" in card
+    meta = load_adapter(out / "adapter")[1]
+    assert (meta["rank"], meta["alpha"], meta["config"]["steps"]) == (4, 8.0, 8)
     with pytest.raises(ValueError, match="exists"):
         run(job, progress=False)
 
 
-def test_base_stays_bitwise_frozen_through_the_optimizer_and_merge_matches_on_the_fly(tmp_path):
+def test_base_stays_bitwise_frozen_through_the_optimizer_and_the_saved_adapter_matches_on_the_fly(tmp_path):
     job = _job(tmp_path, seed=3)
     job = dataclasses.replace(job, fc=dataclasses.replace(job.fc, steps=3, save_every=100))
     base, lora, losses = train(job, progress=False)
@@ -134,8 +136,8 @@ def test_base_stays_bitwise_frozen_through_the_optimizer_and_merge_matches_on_th
     B, n = tokens.shape
     pos = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (B, n))
     empty = KVCache.empty(CFG.num_layers, B, 0, CFG.num_kv_heads, CFG.head_dim)
-    save_merged(tmp_path / "merged", apply_lora(base, lora, job.fc.alpha))
-    merged = load_merged(tmp_path / "merged", CFG)
+    save_adapter(tmp_path / "adapter", lora, job.fc.alpha, {})
+    merged = merge_adapter(base, tmp_path / "adapter")
     got = forward(merged, CFG, tokens, pos, empty, topk_attention(4))[0]
     on_the_fly = jax.jit(lambda lo: forward(apply_lora(base, lo, job.fc.alpha), CFG, tokens, pos, empty, topk_attention(4))[0])
     np.testing.assert_allclose(got, on_the_fly(lora), rtol=1e-5, atol=1e-5)

@@ -1,4 +1,4 @@
-"""Stage 1 of ADORE: fine-tune the backbone to top-K sparse attention with LoRA, then merge.
+"""Stage 1 of ADORE: fine-tune the backbone to top-K sparse attention with LoRA; the result is an adapter.
 
     adore finetune-sparse --config FILE.toml [--steps N --top-k K --rank r ...]
     python -m train.finetune ...
@@ -7,14 +7,15 @@
   attention weight. The set is chosen per layer from the head-averaged
   probability of the row (one set for all heads: the shared decision) and the
   softmax is renormalized over the kept keys.
-* LoRA on wq, wk, wv, wo: W' = W + A @ B * (alpha / r) with A [L, in, r]
-  (normal / sqrt(in)) and B [L, r, out] (zeros). `apply_lora` is both the
-  training-time parameterization and the final merge.
+* LoRA on wq, wk, wv, wo (models/lora.py): W' = W + A @ B * (alpha / r) with A
+  [L, in, r] (normal / sqrt(in)) and B [L, r, out] (zeros). `apply_lora` is both
+  the training-time parameterization and the merge at load time.
 * The optimizer sees {"base": Params, "lora": LoraParams}; optax.multi_transform
   gives the LoRA leaves AdamW and the base optax.set_to_zero(), so the base is
   frozen by construction.
 * Reports held-out (Persuasion) perplexity under top-K and full attention
-  before and after; saves the merged Params with orbax to OUT/merged.
+  before and after; saves the adapter folder OUT/adapter (models/lora.py), which
+  `load_model(..., adapter=)` and `--adapter DIR` on generate and eval merge.
 """
 
 from __future__ import annotations
@@ -37,11 +38,10 @@ from tqdm import tqdm
 
 from models.attention import NEG_INF, AttentionFn, AttentionOut, layer_cache, reference_attention
 from models.cache import KVCache
-from models.llama import LlamaConfig, Params, forward, init_params
+from models.llama import LlamaConfig, Params, forward
+from models.lora import LoraParams, apply_lora, init_lora, save_adapter
 from train.config import parse_config as read_config
 from train.controller import batch_indices
-
-TARGETS = ("wq", "wk", "wv", "wo")
 
 
 # ---------------------------------------------------------------- top-K attention
@@ -98,40 +98,6 @@ def topk_attention(k: int) -> AttentionFn:
 # ---------------------------------------------------------------- LoRA
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass
-class LoraParams:
-    """LoRA factors per target projection ("wq", "wk", "wv", "wo")."""
-
-    a: dict  # name -> [L, in, r]
-    b: dict  # name -> [L, r, out]
-
-    @property
-    def rank(self) -> int:
-        return next(iter(self.a.values())).shape[-1]
-
-
-def init_lora(params: Params, rank: int, key: jax.Array) -> LoraParams:
-    """A = normal / sqrt(in) [L, in, r], B = 0 [L, r, out] (fp32) for each target."""
-    a, b = {}, {}
-    for name, k in zip(TARGETS, jax.random.split(key, len(TARGETS))):
-        L, d_in, d_out = getattr(params.layers, name).shape
-        a[name] = jax.random.normal(k, (L, d_in, rank), jnp.float32) / math.sqrt(d_in)
-        b[name] = jnp.zeros((L, rank, d_out), jnp.float32)
-    return LoraParams(a, b)
-
-
-def apply_lora(params: Params, lora: LoraParams, alpha: float) -> Params:
-    """Params with W + A @ B * (alpha / r) for each target (computed in fp32, stored in W's dtype)."""
-    scale = alpha / lora.rank
-    new = {}
-    for name in TARGETS:
-        w = getattr(params.layers, name)  # [L, in, out]
-        delta = jnp.einsum("lir,lro->lio", lora.a[name], lora.b[name]) * scale
-        new[name] = (w.astype(jnp.float32) + delta).astype(w.dtype)
-    return dataclasses.replace(params, layers=dataclasses.replace(params.layers, **new))
-
-
 # ---------------------------------------------------------------- loss
 
 
@@ -164,7 +130,7 @@ class FinetuneConfig:
     weight_decay: float = 0.0
     clip: float = 1.0
     eval_seqs: int = 8  # held-out sequences for the perplexities
-    out: str = "runs/finetune"  # checkpoints, metrics.jsonl, report.json, merged/
+    out: str = "runs/finetune"  # checkpoints, metrics.jsonl, report.json, adapter/
     save_every: int = 50
     keep: int = 2
     log_every: int = 5
@@ -264,19 +230,6 @@ def train(job: Job, progress: bool = True) -> tuple[Params, LoraParams, list]:
     return tree["base"], tree["lora"], losses
 
 
-def save_merged(path: Path, params: Params) -> None:
-    """Write merged Params with orbax (path must not exist)."""
-    with ocp.StandardCheckpointer() as ckpt:
-        ckpt.save(Path(path).absolute(), params)
-
-
-def load_merged(path, cfg: LlamaConfig, dtype=jnp.float32) -> Params:
-    """Params saved by save_merged, for model config cfg, as dtype."""
-    target = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0), dtype))
-    with ocp.StandardCheckpointer() as ckpt:
-        return ckpt.restore(Path(path).absolute(), target)
-
-
 # ---------------------------------------------------------------- entry points
 
 
@@ -312,18 +265,33 @@ def report_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def model_card(report: dict) -> str:
+    """The adapter's MODEL_CARD.md: what it was trained on and how, and its held-out perplexities."""
+    fc = report["config"]
+    return "\n".join([
+        f"# Stage-1 LoRA adapter: top-{fc['top_k']} sparse attention", "",
+        f"- Backbone: {report['model']}",
+        f"- LoRA rank {fc['rank']}, alpha {fc['alpha']}, on wq, wk, wv, wo; the base frozen",
+        f"- Data: the packed training split, {fc['seq_len']} tokens a sequence, batch {fc['batch_size']}, "
+        f"{fc['steps']} steps, lr {fc['lr']} (AdamW, warmup {fc['warmup']})",
+        f"- Command: `{report['command']}`",
+        f"- Use: `adore generate --adapter DIR ...`, `adore eval ppl --adapter DIR ...`, or "
+        "`load_model(..., adapter=DIR)`", "",
+        f"Held-out perplexity ({report['heldout']}), before and after:", "",
+        report_table(report), ""])
+
+
 def run(job: Job, command: str = "", progress: bool = True) -> dict:
-    """Perplexities before, training, merge, perplexities after; writes OUT/merged and OUT/report.json."""
+    """Perplexities before, training, perplexities after the merge; writes the adapter
+    folder OUT/adapter (factors, adapter.json, MODEL_CARD.md) and OUT/report.json."""
     fc = job.fc
     out = Path(fc.out).absolute()
-    if (out / "merged").exists():
-        raise ValueError(f"{out / 'merged'} exists: remove it or pick another --out")
+    if (out / "adapter").exists():
+        raise ValueError(f"{out / 'adapter'} exists: remove it or pick another --out")
     t0 = time.perf_counter()
     before = perplexities(job, job.params)
     base, lora, losses = train(job, progress=progress)
-    merged = apply_lora(base, lora, fc.alpha)
-    after = perplexities(job, merged)
-    save_merged(out / "merged", merged)
+    after = perplexities(job, apply_lora(base, lora, fc.alpha))
     report = {
         "command": command,
         "model": job.source,
@@ -333,13 +301,15 @@ def run(job: Job, command: str = "", progress: bool = True) -> dict:
         "train_loss": {"first": losses[0] if losses else None, "last": losses[-1] if losses else None},
         "time_s": time.perf_counter() - t0,
     }
+    adapter = save_adapter(out / "adapter", lora, fc.alpha, {k: report[k] for k in ("model", "config", "heldout_ppl")})
+    (adapter / "MODEL_CARD.md").write_text(model_card(report))
     (out / "report.json").write_text(json.dumps(report, indent=2))
     return report
 
 
 def parse_config(argv) -> FinetuneConfig:
     """FinetuneConfig from --config FILE.toml plus --field value overrides."""
-    return read_config(FinetuneConfig, argv, "adore finetune-sparse", "LoRA fine-tune to top-K sparse attention, then merge")
+    return read_config(FinetuneConfig, argv, "adore finetune-sparse", "LoRA fine-tune to top-K sparse attention: an adapter")
 
 
 def main(argv=None, prog: str = "adore finetune-sparse") -> int:
@@ -348,7 +318,7 @@ def main(argv=None, prog: str = "adore finetune-sparse") -> int:
     fc = parse_config(argv)
     report = run(load_job(fc), " ".join([prog, *argv]))
     print(report_table(report))
-    print(json.dumps({"merged": str(Path(fc.out).absolute() / "merged"), "report": str(Path(fc.out).absolute() / "report.json")}))
+    print(json.dumps({"adapter": str(Path(fc.out).absolute() / "adapter"), "report": str(Path(fc.out).absolute() / "report.json")}))
     return 0
 
 
