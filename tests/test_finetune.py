@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -153,3 +154,9 @@ def test_parse_config(tmp_path):
         parse_config(["--config", str(path)])
     with pytest.raises(ValueError):
         parse_config(["--rank", "0"])
+
+
+def test_the_stage1_config_file_parses():
+    path = Path(__file__).parents[1] / "train" / "configs" / "stage1-smollm2-135m.toml"
+    fc = parse_config(["--config", str(path)])
+    assert (fc.seq_len, fc.top_k, fc.top_k * 8) == (2048, 256, fc.seq_len)  # K = 1/8 of the sequence

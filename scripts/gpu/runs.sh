@@ -1,6 +1,6 @@
 # The GPU runs behind docs/THROUGHPUT.md, docs/KERNELS.md and docs/RESULTS.md: independent jobs, one per GPU
 # (bench, quality: a machine of 2 or 4 GPUs, nvidia-h200-x2/x4), or one after another on one GPU (single, grid,
-# groups, controller, quality1, cost), each resumable: call the same case again on the warm machine and finished jobs are skipped.
+# groups, controller, quality1, stage1, cost), each resumable: call the same case again on the warm machine and finished jobs are skipped.
 # From the repository root: `source scripts/gpu/setup.sh`, then `bash scripts/gpu/runs.sh CASE` (docs/GPU.md).
 # Results go to /tmp/runs (kept while the machine stays warm), returned as $OUT/runs.tgz (without HLO text).
 set -u
@@ -70,6 +70,13 @@ quality1)  # one GPU, with the model, resumable (call again until done): the tab
   on 0 passkey $EVAL passkey $Q --policy full,streaming,h2o,tova,adore --cache-size 256,1024
   on 0 agreement $EVAL agreement $Q --dtype float32 --policy full,streaming,h2o,tova,adore --cache-size 256,1024
   ;;
+stage1)  # one GPU, with the model, resumable: Stage 1 at 2048 tokens (docs/TRAINING.md), then perplexity of full
+        # attention and the policies on the adapted backbone (the fair table; the original's is quality1's)
+  [ -f $R/stage1/adapter/adapter.json ] || on 0 stage1 python3 -m adore_jax finetune-sparse \
+    --config train/configs/stage1-smollm2-135m.toml --out $R/stage1
+  [ -f $R/stage1/adapter/adapter.json ] && on 0 ppl_stage1 $EVAL ppl --size full --adapter $R/stage1/adapter \
+    --policy full,streaming,h2o,tova,adore --cache-size 256,1024 --out $R/quality_stage1
+  ;;
 cost)  # one GPU: the controller's and the cache update's share of a 7B decode step, per controller input
        # (docs/THROUGHPUT.md, "Targets")
   [ -f $R/cost/throughput.json ] || on 0 cost python3 -m eval.throughput --preset controller --no-hf --out $R/cost
@@ -77,7 +84,7 @@ cost)  # one GPU: the controller's and the cache update's share of a 7B decode s
 assemble)  # every quality row is in .parts by now: write the reports (grid rows are assembled off the GPU)
   on 0 assemble_quality $EVAL all $Q &
   ;;
-*) echo "usage: bash scripts/gpu/runs.sh bench|single|grid|groups|quality|controller|quality1|cost|assemble" >&2; exit 2 ;;
+*) echo "usage: bash scripts/gpu/runs.sh bench|single|grid|groups|quality|controller|quality1|stage1|cost|assemble" >&2; exit 2 ;;
 esac
 wait
 mkdir -p "$OUT" && tar czf "$OUT/runs.tgz" --exclude='*.hlo.txt' -C /tmp runs  # one file (the tool returns few)
