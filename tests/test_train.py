@@ -224,3 +224,27 @@ def test_shipped_controller_matches_its_config_file():
     assert {k: v for k, v in ours.items() if k not in bookkeeping} == \
         {k: v for k, v in shipped["train"].items() if k not in bookkeeping}
     assert shipped["feature"] == tc.feature and shipped["num_buckets"] == tc.num_buckets
+
+
+def test_prior_lr_scales_only_the_recency_prior():
+    """prior_lr multiplies the step of bucket_bias and b0; 1 is plain AdamW on everything."""
+    _, state = nnx.split(Controller(CFG.hidden_size, 16, 8, rngs=nnx.Rngs(0)))
+    grads = jax.tree_util.tree_map(jnp.ones_like, state)
+
+    def step(tc):
+        opt = make_optimizer(tc)
+        return opt.update(grads, opt.init(state), state)[0]
+
+    tc = TrainConfig(warmup=0, lr=1e-2).validate()
+    base, fast = step(tc), step(dataclasses.replace(tc, prior_lr=10.0))
+    plain = optax.chain(optax.clip_by_global_norm(tc.clip), optax.adamw(1e-2, weight_decay=tc.weight_decay))
+    want = plain.update(grads, plain.init(state), state)[0]
+    for (path, b), f, w in zip(jax.tree_util.tree_leaves_with_path(base), jax.tree_util.tree_leaves(fast),
+                               jax.tree_util.tree_leaves(want)):
+        np.testing.assert_allclose(b, w, rtol=1e-6, atol=1e-9)
+        prior = any(getattr(k, "key", None) in ("bucket_bias", "b0") for k in path)
+        np.testing.assert_allclose(f, 10 * b if prior else b, rtol=1e-5, atol=1e-9)
+    assert sum(any(getattr(k, "key", None) in ("bucket_bias", "b0") for k in p)
+               for p, _ in jax.tree_util.tree_leaves_with_path(base)) == 2
+    with pytest.raises(ValueError, match="prior_lr"):
+        TrainConfig(prior_lr=0).validate()

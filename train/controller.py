@@ -66,6 +66,7 @@ class TrainConfig:
     batch_size: int = 8
     steps: int = 1000
     lr: float = 3e-3
+    prior_lr: float = 1.0  # learning-rate multiplier of the recency prior (distance-bucket bias and b0)
     warmup: int = 50
     weight_decay: float = 0.01
     clip: float = 1.0
@@ -118,6 +119,8 @@ class TrainConfig:
             raise ValueError(f"seq_len ({self.seq_len}) must be a multiple of block ({self.block})")
         if self.steps < 1 or self.batch_size < 1 or self.top_k < 1:
             raise ValueError("steps, batch_size and top_k must be >= 1")
+        if self.prior_lr <= 0:
+            raise ValueError(f"prior_lr must be > 0, got {self.prior_lr}")
         return self
 
     @property
@@ -280,9 +283,18 @@ def _schedule(tc: TrainConfig):
     return optax.warmup_cosine_decay_schedule(0.0, tc.lr, min(tc.warmup, tc.steps), max(tc.steps, tc.warmup + 1), tc.lr * 0.05)
 
 
+PRIOR = ("bucket_bias", "b0")  # the controller's recency prior: its learning rate is lr * prior_lr
+
+
 def make_optimizer(tc: TrainConfig):
-    """AdamW with global-norm clipping and warmup + cosine decay of the learning rate."""
-    return optax.chain(optax.clip_by_global_norm(tc.clip), optax.adamw(_schedule(tc), weight_decay=tc.weight_decay))
+    """AdamW with global-norm clipping and warmup + cosine decay of the learning rate;
+    the recency prior (PRIOR) at prior_lr times the rate."""
+    sched = _schedule(tc)
+    prior = lambda tree: jax.tree_util.tree_map_with_path(
+        lambda path, _: "prior" if any(getattr(k, "key", None) in PRIOR for k in path) else "rest", tree)
+    return optax.chain(optax.clip_by_global_norm(tc.clip), optax.multi_transform(
+        {"rest": optax.adamw(sched, weight_decay=tc.weight_decay),
+         "prior": optax.adamw(lambda step: sched(step) * tc.prior_lr, weight_decay=tc.weight_decay)}, prior))
 
 
 def batch_indices(tc: TrainConfig, n_rows: int, step: int) -> np.ndarray:
