@@ -3,14 +3,18 @@ with 8 CPU devices (XLA_FLAGS=--xla_force_host_platform_device_count=8).
 
     python tests/sharded_runs.py CHECKPOINT_DIR   # prints one JSON object
 
-For each case (model, policy, mesh): greedy float32 tokens of 8 prompts through
-the Pallas GPU kernels in interpret mode (attention and cache update) under
+For each case (model, policy, mesh): greedy float32 tokens of 8 prompts under
 shard_map, against the same prompts on one device (XLA's reference kernels).
+Where the model axis splits heads, the steps run the Pallas GPU kernels in
+interpret mode (attention and cache update); on the data-only mesh, whose
+shards hold every head as one device does, XLA's reference (a compile is most of
+this check's time).
 The models: a tiny GQA model (16 query, 8 KV heads; every policy on every mesh),
 a tiny MQA one (8 query heads, one KV head; full and adore on 8 model shards), and a random
 Qwen2-style checkpoint of another shape (head dim 32, biases, an MLP and a vocab
 that do not split over 4, so stay whole), written to CHECKPOINT_DIR, loaded with
-load_model(mesh=) in unstacked layers and run with the few-row matmul kernel too.
+load_model(mesh=) in unstacked layers (with a controller reading the hidden
+state, the few-row matmul kernel too).
 Also: the compiled HLO of one decode step on a sharded cache, and the errors of
 meshes that do not fit.
 """
@@ -18,6 +22,7 @@ meshes that do not fit.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import re
 import sys
@@ -87,30 +92,58 @@ def policy(name: str, cfg: LlamaConfig, feature_layer=None):
     return make_policy("adore", 8, rebuild=2, controller_graphdef=gd, feature_layer=feature_layer), state
 
 
-def cases(ckpt: Path):
-    """(model name, cfg, one-device params, policy name, feature layer, [(mesh shape, placed params)], kernels)."""
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def generate_all(cfg, ecs, params, pps, tokens, lens):
+    """Greedy tokens [B, NEW] for each engine config, in one program (a compile is
+    most of this check's time, and one program for every policy compiles faster)."""
+    key, sp = jax.random.key(0), SamplingParams().validate()
+    return [engine._generate_jit(params, pp, cfg, ec, tokens, lens, key, sp).out for ec, pp in zip(ecs, pps)]
+
+
+def run(cfg, params, runs, mesh=None) -> list:
+    """Tokens of each (policy, policy params, kernels) in `runs` on `mesh` (None: one
+    device, XLA's reference kernels; a data-only mesh: the reference kernels too)."""
+    ecs = []
+    for pol, _, kernels in runs:
+        split = mesh is not None and mesh.shape["model"] > 1
+        ec, tokens, lens = engine._prepare(cfg, PROMPTS, NEW, dict(policy=pol, mesh=mesh, **(kernels if split else {})))
+        ecs.append(ec)
+    outs = generate_all(cfg, tuple(ecs), params, [pp for _, pp, _ in runs], tokens, lens)
+    return [np.asarray(o).tolist() for o in outs]
+
+
+def jobs(ckpt: Path) -> list:
+    """(model, cfg, policy names, [(mesh shape or None, params)], runs): one program per mesh."""
     out = []
     for mname, cfg, names, meshes in (("gqa", GQA, POLICIES, MESHES), ("mqa", MQA, ("full", "adore"), MESHES[2:])):
         host = jax.device_get(init_params(cfg, jax.random.key(0), scale=0.3))
-        placed = [(m, place_params(cfg, host, make_mesh({"data": m[0], "model": m[1]}), "stacked")) for m in meshes]
-        out += [(mname, cfg, place_params(cfg, host), n, None, placed, KERNELS) for n in names]
+        placed = [(None, place_params(cfg, host))]
+        placed += [(m, place_params(cfg, host, make_mesh({"data": m[0], "model": m[1]}), "stacked")) for m in meshes]
+        out.append((mname, cfg, list(names), placed, [(*policy(n, cfg), KERNELS) for n in names]))
     one = load_model(ckpt)
     split = load_model(ckpt, mesh=make_mesh({"data": 2, "model": 4}), layers="unstacked")
-    out += [("checkpoint", one.cfg, one.params, n, f, [((2, 4), split.params)], WITH_MATMUL)
-            for n, f in (("full", None), ("adore", 1))]
+    out.append(("checkpoint", one.cfg, ["full", "adore hidden:1"], [(None, one.params), ((2, 4), split.params)],
+                [(*policy("full", one.cfg), KERNELS), (*policy("adore", one.cfg, 1), WITH_MATMUL)]))
     return out
 
 
-def run_case(case) -> dict:
-    mname, cfg, params, name, layer, placed, kernels = case
-    pol, pp = policy(name, cfg, layer)
-    want = engine.generate(params, cfg, PROMPTS, NEW, policy=pol, policy_params=pp)
-    res = {}
-    for (d, m), sp in placed:
-        mesh = make_mesh({"data": d, "model": m})
-        got = engine.generate(sp, cfg, PROMPTS, NEW, policy=pol, policy_params=pp, mesh=mesh, **kernels)
-        res[f"{d}x{m}"] = got == want
-    return {"model": mname, "policy": name + ("" if layer is None else f" hidden:{layer}"), "equal": res}
+def compare(job_list) -> list:
+    """{model, policy, equal: {mesh: tokens equal one device's}} per model and policy."""
+    tasks = [(j, m, p) for j in job_list for m, p in j[3]]
+
+    def one(task):
+        (_, cfg, _, _, runs), m, params = task
+        return run(cfg, params, runs, None if m is None else make_mesh({"data": m[0], "model": m[1]}))
+
+    with ThreadPoolExecutor(2) as pool:  # compiles overlap
+        outs = list(pool.map(one, tasks))
+    results = []
+    for j in job_list:
+        got = {m: o for (jj, m, _), o in zip(tasks, outs) if jj is j}  # mesh shape (None: one device) -> tokens
+        for i, name in enumerate(j[2]):
+            equal = {f"{m[0]}x{m[1]}": o[i] == got[None][i] for m, o in got.items() if m is not None}
+            results.append({"model": j[0], "policy": name, "equal": equal})
+    return results
 
 
 def decode_step_hlo(mesh):
@@ -157,9 +190,7 @@ def errors() -> dict:
 
 def main(ckpt: Path) -> None:
     write_checkpoint(ckpt)
-    with ThreadPoolExecutor(2) as pool:  # compiles overlap
-        results = list(pool.map(run_case, cases(ckpt)))
-    print(json.dumps({"cases": results, "hlo": hlo_check(), "errors": errors()}))
+    print(json.dumps({"cases": compare(jobs(ckpt)), "hlo": hlo_check(), "errors": errors()}))
 
 
 if __name__ == "__main__":
