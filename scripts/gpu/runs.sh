@@ -74,10 +74,20 @@ cost)  # one GPU: the controller's and the cache update's share of a 7B decode s
        # (docs/THROUGHPUT.md, "Targets")
   [ -f $R/cost/throughput.json ] || on 0 cost python3 -m eval.throughput --preset controller --no-hf --out $R/cost
   ;;
+sharded)  # one GPU: the 7B shape at B = 8, 16K (full, streaming, adore R = 0, 8, 8/8): the single-device rows of main
+          # (before; when git has main) and of this tree (after), and this tree's rows on a mesh of one device, the
+          # steps under shard_map (docs/SERVING.md); resumable
+  S="python3 -m eval.throughput --preset grid --shapes llama2-7b --contexts 16384 --batches 8 --no-hf --steps 8 --repeats 3"
+  if [ ! -f $R/sharded_main/throughput.json ] && git rev-parse -q --verify main >/dev/null; then
+    [ -d /tmp/main_tree ] || git worktree add -f --detach /tmp/main_tree main >/dev/null
+    on 0 sharded_main bash -c "cd /tmp/main_tree && $S --out $R/sharded_main"
+  fi
+  [ -f $R/sharded/throughput.json ] || on 0 sharded $S --ttft --mesh data=1,model=1 --hlo --out $R/sharded
+  ;;
 assemble)  # every quality row is in .parts by now: write the reports (grid rows are assembled off the GPU)
   on 0 assemble_quality $EVAL all $Q &
   ;;
-*) echo "usage: bash scripts/gpu/runs.sh bench|single|grid|groups|quality|controller|quality1|cost|assemble" >&2; exit 2 ;;
+*) echo "usage: bash scripts/gpu/runs.sh bench|single|grid|groups|quality|controller|quality1|cost|sharded|assemble" >&2; exit 2 ;;
 esac
 wait
 mkdir -p "$OUT" && tar czf "$OUT/runs.tgz" --exclude='*.hlo.txt' -C /tmp runs  # one file (the tool returns few)
