@@ -18,11 +18,19 @@ from adore_jax.policies import POLICIES
 DTYPES = ("auto", "float32", "bfloat16")
 
 
-def _load(args):
+def _load(args, mesh=None):
     from adore_jax.hub import resolve_model
     from models.loading import load_model, resolve_dtype
 
-    return load_model(resolve_model(args.model), dtype=resolve_dtype(args.dtype), adapter=args.adapter)
+    return load_model(resolve_model(args.model), dtype=resolve_dtype(args.dtype), mesh=mesh, adapter=args.adapter)
+
+
+def _mesh(args, batch: int):
+    """The generation mesh of --mesh; without it, every local device on the data
+    axis when they divide the batch, else None (one device)."""
+    from adore_jax.sharding import default_mesh, make_mesh
+
+    return make_mesh(args.mesh) if args.mesh else default_mesh(batch)
 
 
 def _policy(args, cfg):
@@ -55,13 +63,16 @@ def cmd_generate(args) -> int:
     sp = SamplingParams(args.temperature, args.top_k, args.top_p).validate()
     if args.prompt == "-":
         args.prompt = sys.stdin.read()
-    model = _load(args)
+    mesh = _mesh(args, 1)
+    model = _load(args, mesh)
     policy, pp = _policy(args, model.cfg)
     ids = _encode_prompt(model.tokenizer, args.prompt, args.chat)
-    engine.plan([len(ids)], args.max_new_tokens, model.cfg.max_position_embeddings, policy=policy)  # validate first
+    ec = engine.plan([len(ids)], args.max_new_tokens, model.cfg.max_position_embeddings, policy=policy, mesh=mesh)
+    engine.check_mesh(ec, model.cfg, 1)  # validate first
     eos = set(model.cfg.eos_token_ids)
     chunks = engine.stream(
-        model.params, model.cfg, [ids], args.max_new_tokens, sp, seed=args.seed, policy=policy, policy_params=pp
+        model.params, model.cfg, [ids], args.max_new_tokens, sp, seed=args.seed, policy=policy, policy_params=pp,
+        mesh=mesh,
     )
     out: list[int] = []
     shown = ""
@@ -165,6 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0, help="1 = off")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    g.add_argument("--mesh", default=None, help="devices as data=D,model=M: sequences split over D, heads over M "
+                   "(docs/SERVING.md); default: every local device on data when they divide the batch, else one")
     g.set_defaults(func=cmd_generate)
 
     f = sub.add_parser("fetch-model", help="download the default model into the user cache")

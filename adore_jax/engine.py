@@ -26,6 +26,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax.sharding import Mesh
+
+from adore_jax import sharding
 from adore_jax.kernels import default_kernels
 from adore_jax.policies import Policy, full_policy
 from adore_jax.sampling import SamplingParams, row_keys, sample
@@ -48,6 +51,7 @@ class EngineConfig:
     cache_update: Union[Callable, str] = "auto"  # adore_jax.kernels.get_cache_update_fn
     matmul_fn: Union[Callable, str, None] = "auto"  # the layers' projections (adore_jax.kernels.get_matmul_fn); None: XLA
     prefill_group: Optional[int] = None  # prefill at most this many sequences at a time (None: the whole batch)
+    mesh: Optional[Mesh] = None  # axes (data, model) (adore_jax.sharding): each step runs under shard_map; None: one device
 
     def __post_init__(self):
         auto = [f for f in ("attn_fn", "cache_update", "matmul_fn") if isinstance(getattr(self, f), str)]
@@ -81,19 +85,29 @@ class DecodeState:
 
 def _run_rows(params, pp, cfg, ec: EngineConfig, cache, pstate, tokens, positions, logits_rows, decode: bool,
               extra: bool = True):
-    """Forward rows [B, T] and let the policy place them in the cache.
+    """Forward rows [B, T] and let the policy place them in the cache; with a
+    mesh, on each shard's slice under shard_map (adore_jax.sharding.shard_step).
 
     extra (static): whether a decode step adds the policy's extra rows (the
     first step of each period). Returns (logits [B, len(logits_rows), V], cache, policy state)."""
+    if ec.mesh is None:
+        return _rows(params, pp, cache, pstate, tokens, positions, logits_rows, cfg=cfg, ec=ec, decode=decode,
+                     extra=extra)
+    fn = functools.partial(_rows, cfg=cfg, ec=ec, decode=decode, extra=extra, model_axis=sharding.MODEL)
+    return sharding.shard_step(fn, ec.mesh, cfg, params, pp, cache, pstate, tokens, positions, logits_rows)
+
+
+def _rows(params, pp, cache, pstate, tokens, positions, logits_rows, *, cfg, ec: EngineConfig, decode: bool,
+          extra: bool, model_axis=None):
+    """`_run_rows` on the sequences and heads at hand (model_axis: models.llama.forward's)."""
     policy = ec.policy
     tokens, positions, pstate = policy.select_rows(pp, pstate, cache, tokens, positions, params.embed, decode, extra)
     view = cache
+    run = functools.partial(forward, params, cfg, tokens, positions, attn_fn=ec.attn_fn, logits_rows=logits_rows,
+                            matmul_fn=ec.matmul_fn, model_axis=model_axis)
     if policy.two_pass:
-        mass = forward(params, cfg, tokens, positions, cache, ec.attn_fn, True, logits_rows, matmul_fn=ec.matmul_fn).mass
-        view = policy.restrict(pstate, cache, positions, mass)
-    stats = policy.needs_stats and not policy.two_pass
-    out = forward(params, cfg, tokens, positions, view, ec.attn_fn, stats, logits_rows, policy.feature_layer,
-                  ec.matmul_fn)
+        view = policy.restrict(pstate, cache, positions, run(cache, with_stats=True).mass)
+    out = run(view, with_stats=policy.needs_stats and not policy.two_pass, feature_layer=policy.feature_layer)
     slots, pstate = policy.assign_slots(pp, pstate, cache, positions, out.mass, out.feature)
     cache = ec.cache_update(cache, out.new_k, out.new_v, slots, positions)
     return out.logits, cache, pstate
@@ -301,9 +315,16 @@ def pad_prompts(prompts: Sequence[Sequence[int]], length: int, pad_id: int = 0):
     return jnp.asarray(toks), jnp.asarray([len(p) for p in prompts], jnp.int32)
 
 
+def check_mesh(ec: EngineConfig, cfg: LlamaConfig, batch: int) -> None:
+    """ValueError unless ec.mesh (if any) splits `batch` sequences, their prefill groups and cfg's heads."""
+    if ec.mesh is not None:
+        sharding.check_mesh(ec.mesh, cfg, batch, group_size(batch, ec.prefill_group))
+
+
 def _prepare(cfg: LlamaConfig, prompts, max_new_tokens: int, engine_kw: dict):
     """(EngineConfig, tokens [B, P], lens [B]) for these prompts."""
     ec = plan([len(p) for p in prompts], max_new_tokens, cfg.max_position_embeddings, eos_ids=cfg.eos_token_ids, **engine_kw)
+    check_mesh(ec, cfg, len(prompts))
     return (ec, *pad_prompts(prompts, ec.prompt_len, ec.pad_id))
 
 
@@ -330,7 +351,8 @@ def decode(
     """Prefill and decode a batch of token-id prompts of any lengths in one jit call.
 
     policy_params: the policy's params pytree (ADORE: the controller state).
-    engine_kw: EngineConfig fields (policy, attn_fn, cache_update, chunk, ...).
+    engine_kw: EngineConfig fields (policy, attn_fn, cache_update, chunk, mesh, ...); with a
+    mesh, params are best placed on it (models.loading.place_params / load_model(mesh=)).
     Returns the final DecodeState (out [B, max_new_tokens], cache, policy state)."""
     ec, tokens, lens = _prepare(cfg, prompts, max_new_tokens, engine_kw)
     return _generate_jit(params, policy_params, cfg, ec, tokens, lens, jax.random.key(seed), sampling.validate())
@@ -353,6 +375,7 @@ def score(params: Params, cfg: LlamaConfig, tokens, prefill: int, policy_params=
     if not 1 <= prefill < L:
         raise ValueError(f"prefill must be in [1, {L - 1}], got {prefill}")
     ec = plan([prefill] * B, L - prefill, cfg.max_position_embeddings, **engine_kw)
+    check_mesh(ec, cfg, B)
     prompt, lens = pad_prompts(tokens[:, :prefill], ec.prompt_len, ec.pad_id)
     lp, cache = _score_jit(params, policy_params, cfg, ec, prompt, lens, jnp.asarray(tokens[:, prefill:]))
     return np.asarray(lp), cache

@@ -33,6 +33,7 @@ import numpy as np
 from adore_jax import engine
 from adore_jax.policies import build_policy, make_policy
 from adore_jax.sampling import SamplingParams
+from adore_jax.sharding import make_mesh, parse_mesh
 from eval.bandwidth import copy_bandwidth
 from eval.throughput_report import write_report
 from models.attention import AttentionOut, layer_cache
@@ -55,6 +56,8 @@ class Row:
     #                    | xla-matmul (the projections by XLA's matmul, not the few-row kernel)
     feature: str = ""  # adore: the controller's input, "hidden:l" (a random controller reading layer l's input);
     #                    "" the shape's default controller (the packaged one, else random on the embeddings)
+    mesh: str = ""  # "data=d,model=m": the engine's steps under shard_map on this mesh (adore_jax.sharding);
+    #                 "" one device, no mesh
 
     @property
     def name(self) -> str:
@@ -62,7 +65,7 @@ class Row:
         if self.policy == "adore":
             p += f" R={self.rebuild}" + (f"/{self.rebuild_every}" if self.rebuild_every > 1 else "")
             p += f" {self.feature}" if self.feature else ""
-        return p + (f" [{self.variant}]" if self.variant else "")
+        return p + (f" [{self.variant}]" if self.variant else "") + (f" [mesh {self.mesh}]" if self.mesh else "")
 
 
 def row_policy(row: Row, cfg: LlamaConfig):
@@ -163,8 +166,10 @@ def _program(cfg, params, row: Row, steps: int, repeats: int, kernels):
     and nothing is allocated."""
     attn_fn, update_fn, matmul_fn = row_kernels(row, kernels)
     pol, pp = row_policy(row, cfg)
+    mesh = make_mesh(row.mesh) if row.mesh else None
     ec = engine.EngineConfig(max_new_tokens=steps * (repeats + 2) + 2, prompt_len=row.context, chunk=512,
-                             policy=pol, attn_fn=attn_fn, cache_update=update_fn, matmul_fn=matmul_fn)
+                             policy=pol, attn_fn=attn_fn, cache_update=update_fn, matmul_fn=matmul_fn, mesh=mesh)
+    engine.check_mesh(ec, cfg, row.batch)
     state = lambda p: synthetic_state(p, pp, cfg, ec, row.batch, row.context, jax.random.key(0))
     abstract = isinstance(jax.tree_util.tree_leaves(params)[0], jax.ShapeDtypeStruct)
     s = jax.eval_shape(state, params) if abstract else state(params)
@@ -173,8 +178,9 @@ def _program(cfg, params, row: Row, steps: int, repeats: int, kernels):
 
 
 def _row_of(result: dict) -> Row:
-    """The Row a result line (rows.jsonl, throughput.json) was measured for."""
-    return Row(**{f.name: result[f.name] for f in dataclasses.fields(Row)})
+    """The Row a result line (rows.jsonl, throughput.json) was measured for (fields it
+    predates: their defaults)."""
+    return Row(**{f.name: result.get(f.name, f.default) for f in dataclasses.fields(Row)})
 
 
 def _file_name(row: Row) -> str:
@@ -203,10 +209,20 @@ def time_decode_chunks(run, params, pp, s, sp, steps: int, repeats: int) -> tupl
     return float(np.median(ts)), mem
 
 
+def row_params(cfg, params, row: Row):
+    """The weights a row runs with: in the other layer layout for a layout variant (a
+    second copy, for this row), placed on the row's mesh (split over its model axis)."""
+    if row.variant in LAYOUTS:
+        params = with_layout(params, row.variant)
+    if row.mesh:
+        layers = "unstacked" if isinstance(params.layers, tuple) else "stacked"
+        params = place_params(cfg, params, make_mesh(row.mesh), layers)
+    return params
+
+
 def measure_row(cfg, params, row: Row, steps: int, repeats: int, kernels, hlo_dir: Optional[Path] = None) -> dict:
     """Time one row; hlo_dir: also write the compiled (optimized) program's HLO text there."""
-    if row.variant in LAYOUTS:  # the other layer layout than the default (a second copy of the weights, for this row)
-        params = with_layout(params, row.variant)
+    params = row_params(cfg, params, row)
     run, pp, s = _program(cfg, params, row, steps, repeats, kernels)
     sp = SamplingParams().validate()
     if hlo_dir is not None:
@@ -225,7 +241,9 @@ def prefill_program(cfg, params, row: Row, kernels, prefill_group: Optional[int]
     pol, pp = row_policy(dataclasses.replace(row, rebuild_every=1), cfg)
     ec = engine.EngineConfig(max_new_tokens=2, prompt_len=row.context, chunk=min(512, row.context), policy=pol,
                              attn_fn=kernels[0], cache_update=kernels[1], matmul_fn=kernels[2],
-                             prefill_group=prefill_group)
+                             prefill_group=prefill_group, mesh=make_mesh(row.mesh) if row.mesh else None)
+    engine.check_mesh(ec, cfg, row.batch)
+    params = row_params(cfg, params, row)
     toks = jax.random.randint(jax.random.key(2), (row.batch, row.context), 0, cfg.vocab_size, jnp.int32)
     lens = jnp.full((row.batch,), row.context, jnp.int32)
     run = engine._prefill_jit.lower(params, pp, cfg, ec, toks, lens, jax.random.key(0), SamplingParams().validate()).compile()
@@ -471,7 +489,13 @@ def main(argv=None) -> int:
     p.add_argument("--ttft-only", action="store_true", help="time the prefills alone, not the decode (implies --ttft)")
     p.add_argument("--prefill-group", type=int, default=None,
                    help="--ttft: prefill at most this many sequences at a time (default: the whole batch)")
+    p.add_argument("--mesh", default="",
+                   help="also time every row without a variant on this mesh, e.g. data=1,model=1 (docs/SERVING.md)")
     args = p.parse_args(argv)
+    try:
+        parse_mesh(args.mesh)
+    except ValueError as e:
+        p.error(str(e))
     if args.prefill_group is not None and args.prefill_group < 1:
         p.error(f"--prefill-group must be >= 1, got {args.prefill_group}")
     if args.hf_only and (args.no_hf or args.ttft_only):
@@ -509,6 +533,8 @@ def main(argv=None) -> int:
     fixed = fixed_budget_rows(SHAPES["llama2-7b"], dtype, hbm, args.steps, args.repeats, kernels) \
         if args.fixed_budget and not args.hf_only else []
     rows += fixed
+    if args.mesh:
+        rows += [dataclasses.replace(row, mesh=args.mesh) for row in rows if not row.variant]
     if args.ttft_only:
         rows = [row for row in rows if wants_ttft(row)]
     partial = out / "rows.jsonl"  # finished rows; a rerun of the same command skips them

@@ -262,10 +262,12 @@ def _matmul(x: jax.Array, w: jax.Array) -> jax.Array:
     return dot(x2).reshape(*lead, *w.shape[1:])
 
 
-def _project(x: jax.Array, ws, bs, group: str, matmul_fn=None) -> list:
+def _project(x: jax.Array, ws, bs, group: str, matmul_fn=None, reduce=None) -> list:
     """x [..., E] times each weight of ws ([E, ...]), plus its bias (or None), in
     x's dtype. matmul_fn (adore_jax.kernels.get_matmul_fn) may take the group:
-    then one call does all of ws (fp32 [rows, N_i] each); else XLA's matmul."""
+    then one call does all of ws (fp32 [rows, N_i] each); else XLA's matmul.
+    reduce: applied to each fp32 product before the bias (the sum of partial
+    products over a mesh axis when the contracted dim is split)."""
     lead, E = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(math.prod(lead), E)
     flat = [w.reshape(E, -1) for w in ws]
@@ -273,6 +275,8 @@ def _project(x: jax.Array, ws, bs, group: str, matmul_fn=None) -> list:
         ys = [y.reshape(*lead, *w.shape[1:]) for y, w in zip(matmul_fn(x2, flat), ws)]
     else:
         ys = [_matmul(x, w) for w in ws]
+    if reduce is not None:
+        ys = [reduce(y) for y in ys]
     return [(y if b is None else y + b.astype(jnp.float32)).astype(x.dtype) for y, b in zip(ys, bs)]
 
 
@@ -306,6 +310,7 @@ def forward(
     logits_rows: Optional[jax.Array] = None,
     feature_layer: Optional[int] = None,
     matmul_fn=None,
+    model_axis: Optional[str] = None,
 ) -> ForwardOut:
     """Run T new tokens per sequence against the cache.
 
@@ -317,10 +322,20 @@ def forward(
     weight) residual stream entering layer l (l = L: after the last layer), the
     input of a hidden-state ADORE controller.
     matmul_fn: the layers' projections (adore_jax.kernels.get_matmul_fn); None: XLA's matmul.
+    model_axis: inside jax.shard_map, the mesh axis the weights are split over
+    (models.loading.param_partition_specs): params and cache hold this shard's
+    heads (Hq, Hkv, F and V read from the weights' shapes); the partial products
+    of wo and w_down and the attention mass are summed over the axis, and split
+    logits gathered. None: params hold every head.
     """
     B, T = tokens.shape
-    Hq, Hkv, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    L = cfg.num_layers
+    D, L = cfg.head_dim, cfg.num_layers
+    first = params.layers[0] if isinstance(params.layers, tuple) else params.layers
+    Hq, Hkv = first.wq.shape[-1] // D, first.wk.shape[-1] // D  # this shard's heads
+    split = lambda local, full: model_axis is not None and local != full
+    psum = lambda y: jax.lax.psum(y, model_axis)
+    sum_o = psum if split(Hq, cfg.num_heads) else None
+    sum_down = psum if split(first.w_down.shape[-2], cfg.intermediate_size) else None
     if feature_layer is not None and not 0 <= feature_layer <= L:
         raise ValueError(f"feature_layer must be in [0, {L}], got {feature_layer}")
     inv_freq = rope_inv_freq(cfg)
@@ -348,11 +363,12 @@ def forward(
         # the whole stacked cache goes in with the layer index: slicing it here would
         # copy each layer's cache before a kernel call
         res = attn_fn(q, k, v, cache.k, cache.v, cache.pos, positions, layer=li, with_stats=with_stats)
-        x = x + _project(res.out.reshape(B, T, Hq * D).astype(x.dtype), (lp.wo,), (None,), "o", matmul_fn)[0]
+        x = x + _project(res.out.reshape(B, T, Hq * D).astype(x.dtype), (lp.wo,), (None,), "o", matmul_fn, sum_o)[0]
         h = rms_norm(x, lp.mlp_norm, cfg.rms_norm_eps)
         gate_up = _project(h, (lp.w_gate_up,), (None,), "gate_up", matmul_fn)[0].astype(jnp.float32)  # [B, T, 2, F]
         gate, up = gate_up[..., 0, :], gate_up[..., 1, :]
-        x = x + _project((jax.nn.silu(gate) * up).astype(x.dtype), (lp.w_down,), (None,), "down", matmul_fn)[0]
+        x = x + _project((jax.nn.silu(gate) * up).astype(x.dtype), (lp.w_down,), (None,), "down", matmul_fn,
+                         sum_down)[0]
         mass = res.mass if with_stats else jnp.zeros((), jnp.float32)
         return (x, feat), (k, v, mass)
 
@@ -371,6 +387,9 @@ def forward(
     if logits_rows is not None:
         x = jnp.take_along_axis(x, logits_rows[..., None], axis=1)
     logits = head_logits(params, rms_norm(x, params.final_norm, cfg.rms_norm_eps))
-    return ForwardOut(logits, new_k, new_v, mass.mean(0) if with_stats else None,
-                      feat if feature_layer is not None else None)
+    if split(logits.shape[-1], cfg.vocab_size):
+        logits = jax.lax.all_gather(logits, model_axis, axis=logits.ndim - 1, tiled=True)
+    if with_stats:
+        mass = mass.mean(0) if sum_o is None else psum(mass.mean(0))  # one collective: the heads of every shard
+    return ForwardOut(logits, new_k, new_v, mass if with_stats else None, feat if feature_layer is not None else None)
 

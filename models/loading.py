@@ -74,19 +74,23 @@ def param_partition_specs(cfg: LlamaConfig, params: Params, axis: str = "model",
     the input dim of wo/w_down; replicates norms and the embedding. A weight whose
     sharded unit (heads for attention, F for the MLP, V for lm_head) is not
     divisible by axis_size is replicated (axis_size None: assume divisible).
+    Stacked layers get a leading unsplit [L] axis; unstacked ones a spec each.
     """
     ok = lambda n: axis_size is None or n % axis_size == 0
     a = lambda n: axis if ok(n) else None
     q, kv, f = a(cfg.num_heads), a(cfg.num_kv_heads), a(cfg.intermediate_size)
-    lp = params.layers
-    layers = LayerParams(
+    unstacked = isinstance(params.layers, tuple)
+    lp = params.layers[0] if unstacked else params.layers
+    S = lambda *dims: P(*dims) if unstacked else P(None, *dims)
+    layer = LayerParams(
         attn_norm=P(), mlp_norm=P(),
-        wq=P(None, None, q), wk=P(None, None, kv), wv=P(None, None, kv), wo=P(None, q, None),
-        w_gate_up=P(None, None, None, f), w_down=P(None, f, None),
-        bq=None if lp.bq is None else P(None, q),
-        bk=None if lp.bk is None else P(None, kv),
-        bv=None if lp.bv is None else P(None, kv),
+        wq=S(None, q), wk=S(None, kv), wv=S(None, kv), wo=S(q, None),
+        w_gate_up=S(None, None, f), w_down=S(f, None),
+        bq=None if lp.bq is None else S(q),
+        bk=None if lp.bk is None else S(kv),
+        bv=None if lp.bv is None else S(kv),
     )
+    layers = tuple(layer for _ in params.layers) if unstacked else layer
     lm_head = None if params.lm_head is None else P(None, a(cfg.vocab_size))
     return Params(embed=P(), layers=layers, final_norm=P(), lm_head=lm_head)
 
@@ -94,15 +98,13 @@ def param_partition_specs(cfg: LlamaConfig, params: Params, axis: str = "model",
 def place_params(cfg: LlamaConfig, params: Params, mesh: Optional[Mesh] = None, layers: str = "auto",
                  axis: str = "model") -> Params:
     """device_put host (numpy) params, sharded over mesh[axis] when a mesh is given;
-    layers: "stacked", "unstacked" or "auto" (models.llama.default_layout; stacked
-    with a mesh). The layout is made on the host (views, no copy), so the device
-    holds no freed intermediate between the weights: its free memory stays in one
-    piece (unstacking on a GPU leaves a hole the size of the weights)."""
+    layers: "stacked", "unstacked" or "auto" (models.llama.default_layout). The
+    layout is made on the host (views, no copy), so the device holds no freed
+    intermediate between the weights: its free memory stays in one piece
+    (unstacking on a GPU leaves a hole the size of the weights)."""
     if layers not in ("auto", *LAYOUTS):
         raise ModelLoadError(f"unknown layer layout {layers!r} (auto, {', '.join(LAYOUTS)})")
-    if mesh is not None and layers == "unstacked":
-        raise ModelLoadError("unstacked layers are not sharded: load with layers='stacked' (or 'auto') and a mesh")
-    params = with_layout(params, "stacked" if mesh is not None else layers)  # host numpy: views, no copy
+    params = with_layout(params, layers)  # host numpy: views, no copy
     if mesh is None:
         return jax.device_put(params)
     specs = param_partition_specs(cfg, params, axis, mesh.shape[axis])
@@ -459,10 +461,11 @@ def load_model(spec: str | os.PathLike, dtype=jnp.float32, mesh: Optional[Mesh] 
     """Load a model from a checkpoint directory, a .gguf file or a Hub id ("org/name").
 
     layers: how the layer weights are held: "stacked" [L, ...] (scanned), "unstacked"
-    (a buffer per layer, unrolled: faster decode on GPU) or "auto" (unstacked on GPU
-    without a mesh, else stacked). Training passes "stacked".
-    adapter: a LoRA adapter folder (models/lora.py) merged into the weights; the
-    model's source then names it."""
+    (a buffer per layer, unrolled: faster decode on GPU) or "auto" (unstacked on GPU,
+    else stacked). Training passes "stacked". mesh: the weights are split over its
+    "model" axis (`param_partition_specs`; adore_jax.sharding.make_mesh makes a
+    generation mesh). adapter: a LoRA adapter folder (models/lora.py) merged into
+    the weights; the model's source then names it."""
     p = Path(spec).expanduser()
     if not p.exists():
         s = str(spec)

@@ -27,6 +27,14 @@ def test_generate_adore_policy(smollm2_gguf, capsys):
     assert rc == 0 and len(out.strip()) > 0
 
 
+def test_generate_on_a_mesh(smollm2_gguf, capsys):
+    """--mesh: the weights placed on it, the steps under shard_map (test_sharding.py
+    compares the tokens with one device's)."""
+    rc, out, _ = _run(["generate", "--prompt", "The capital of France is", "--max-new-tokens", "4",
+                       "--mesh", "data=1,model=1"], capsys)
+    assert rc == 0 and "Paris" in out
+
+
 def test_info_reports_cache_bytes(smollm2_gguf, capsys):
     rc, out, _ = _run(["info", "--policy", "window", "--cache-size", "512", "--max-len", "4096"], capsys)
     assert rc == 0
@@ -45,6 +53,8 @@ def test_info_reports_cache_bytes(smollm2_gguf, capsys):
         (["generate", "--prompt", "word " * 9000], "maximum length"),
         (["generate", "--prompt", "x", "--policy", "adore"], "cache size"),
         (["generate", "--prompt", "x", "--policy", "window", "--cache-size", "4", "--sinks", "3", "--recent", "3"], "exceed"),
+        (["generate", "--prompt", "x", "--mesh", "data=2,model=4"], "needs 8 devices, 1 are here"),
+        (["generate", "--prompt", "x", "--mesh", "rows=2"], "data=2,model=4"),
         (["train-controller", "--steps", "0"], "must be >= 1"),
         (["train-controller", "--config", "/no/such.toml"], "cannot read config"),
     ],

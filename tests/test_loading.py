@@ -146,7 +146,7 @@ def test_tiny_model_without_tokenizer(tiny_hf_checkpoints):
 
 def test_load_model_layer_layouts(tiny_hf_checkpoints):
     """layers= picks the layout (auto: stacked on the CPU); the same logits either way;
-    a bad value or unstacked layers with a mesh is a ModelLoadError."""
+    a bad value is a ModelLoadError; with a mesh, unstacked layers are split each."""
     import numpy as np
 
     from models.llama import forward
@@ -164,8 +164,9 @@ def test_load_model_layer_layouts(tiny_hf_checkpoints):
     with pytest.raises(ModelLoadError, match="layout"):
         load_model(path, layers="sideways")
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("model",))
-    with pytest.raises(ModelLoadError, match="not sharded"):
-        load_model(path, mesh=mesh, layers="unstacked")
+    split = load_model(path, mesh=mesh, layers="unstacked")
+    assert split.params.layers[0].wq.sharding.spec == jax.sharding.PartitionSpec(None, "model")
+    np.testing.assert_allclose(logits(split), logits(stacked), atol=1e-5)
     with pytest.raises(ModelLoadError, match="layout"):  # checked with a mesh too
         load_model(path, mesh=mesh, layers="sideways")
 

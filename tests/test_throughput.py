@@ -283,3 +283,24 @@ def test_row_policy_builds_the_controller_input_asked():
     assert pol.feature_layer == 1 and state is not None
     assert row_policy(Row("tiny", "adore", 2, 256, cache_size=64), cfg)[0].feature_layer is None  # no packaged one
     assert row_policy(Row("tiny", "streaming", 2, 256, cache_size=64), cfg)[1] is None
+
+
+def test_mesh_rows_are_timed_beside_the_one_device_rows(tmp_path, monkeypatch, capsys):
+    """--mesh adds a twin of every row without a variant that runs under shard_map on
+    that mesh (here one device); a bad mesh is refused."""
+    import pytest
+
+    import eval.throughput as tp
+
+    monkeypatch.setattr(tp, "preset_rows", lambda preset: [Row("tiny", "adore", 2, 256, cache_size=64),
+                                                            Row("tiny", "full", 2, 256, variant="no-attention")])
+    monkeypatch.setattr(tp, "copy_bandwidth", lambda nbytes: {"best": 1e10})
+    assert main(["--preset", "tiny", "--mesh", "data=1,model=1", "--no-hf", "--steps", "2", "--repeats", "1",
+                 "--out", str(tmp_path)]) == 0
+    rows = {r["name"]: r for r in json.loads((tmp_path / "throughput.json").read_text())["rows"]}
+    assert set(rows) == {"adore m=64 R=0", "full [no-attention]", "adore m=64 R=0 [mesh data=1,model=1]"}
+    mesh = rows["adore m=64 R=0 [mesh data=1,model=1]"]
+    assert mesh["mesh"] == "data=1,model=1" and mesh["step_ms"] > 0
+    with pytest.raises(SystemExit):
+        main(["--preset", "tiny", "--mesh", "data=two", "--out", str(tmp_path)])
+    assert "data=2,model=4" in capsys.readouterr().err

@@ -168,8 +168,9 @@ def default_kernels() -> dict:
     {attn_fn, cache_update, matmul_fn} of the Pallas GPU kernels on GPU, or of
     the backend ADORE_KERNEL_BACKEND names; XLA's reference elsewhere. The TPU
     kernels have not run on TPU hardware, so on TPU they are opt-in
-    (ADORE_KERNEL_BACKEND=pallas_tpu). The kernels take operands on one device:
-    with params sharded over a mesh, use the reference."""
+    (ADORE_KERNEL_BACKEND=pallas_tpu). The kernels take operands on one device;
+    with a mesh (EngineConfig.mesh) they run under shard_map on each shard's
+    slice (adore_jax.sharding)."""
     name = resolve_backend("auto")
     if name == "pallas_tpu" and not os.environ.get(ENV_VAR, "").strip():
         name = "reference"

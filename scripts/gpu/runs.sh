@@ -1,6 +1,6 @@
 # The GPU runs behind docs/THROUGHPUT.md, docs/KERNELS.md and docs/RESULTS.md: independent jobs, one per GPU
 # (bench, quality: a machine of 2 or 4 GPUs, nvidia-h200-x2/x4), or one after another on one GPU (single, grid,
-# groups, controller, quality1, stage1, cost), each resumable: call the same case again on the warm machine and finished jobs are skipped.
+# groups, controller, quality1, stage1, cost, sharded), each resumable: call the same case again on the warm machine and finished jobs are skipped.
 # From the repository root: `source scripts/gpu/setup.sh`, then `bash scripts/gpu/runs.sh CASE` (docs/GPU.md).
 # Results go to /tmp/runs (kept while the machine stays warm), returned as $OUT/runs.tgz (without HLO text).
 set -u
@@ -81,10 +81,20 @@ cost)  # one GPU: the controller's and the cache update's share of a 7B decode s
        # (docs/THROUGHPUT.md, "Targets")
   [ -f $R/cost/throughput.json ] || on 0 cost python3 -m eval.throughput --preset controller --no-hf --out $R/cost
   ;;
+sharded)  # one GPU: the 7B shape at B = 8, 16K (full, streaming, adore R = 0, 8, 8/8): the single-device rows of the
+          # tree before sharding (carried as .carry/before/tree.tgz, `git archive` of that commit; docs/SERVING.md) and
+          # of this tree, and this tree's rows on a mesh of one device, the steps under shard_map; resumable
+  S="python3 -m eval.throughput --preset grid --shapes llama2-7b --contexts 16384 --batches 8 --no-hf --steps 8 --repeats 3"
+  if [ ! -f $R/sharded_before/throughput.json ] && [ -f .carry/before/tree.tgz ]; then
+    [ -d /tmp/before_tree ] || { mkdir -p /tmp/before_tree && tar xzf .carry/before/tree.tgz -C /tmp/before_tree; }
+    on 0 sharded_before bash -c "cd /tmp/before_tree && PYTHONPATH=/tmp/before_tree:/tmp/site $S --out $R/sharded_before"
+  fi
+  [ -f $R/sharded/throughput.json ] || on 0 sharded $S --ttft --mesh data=1,model=1 --hlo --out $R/sharded
+  ;;
 assemble)  # every quality row is in .parts by now: write the reports (grid rows are assembled off the GPU)
   on 0 assemble_quality $EVAL all $Q &
   ;;
-*) echo "usage: bash scripts/gpu/runs.sh bench|single|grid|groups|quality|controller|quality1|stage1|cost|assemble" >&2; exit 2 ;;
+*) echo "usage: bash scripts/gpu/runs.sh bench|single|grid|groups|quality|controller|quality1|stage1|cost|sharded|assemble" >&2; exit 2 ;;
 esac
 wait
 mkdir -p "$OUT" && tar czf "$OUT/runs.tgz" --exclude='*.hlo.txt' -C /tmp runs  # one file (the tool returns few)
