@@ -96,7 +96,7 @@ def load_adapter(path) -> tuple[LoraParams, dict]:
     target = {"a": {n: jax.ShapeDtypeStruct((s[0], s[1], r), jnp.float32) for n, s in shapes.items()},
               "b": {n: jax.ShapeDtypeStruct((s[0], r, s[2]), jnp.float32) for n, s in shapes.items()}}
     with ocp.StandardCheckpointer() as ckpt:
-        tree = ckpt.restore(path / "adapter", target)
+        tree = jax.device_get(ckpt.restore(path / "adapter", target))  # host arrays: merged where the weights live
     return LoraParams(tree["a"], tree["b"]), meta
 
 
@@ -108,4 +108,9 @@ def merge_adapter(params: Params, path) -> Params:
         got = tuple(meta["shapes"].get(name, ()))
         if got != want:
             raise ValueError(f"adapter {path} was trained for {name} of shape {list(got)}, this model's is {list(want)}")
-    return apply_lora(params, lora, float(meta["alpha"]))
+    merged = apply_lora(params, lora, float(meta["alpha"]))
+    placed = [getattr(x, "sharding", None) for x in jax.tree_util.tree_leaves(params)]
+    if all(s is not None for s in placed):  # device arrays: each merged weight keeps its weight's placement
+        merged = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(merged), [
+            jax.device_put(x, s) for x, s in zip(jax.tree_util.tree_leaves(merged), placed)])
+    return merged

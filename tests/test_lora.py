@@ -64,3 +64,12 @@ def test_load_model_merges_an_adapter(tiny_hf_checkpoints, tmp_path):
     assert not np.allclose(model.params.layers[0].wq, base.params.layers.wq[0])
     with pytest.raises(ModelLoadError, match="trained for"):
         load_model(tiny_hf_checkpoints["mha_untied"], adapter=tmp_path / "ad")
+    from adore_jax.sharding import make_mesh
+
+    mesh = make_mesh("data=1,model=1")  # on a mesh: merged, and every weight keeps its sharding
+    sharded = load_model(path, mesh=mesh, layers="stacked", adapter=tmp_path / "ad")
+    placed = load_model(path, mesh=mesh, layers="stacked")
+    for a, b, w in zip(jax.tree_util.tree_leaves(sharded.params), jax.tree_util.tree_leaves(placed.params),
+                       jax.tree_util.tree_leaves(want)):
+        assert a.sharding == b.sharding
+        np.testing.assert_allclose(a, w, rtol=1e-6, atol=1e-6)
