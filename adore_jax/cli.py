@@ -39,7 +39,7 @@ def _policy(args, cfg):
 
     pol, pp, note = build_policy(
         args.policy, cfg, args.cache_size, controller=args.controller, sinks=args.sinks, recent=args.recent,
-        rebuild=args.rebuild, rebuild_every=args.rebuild_every, span=args.span,
+        rebuild=args.rebuild, rebuild_every=args.rebuild_every,
     )
     if note:
         print(f"adore: using a {note}" if note.startswith("random") else f"adore: using {note}", file=sys.stderr)
@@ -163,8 +163,6 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--cache-size", type=int, default=None, help="cache slots m (required unless --policy full)")
         sp.add_argument("--rebuild", type=int, default=0, help="adore: rebuilt tokens R per step")
         sp.add_argument("--rebuild-every", type=int, default=1, help="adore: rebuild on every k-th step")
-        sp.add_argument("--span", type=int, default=0,
-                        help="adore: a token scores the max of the controller's scores within this many positions")
         sp.add_argument("--sinks", type=int, default=None, help="always-kept first tokens (streaming and adore: 4)")
         sp.add_argument("--recent", type=int, default=None, help="always-kept most recent tokens (h2o: m/2)")
         sp.add_argument("--controller", default=None, help="adore: controller checkpoint folder (default: packaged)")

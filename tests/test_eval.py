@@ -134,8 +134,6 @@ def test_parsing_and_bad_input():
     assert (spec.rebuild, spec.sinks, spec.recent_pct) == (0, 2, 25)
     policy, _, _ = build(spec, CFG, 32)
     assert (policy.sinks, policy.recent) == (2, 8)
-    spec = parse_policies(["adore-s4-n1"])[0]
-    assert (spec.label, spec.sinks, spec.span) == ("adore-s4-n1", 4, 1) and build(spec, CFG, 32)[0].span == 1
     assert parse_budgets(["128,64", "64"]) == [64, 128]
     for bad, fn in ((["lru"], parse_policies), (["adore-s"], parse_policies), (["adore-w100"], parse_policies), (["0"], parse_budgets), (["x"], parse_budgets)):
         with pytest.raises(ValueError):

@@ -40,8 +40,7 @@ def test_release_times_match_numpy(m, sinks, recent, ties):
     np.testing.assert_array_equal(np.asarray(leave), _np_leave(scores, m, sinks, recent))
 
 
-@pytest.mark.parametrize("name,kw", [("window", {}), ("streaming", {}), ("adore", {}), ("adore", dict(sinks=2, recent=3)),
-                                     ("adore", dict(span=2))])
+@pytest.mark.parametrize("name,kw", [("window", {}), ("streaming", {}), ("adore", {}), ("adore", dict(sinks=2, recent=3))])
 def test_schedule_logprobs_equal_the_decode_loop(name, kw):
     """One parallel pass under the policy's schedule gives the decode loop's
     log-probs (fp32 rounding), with a budget far below the length."""
@@ -66,23 +65,3 @@ def test_schedule_is_refused_where_it_needs_the_decode_loop():
         make_policy("tova", 4).release_schedule(None, x)
     with pytest.raises(NotImplementedError):
         make_policy("adore", 4, rebuild=2, controller_graphdef=gd).release_schedule(state, x)
-
-
-def test_span_max_is_a_window_max_and_changes_the_schedule():
-    """span_max against a loop; a span keeps a high scorer's neighbours, so the schedule changes."""
-    from adore_jax.policies.adore import span_max
-
-    rng = np.random.default_rng(5)
-    score = rng.normal(size=(2, 13)).astype(np.float32)
-    score[1, 9:] = -np.inf  # positions after the query
-    for w in (0, 1, 3):
-        want = np.array([[max(row[max(0, i - w):i + w + 1]) for i in range(13)] for row in score])
-        np.testing.assert_array_equal(np.asarray(span_max(jnp.asarray(score), w)), want)
-    gd, state = tiny_controller(seed=3)
-    params = tiny_params()
-    x = embed_tokens(params, jnp.asarray(np.asarray(prompts(21, [48, 48]))))
-    plain = make_policy("adore", 9, controller_graphdef=gd).release_schedule(state, x)
-    spread = make_policy("adore", 9, controller_graphdef=gd, span=1).release_schedule(state, x)
-    assert not np.array_equal(np.asarray(plain), np.asarray(spread))
-    with pytest.raises(ValueError, match="span"):
-        make_policy("tova", 9, span=1)

@@ -28,7 +28,6 @@ def make_policy(
     rebuild_every: int = 1,
     controller_graphdef: Any = None,
     feature_layer: Optional[int] = None,
-    span: int = 0,
 ) -> Policy:
     """Build a policy. cache_size m (slots) is required except for `full`.
 
@@ -52,8 +51,8 @@ def make_policy(
         raise ValueError("sinks and recent must be >= 0")
     if sinks + recent > cache_size:
         raise ValueError(f"sinks ({sinks}) + recent ({recent}) exceed the cache size ({cache_size})")
-    if name != "adore" and (rebuild or span):
-        raise ValueError("--rebuild and --span apply to the adore policy only")
+    if name != "adore" and rebuild:
+        raise ValueError("--rebuild applies to the adore policy only")
     common = dict(cache_size=cache_size, sinks=sinks, recent=recent)
     if name in ("window", "streaming"):
         return RecencyPolicy(**common)
@@ -67,12 +66,10 @@ def make_policy(
         raise ValueError(f"rebuild R must be in [0, cache size {cache_size}], got {rebuild}")
     if rebuild_every < 1:
         raise ValueError(f"rebuild-every must be >= 1, got {rebuild_every}")
-    if span < 0:
-        raise ValueError(f"span must be >= 0, got {span}")
     if controller_graphdef is None:
         raise ValueError("the adore policy needs a controller")
     return AdorePolicy(**common, rebuild=rebuild, rebuild_every=rebuild_every, graphdef=controller_graphdef,
-                       feature_layer=feature_layer, span=span)
+                       feature_layer=feature_layer)
 
 
 def build_policy(name: str, cfg, cache_size: Optional[int] = None, *, controller=None, **kw):

@@ -8,8 +8,6 @@ Each decode step (DESIGN.md):
    original position, under the shared mask rule);
 4. keep the top m of cache + rebuilt + current (sinks / recent positions
    protected, ties toward recency), writing kept rows into freed slots.
-With span w > 0, a token's score is the max of the controller's scores at
-positions i - w .. i + w, so the pieces of a kept word or number stay together.
 Prefill chunks run the controller over the chunk and cut back to m by the
 scores of the chunk's last token.
 
@@ -51,17 +49,6 @@ def in_cache(cache, n: int) -> jax.Array:
     return jnp.zeros((B, n), bool).at[jnp.arange(B)[:, None], idx].set(True, mode="drop")
 
 
-def span_max(score: jax.Array, w: int) -> jax.Array:
-    """[B, N] scores, each the max over positions i - w .. i + w (w = 0: unchanged), so
-    that a token next to a kept one (a digit of a number, a word's piece) is kept too."""
-    out = score
-    for d in range(1, w + 1):
-        pad = jnp.full(score.shape[:-1] + (d,), _NEG, score.dtype)
-        out = jnp.maximum(out, jnp.concatenate([score[..., d:], pad], -1))
-        out = jnp.maximum(out, jnp.concatenate([pad, score[..., :-d]], -1))
-    return out
-
-
 @dataclasses.dataclass(frozen=True)
 class AdorePolicy(Evicting):
     """Controller scores decide which m tokens stay; up to R released tokens are rebuilt (module docstring)."""
@@ -70,7 +57,6 @@ class AdorePolicy(Evicting):
     rebuild_every: int = 1  # k: rebuild on every k-th decode step
     graphdef: Any = None  # nnx GraphDef of the controller; its state is `pp`
     feature_layer: Optional[int] = None  # the controller's input: None embeddings, l the hidden state entering layer l
-    span: int = 0  # w: a token's score is the max of the controller's scores at positions i - w .. i + w
 
     def _ctrl(self, pp):
         ctrl = nnx.merge(self.graphdef, pp)
@@ -106,7 +92,7 @@ class AdorePolicy(Evicting):
         q_t = jnp.take_along_axis(q, jnp.argmax(pos, axis=1)[:, None, None], axis=1)  # [B, 1, d_c]
         hist = jnp.arange(N, dtype=jnp.int32)[None]
         score = ctrl.logits(q_t, t[:, None], key, jnp.broadcast_to(hist, (B, N)))[:, 0]
-        score = span_max(jnp.where(hist <= t[:, None], score, _NEG), self.span)
+        score = jnp.where(hist <= t[:, None], score, _NEG)
         score = jnp.where(t[:, None] >= 0, score, st.score)  # a sequence with no new row keeps its scores
         return dataclasses.replace(st, key=key, h=h, score=score)
 
@@ -150,10 +136,7 @@ class AdorePolicy(Evicting):
         B, n, _ = x.shape
         _, q, k = ctrl.scan(ctrl.init_state(B), x, jnp.ones((B, n), bool))
         hist = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (B, n))
-        def row(t):
-            s = ctrl.logits(jax.lax.dynamic_slice_in_dim(q, t, 1, axis=1), jnp.full((B, 1), t), k, hist)[:, 0]
-            return span_max(jnp.where(hist <= t, s, _NEG), self.span)
-
+        row = lambda t: ctrl.logits(jax.lax.dynamic_slice_in_dim(q, t, 1, axis=1), jnp.full((B, 1), t), k, hist)[:, 0]
         return self.release(row, x)
 
     def scores(self, pp, st: AdoreState, cache, positions, mass):
