@@ -25,7 +25,6 @@ from typing import Any, Callable, Iterator, Optional, Sequence, Union
 import jax
 import jax.numpy as jnp
 import numpy as np
-
 from jax.sharding import Mesh
 
 from adore_jax import sharding

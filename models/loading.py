@@ -96,14 +96,23 @@ def param_partition_specs(cfg: LlamaConfig, params: Params, axis: str = "model",
 
 
 def place_params(cfg: LlamaConfig, params: Params, mesh: Optional[Mesh] = None, layers: str = "auto",
-                 axis: str = "model") -> Params:
+                 axis: str = "model", adapter: Optional[str | os.PathLike] = None) -> Params:
     """device_put host (numpy) params, sharded over mesh[axis] when a mesh is given;
     layers: "stacked", "unstacked" or "auto" (models.llama.default_layout). The
     layout is made on the host (views, no copy), so the device holds no freed
     intermediate between the weights: its free memory stays in one piece
-    (unstacking on a GPU leaves a hole the size of the weights)."""
+    (unstacking on a GPU leaves a hole the size of the weights). adapter: a LoRA
+    adapter folder (models/lora.py), merged on the host before placement."""
     if layers not in ("auto", *LAYOUTS):
         raise ModelLoadError(f"unknown layer layout {layers!r} (auto, {', '.join(LAYOUTS)})")
+    if adapter is not None:
+        from models.lora import merge_adapter
+
+        try:
+            with jax.default_device(jax.devices("cpu")[0]):
+                params = jax.device_get(merge_adapter(params, adapter))
+        except ValueError as e:
+            raise ModelLoadError(str(e)) from None
     params = with_layout(params, layers)  # host numpy: views, no copy
     if mesh is None:
         return jax.device_put(params)
@@ -225,8 +234,9 @@ def _safetensors_files(path: Path) -> dict[str, Path]:
 
 
 def load_hf_dir(path: str | os.PathLike, dtype=jnp.float32, mesh: Optional[Mesh] = None,
-                layers: str = "auto") -> tuple[LlamaConfig, Params]:
-    """Load a Hugging Face Llama/Mistral/Qwen2 checkpoint directory -> (cfg, device params)."""
+                layers: str = "auto", adapter: Optional[str | os.PathLike] = None) -> tuple[LlamaConfig, Params]:
+    """Load a Hugging Face Llama/Mistral/Qwen2 checkpoint directory -> (cfg, device params)
+    (adapter: place_params')."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
@@ -254,7 +264,7 @@ def load_hf_dir(path: str | os.PathLike, dtype=jnp.float32, mesh: Optional[Mesh]
         raise ModelLoadError(f"could not read the safetensors in {path} (corrupt or truncated file?): {_reason(e)}") from None
     finally:
         opened.clear()
-    return cfg, place_params(cfg, params, mesh, layers)
+    return cfg, place_params(cfg, params, mesh, layers, adapter=adapter)
 
 
 # ---------------------------------------------------------------- GGUF files
@@ -342,8 +352,9 @@ def gguf_config(reader, file: Path | str = "GGUF file") -> LlamaConfig:
 
 
 def load_gguf(file: str | os.PathLike, dtype=jnp.float32, mesh: Optional[Mesh] = None,
-              layers: str = "auto") -> tuple[LlamaConfig, Params]:
-    """Load a llama.cpp GGUF file (dequantized to dtype) -> (cfg, device params) in HF layout."""
+              layers: str = "auto", adapter: Optional[str | os.PathLike] = None) -> tuple[LlamaConfig, Params]:
+    """Load a llama.cpp GGUF file (dequantized to dtype) -> (cfg, device params) in HF layout
+    (adapter: place_params')."""
     from gguf.quants import dequantize
 
     file = Path(file)
@@ -366,7 +377,7 @@ def load_gguf(file: str | os.PathLike, dtype=jnp.float32, mesh: Optional[Mesh] =
         return w
 
     params = _build_params(cfg, get, GGUF_NAMES, dtype)
-    return cfg, place_params(cfg, params, mesh, layers)
+    return cfg, place_params(cfg, params, mesh, layers, adapter=adapter)
 
 
 # ---------------------------------------------------------------- tokenizers
@@ -474,21 +485,13 @@ def load_model(spec: str | os.PathLike, dtype=jnp.float32, mesh: Optional[Mesh] 
         else:
             raise ModelLoadError(f"no such model file or directory: {s}")
     if p.is_dir():
-        cfg, params = load_hf_dir(p, dtype, mesh, layers)
+        cfg, params = load_hf_dir(p, dtype, mesh, layers, adapter)
         has_tok = any((p / f).is_file() for f in TOKENIZER_FILES)
         tokenizer = load_tokenizer(p) if has_tok else None
     elif p.suffix == ".gguf":
-        cfg, params = load_gguf(p, dtype, mesh, layers)
+        cfg, params = load_gguf(p, dtype, mesh, layers, adapter)
         tokenizer = load_tokenizer(p)
     else:
         raise ModelLoadError(f"{p} is neither a checkpoint directory nor a .gguf file")
-    source = str(spec)
-    if adapter is not None:
-        from models.lora import merge_adapter
-
-        try:
-            params = merge_adapter(params, adapter)
-        except ValueError as e:
-            raise ModelLoadError(str(e)) from None
-        source += f" + adapter {Path(adapter).expanduser().absolute()}"
+    source = str(spec) + ("" if adapter is None else f" + adapter {Path(adapter).expanduser().absolute()}")
     return Model(with_eos_ids(cfg, tokenizer), params, tokenizer, source)

@@ -4,7 +4,8 @@ For each target W in wq, wk, wv, wo (LayerParams): W' = W + A @ B * (alpha / r),
 A [L, in, r], B [L, r, out]. An adapter folder holds the factors (orbax,
 `adapter/`) and `adapter.json` (rank, alpha, the weight shapes it fits, and
 whatever the writer adds: training settings, results); train/finetune.py writes
-one, `load_model(..., adapter=DIR)` merges one.
+one, `load_model(..., adapter=DIR)` merges one on the host before the weights
+are placed on the device (models.loading.place_params).
 """
 
 from __future__ import annotations
@@ -108,9 +109,4 @@ def merge_adapter(params: Params, path) -> Params:
         got = tuple(meta["shapes"].get(name, ()))
         if got != want:
             raise ValueError(f"adapter {path} was trained for {name} of shape {list(got)}, this model's is {list(want)}")
-    merged = apply_lora(params, lora, float(meta["alpha"]))
-    placed = [getattr(x, "sharding", None) for x in jax.tree_util.tree_leaves(params)]
-    if all(s is not None for s in placed):  # device arrays: each merged weight keeps its weight's placement
-        merged = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(merged), [
-            jax.device_put(x, s) for x, s in zip(jax.tree_util.tree_leaves(merged), placed)])
-    return merged
+    return apply_lora(params, lora, float(meta["alpha"]))
