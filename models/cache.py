@@ -112,10 +112,11 @@ class KVCache:
 
 
 def slot_bytes(num_layers: int, kv_heads: int, head_dim: int, dtype) -> int:
-    """Bytes one slot holds over all layers: K and V rows, their scales when 8-bit, its position."""
+    """Bytes of K and V one slot holds over all layers: the rows, and their float32
+    scales when 8-bit (its int32 position not counted)."""
     dtype = jnp.dtype(dtype)
     per_head = head_dim * dtype.itemsize + (4 if is_quantized(dtype) else 0)
-    return 2 * num_layers * kv_heads * per_head + 4
+    return 2 * num_layers * kv_heads * per_head
 
 
 def write_rows(cache: KVCache, new_k: jax.Array, new_v: jax.Array, slots: jax.Array, positions: jax.Array) -> KVCache:
