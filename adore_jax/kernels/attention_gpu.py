@@ -230,8 +230,8 @@ def _kernel(*refs, T, G, D, S, R, Rr, bs, Sp, NS, Tp, scale, merge, with_scores,
         if S < bs:  # a cache shorter than one block: masked loads
             ok = lo + cols < S
             ok2 = jnp.broadcast_to(ok[:, None], (bs, D))
-            k = plgpu.load(ck_ref.at[lyr, pl.ds(lo, bs), :], mask=ok2, other=0)
-            v = plgpu.load(cv_ref.at[lyr, pl.ds(lo, bs), :], mask=ok2, other=0)
+            k = softmax_gpu.load_zeroed(ck_ref.at[lyr, pl.ds(lo, bs), :], ok2, q.dtype if quant else None)
+            v = softmax_gpu.load_zeroed(cv_ref.at[lyr, pl.ds(lo, bs), :], ok2, q.dtype if quant else None)
             kpos = plgpu.load(cpos_ref.at[pl.ds(lo, bs)], mask=ok, other=-1)
             scales = (None, None)
             if quant:

@@ -66,7 +66,7 @@ def _gpu_kernel(slots_ref, posv_ref, *refs, S, widths):
         C = min(next_pow2(W), 2048)
         for c0 in range(0, W, C):
             cols = c0 + jnp.arange(C, dtype=jnp.int32)
-            row = plgpu.load(new_ref.at[t, cols], mask=cols < W, other=0)
+            row = plgpu.load(new_ref.at[t, cols], mask=cols < W)  # no fill value: masked columns are not stored
             plgpu.store(out_ref.at[slot_w, cols], row.astype(out_ref.dtype), mask=(cols < W) & ok)
     plgpu.store(pos_ref.at[slot_w], posv_ref[t], mask=ok & (l == 0))
 

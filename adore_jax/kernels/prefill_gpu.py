@@ -89,8 +89,9 @@ def _kernel(lyr_ref, used_ref, q_ref, qpos_ref, ck_ref, cv_ref, cpos_ref, kn_ref
         ok2 = jnp.broadcast_to(ok[:, None], (bs, D))
         at = (lambda ref: ref.at[lyr, idx[:, None], d[None, :]]) if layer_index else (
             lambda ref: ref.at[idx[:, None], d[None, :]])
-        k = plgpu.load(at(ref_k), mask=ok2, other=0)
-        v = plgpu.load(at(ref_v), mask=ok2, other=0)
+        dtype = q.dtype if quant and layer_index else None  # 8-bit values: converted as loaded
+        k = softmax_gpu.load_zeroed(at(ref_k), ok2, dtype)
+        v = softmax_gpu.load_zeroed(at(ref_v), ok2, dtype)
         scales = (None, None)
         if quant and layer_index:
             scales = tuple(plgpu.load(r.at[lyr, idx], mask=ok, other=0) for r in (ks_ref, vs_ref))

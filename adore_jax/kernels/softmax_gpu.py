@@ -68,6 +68,15 @@ def step(carry, q, k, v, kpos, rpos, *, scale: float, precision, interpret: bool
     return (alpha[:, None] * o + pv, m_new, alpha * l + jnp.sum(p, axis=1)), s
 
 
+def load_zeroed(ref, mask, dtype=None):
+    """plgpu.load of `ref` with the masked elements 0. dtype (8-bit slots: q's dtype):
+    convert the loaded values first, then zero; the Triton lowering cannot make an
+    `other` fill value of float8 from a constant."""
+    if dtype is None:
+        return plgpu.load(ref, mask=mask, other=0)
+    return jnp.where(mask, plgpu.load(ref, mask=mask).astype(dtype), 0)
+
+
 def natural(x):
     """Base-2 scores or maxima in natural units (NEG_INF stays below 0.5 * NEG_INF)."""
     return x * (1 / LOG2E)
