@@ -269,3 +269,33 @@ def test_cache_specs_cover_the_scales():
     assert specs.k.scale == P(*specs.k.values[:-1])
     assert jax.tree.structure(sharding.cache_specs(CFG, mesh), is_leaf=lambda x: isinstance(x, P)) == jax.tree.structure(
         KVCache.empty(CFG.num_layers, 2, 4, CFG.num_kv_heads, CFG.head_dim))
+
+
+def test_bench_kernels_8bit_section_runs(tmp_path, monkeypatch):
+    """python -m eval.bench_kernels --sections attn8 at tiny sizes (interpret mode,
+    each op run once, not timed): a row per shape and slot count with bfloat16, int8
+    and float8_e4m3 entries, bytes counted with the scales, and its lines in the table."""
+    import json
+
+    from eval import bench_kernels
+
+    def once(op, sets, **kw):
+        jax.block_until_ready(jax.jit(op)(*sets[0]))
+        return 1e-3, [1e-3]
+
+    monkeypatch.setattr(bench_kernels, "bench", once)
+    out = tmp_path / "bench.json"
+    bench_kernels.main(["--smoke", "--sections", "attn8", "--out", str(out)])
+    [row] = json.loads(out.read_text())["attention_8bit"]
+    assert row["bfloat16"]["us"] > 0
+    for name in ("int8", "float8_e4m3"):
+        assert row[name]["us"] > 0 and row[name]["kv_bytes"] == 2 * row["B"] * row["S"] * row["Hkv"] * (row["D"] + 4)
+        assert row[name]["copy_same_size"]["us"] > 0
+    assert "8-bit slots, T = 1" in (tmp_path / "bench.txt").read_text()
+
+
+def test_cli_kv_dtype_names_match_the_cache():
+    from adore_jax.cli import KV_DTYPE_NAMES
+    from models.cache import KV_DTYPES
+
+    assert KV_DTYPE_NAMES == ("auto", *KV_DTYPES)
