@@ -313,6 +313,7 @@ def test_8bit_cache_rows_are_timed_and_read_fewer_bytes(tmp_path, monkeypatch):
     import eval.throughput as tp
     from models.shapes import SHAPES
 
+    assert [r.kv_dtype for r in tp.preset_rows("kvquant")] == ["", "", "int8", "int8", "float8_e4m3", "float8_e4m3"]
     rows = [Row("tiny", "adore", 2, 256, cache_size=64, kv_dtype="int8"), Row("tiny", "full", 2, 256, kv_dtype="float8_e4m3")]
     monkeypatch.setattr(tp, "preset_rows", lambda preset: rows)
     monkeypatch.setattr(tp, "copy_bandwidth", lambda nbytes: {"best": 1e10})
@@ -326,4 +327,3 @@ def test_8bit_cache_rows_are_timed_and_read_fewer_bytes(tmp_path, monkeypatch):
     plain, int8 = (tp.step_bytes(cfg, {}, Row("tiny", "full", 2, 256, kv_dtype=kv), 4) for kv in ("", "int8"))
     per_token = 2 * cfg.num_layers * cfg.num_kv_heads
     assert plain - int8 == 2 * 256 * per_token * (cfg.head_dim * 4 - (cfg.head_dim + 4))
-    assert [r.kv_dtype for r in tp.preset_rows("kvquant")] == ["", "", "int8", "int8", "float8_e4m3", "float8_e4m3"]
