@@ -16,6 +16,7 @@ import time
 from adore_jax.policies import POLICIES
 
 DTYPES = ("auto", "float32", "bfloat16")
+KV_DTYPE_NAMES = ("auto", "bfloat16", "float32", "int8", "float8_e4m3")  # models.cache.KV_DTYPES and "auto"
 
 
 def _load(args, mesh=None):
@@ -67,12 +68,13 @@ def cmd_generate(args) -> int:
     model = _load(args, mesh)
     policy, pp = _policy(args, model.cfg)
     ids = _encode_prompt(model.tokenizer, args.prompt, args.chat)
-    ec = engine.plan([len(ids)], args.max_new_tokens, model.cfg.max_position_embeddings, policy=policy, mesh=mesh)
+    ec = engine.plan([len(ids)], args.max_new_tokens, model.cfg.max_position_embeddings, policy=policy, mesh=mesh,
+                     kv_dtype=args.kv_dtype)
     engine.check_mesh(ec, model.cfg, 1)  # validate first
     eos = set(model.cfg.eos_token_ids)
     chunks = engine.stream(
         model.params, model.cfg, [ids], args.max_new_tokens, sp, seed=args.seed, policy=policy, policy_params=pp,
-        mesh=mesh,
+        mesh=mesh, kv_dtype=args.kv_dtype,
     )
     out: list[int] = []
     shown = ""
@@ -113,6 +115,10 @@ def cmd_info(args) -> int:
     """`adore info`: the model's config, the cache's bytes for a policy and length, the devices."""
     import jax
 
+    from adore_jax.engine import check_kv_dtype
+    from models.cache import kv_dtype, slot_bytes
+
+    check_kv_dtype(args.kv_dtype)
     model = _load(args)
     cfg = model.cfg
     itemsize = model.params.embed.dtype.itemsize
@@ -122,10 +128,12 @@ def cmd_info(args) -> int:
         print(f"  {k}: {v}")
     print(f"parameters: {n_params / 1e6:.1f} M ({n_params * itemsize / 2**20:.1f} MiB)")
     policy, _ = _policy(args, cfg)
-    per_tok = cfg.kv_bytes_per_token * itemsize
+    dtype = kv_dtype(args.kv_dtype, model.params.embed.dtype)
+    per_tok = slot_bytes(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, dtype)
     full = per_tok * args.max_len
     slots = policy.num_slots(args.max_len)
-    print(f"KV cache per sequence at {args.max_len} tokens ({per_tok} bytes per token):")
+    print(f"KV cache per sequence at {args.max_len} tokens ({per_tok} bytes per slot, {dtype.name} slots: "
+          "K and V, with their scales when 8-bit):")
     print(f"  full attention: {full / 2**20:.2f} MiB")
     if args.policy != "full":
         print(f"  {args.policy} (m = {slots} slots): {per_tok * slots / 2**20:.2f} MiB "
@@ -166,6 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--sinks", type=int, default=None, help="always-kept first tokens (streaming and adore: 4)")
         sp.add_argument("--recent", type=int, default=None, help="always-kept most recent tokens (h2o: m/2)")
         sp.add_argument("--controller", default=None, help="adore: controller checkpoint folder (default: packaged)")
+        sp.add_argument("--kv-dtype", choices=KV_DTYPE_NAMES, default="auto",
+                        help="cache slots: auto (the weights' dtype), or int8 / float8_e4m3 with a scale per slot "
+                             "and head (float8_e4m3: GPUs of compute capability >= 8.9)")
 
     g = sub.add_parser("generate", help="generate text from a prompt, streamed to stdout")
     g.add_argument("--prompt", required=True, help="prompt text ('-' reads standard input)")

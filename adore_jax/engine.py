@@ -31,7 +31,7 @@ from adore_jax import sharding
 from adore_jax.kernels import default_kernels
 from adore_jax.policies import Policy, full_policy
 from adore_jax.sampling import SamplingParams, row_keys, sample
-from models.cache import KVCache
+from models.cache import KVCache, kv_dtype
 from models.llama import LlamaConfig, Params, forward
 
 
@@ -51,6 +51,7 @@ class EngineConfig:
     matmul_fn: Union[Callable, str, None] = "auto"  # the layers' projections (adore_jax.kernels.get_matmul_fn); None: XLA
     prefill_group: Optional[int] = None  # prefill at most this many sequences at a time (None: the whole batch)
     mesh: Optional[Mesh] = None  # axes (data, model) (adore_jax.sharding): each step runs under shard_map; None: one device
+    kv_dtype: str = "auto"  # the cache slots: "auto" (the weights' dtype), "bfloat16", "float32", "int8", "float8_e4m3"
 
     def __post_init__(self):
         auto = [f for f in ("attn_fn", "cache_update", "matmul_fn") if isinstance(getattr(self, f), str)]
@@ -60,12 +61,24 @@ class EngineConfig:
                 if getattr(self, f) != "auto":
                     raise ValueError(f"{f} must be a function or 'auto', got {getattr(self, f)!r}")
                 object.__setattr__(self, f, defaults[f])
+        check_kv_dtype(self.kv_dtype)
         if self.prefill_group is not None and self.prefill_group < 1:
             raise ValueError(f"prefill group must be >= 1 sequence, got {self.prefill_group}")
 
     @property
     def max_total(self) -> int:
         return self.prompt_len + self.max_new_tokens
+
+
+def check_kv_dtype(name: str) -> None:
+    """ValueError unless `name` is a cache dtype this machine takes: float8_e4m3 on
+    a GPU needs compute capability 8.9 or later (Ada, Hopper)."""
+    kv_dtype(name, jnp.float32)  # unknown names
+    if name == "float8_e4m3" and jax.default_backend() == "gpu":
+        cc = getattr(jax.devices()[0], "compute_capability", None)
+        if cc is not None and tuple(int(x) for x in str(cc).split(".")[:2]) < (8, 9):
+            raise ValueError(f"kv dtype float8_e4m3 needs a GPU of compute capability >= 8.9; this one is {cc} "
+                             "(use int8)")
 
 
 @jax.tree_util.register_dataclass
@@ -149,7 +162,8 @@ def _prefill_chunks(params, pp, cfg: LlamaConfig, ec: EngineConfig, tokens, lens
     B, P = tokens.shape
     C = ec.chunk
     slots = ec.policy.num_slots(ec.max_total)
-    cache = KVCache.empty(cfg.num_layers, B, slots, cfg.num_kv_heads, cfg.head_dim, params.embed.dtype)
+    cache = KVCache.empty(cfg.num_layers, B, slots, cfg.num_kv_heads, cfg.head_dim,
+                          kv_dtype(ec.kv_dtype, params.embed.dtype))
     pstate = ec.policy.init(pp, B, ec.max_total)
     last_row = lens - 1
 

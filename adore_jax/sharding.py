@@ -25,7 +25,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 
-from models.cache import KVCache
+from models.cache import KVCache, QuantSlots
 from models.llama import LlamaConfig, Params
 from models.loading import param_partition_specs
 
@@ -82,11 +82,16 @@ def check_mesh(mesh: Mesh, cfg: LlamaConfig, batch: int, prefill_batch: Optional
                          "use a model axis that divides them")
 
 
-def cache_specs(cfg: LlamaConfig, mesh: Mesh) -> KVCache:
+def cache_specs(cfg: LlamaConfig, mesh: Mesh, quantized: bool = False) -> KVCache:
     """PartitionSpecs of the cache: k, v [L, B, S, Hkv, D] split over data (B) and
-    model (Hkv; one KV head: whole on every shard); pos [B, S] over data."""
+    model (Hkv; one KV head: whole on every shard); pos [B, S] over data. With
+    quantized (8-bit slots), k and v are QuantSlots whose scales [L, B, S, Hkv]
+    split as the values do."""
     kv = MODEL if cfg.num_kv_heads % mesh.shape[MODEL] == 0 else None
-    return KVCache(P(None, DATA, None, kv, None), P(None, DATA, None, kv, None), P(DATA, None))
+    rows = P(None, DATA, None, kv, None)
+    if quantized:
+        rows = QuantSlots(rows, P(None, DATA, None, kv))
+    return KVCache(rows, rows, P(DATA, None))
 
 
 def param_specs(cfg: LlamaConfig, params: Params, mesh: Mesh) -> Params:
@@ -105,7 +110,7 @@ def shard_step(fn: Callable, mesh: Mesh, cfg: LlamaConfig, params: Params, pp, c
     data, weights and cache as `param_specs` and `cache_specs`, the policy's params
     whole. fn sees B / data sequences and its shard's heads."""
     B = cache.pos.shape[0]
-    cs, ss = cache_specs(cfg, mesh), batch_specs(pstate, B)
+    cs, ss = cache_specs(cfg, mesh, cache.quantized), batch_specs(pstate, B)
     in_specs = (param_specs(cfg, params, mesh), P(), cs, ss, *(P(DATA),) * len(rows))
     return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=(P(DATA), cs, ss), check_vma=False)(
         params, pp, cache, pstate, *rows)

@@ -4,7 +4,7 @@
     python -m eval.bench_kernels --smoke --out /tmp/k/bench_kernels.json    # tiny, interpret mode, any CPU
     python -m eval.bench_kernels --from-json docs/results/kernels/bench_kernels.json  # table + plot again
 
-Sections (--sections, all by default):
+Sections (--sections, all but attn8 by default):
 1. copy: the device's copy bandwidth (large device-to-device copies: an XLA
    elementwise copy and, if torch is there, torch's copy_; bytes read + written).
 2. check: every GPU kernel on the device against its XLA reference (fp32 math
@@ -25,6 +25,10 @@ Sections (--sections, all by default):
    bf16, fp32 accumulation; M in --matmul-rows): XLA's matmul (one dot a weight,
    one row padded to two, as models/llama.py) against the few-row kernel's plan
    (q, k and v as three weights in one launch). Rate = weight bytes / time.
+7. attn8 (when asked for): the decode kernel (T = 1) with int8 and float8_e4m3
+   slots (values + a float32 scale per slot and head, dequantized in the kernel)
+   at KV8_SHAPES, S in {1024, 4096, 8192}: the bytes it reads / time, against the
+   copy bandwidth, and its speedup over the same call on bfloat16 slots.
 
 Timing: random bf16 data, compile + warm-up first, U different input sets inside
 one jitted call (rotation past the 50 MB L2). --timer device (the default): the
@@ -58,7 +62,7 @@ from adore_jax.kernels.qkv_gpu import qkv_rope_gpu, reference_qkv_rope
 from eval.bandwidth import copy_bandwidth as measured_copy_bandwidth
 from eval.trace import busy_ns, gpu_events
 from models.attention import reference_attention
-from models.cache import KVCache, write_rows
+from models.cache import KVCache, quantize, write_rows
 from models.llama import rope_tables
 
 SHAPES = [(8, 32, 8, 128), (32, 9, 3, 64), (8, 32, 32, 128)]  # (B, Hq, Hkv, D)
@@ -369,6 +373,52 @@ def attention_section(results, copy_bw, smoke, interpret, deadline, timer):
     results["attention"] = rows
 
 
+KV8_DTYPES = {"int8": jnp.int8, "float8_e4m3": jnp.float8_e4m3fn}
+KV8_SHAPES = [(8, 32, 8, 128), (8, 32, 32, 128)]  # (B, Hq, Hkv, D)
+
+
+def quantized_set(bf16_set, dtype):
+    """attn_set's inputs with the cache K and V as 8-bit slots (models.cache.quantize)."""
+    q, k, v, ck, cv, cpos, qpos = bf16_set
+    return (q, k, v, quantize(ck, dtype), quantize(cv, dtype), cpos, qpos)
+
+
+def same_size_copy_8bit(q, k, v, ck, cv, cpos, qpos):
+    """A copy of 8-bit K and V, values and scales (read + written)."""
+    return jax.tree.map(lambda a: -a if a.dtype == jnp.float32 else jax.lax.bitcast_convert_type(a, jnp.int8) ^ 1, (ck, cv))
+
+
+def attention_8bit_section(results, copy_bw, smoke, interpret, deadline, timer):
+    """results["attention_8bit"]: the decode kernel (T = 1) with int8 and float8_e4m3
+    slots against the same call on bfloat16 slots, at KV8_SHAPES x SLOTS. Bytes are
+    the ones read: 8-bit values and a float32 scale per slot and head."""
+    rows = []
+    shapes = [(2, 4, 2, 32)] if smoke else KV8_SHAPES
+    slots = [64] if smoke else SLOTS
+    for (B, Hq, Hkv, D), S in [(sh, s) for sh in shapes for s in slots]:
+        if time.time() - T0 > deadline:
+            log("deadline reached: skipping", (B, Hq, Hkv, D, S))
+            continue
+        plain_bytes = kv_bytes(B, Hkv, D, S)
+        U = n_sets(plain_bytes)
+        sets = [attn_set(100 * S + u, B, Hq, Hkv, D, S, 1) for u in range(U)]
+        row = {"B": B, "Hq": Hq, "Hkv": Hkv, "D": D, "S": S, "T": 1, "sets": U}
+        row["bfloat16"] = time_ops({"ours": ours(interpret=interpret)}, sets, plain_bytes, timer=timer)["ours"]
+        for name, dtype in KV8_DTYPES.items():
+            nbytes = 2 * B * S * Hkv * (D + 4)
+            q_sets = [quantized_set(x, dtype) for x in sets]
+            got = time_ops({"ours": ours(interpret=interpret), "copy": same_size_copy_8bit}, q_sets, nbytes, timer=timer)
+            row[name] = dict(got["ours"], kv_bytes=nbytes, frac_copy=got["ours"].get("TBps", 0) / copy_bw,
+                             copy_same_size=got["copy"])
+            if "us" in got["ours"] and "us" in row["bfloat16"]:
+                row[name]["speedup_vs_bfloat16"] = row["bfloat16"]["us"] / got["ours"]["us"]
+            del q_sets
+        rows.append(row)
+        log("attn 8-bit", (B, Hq, Hkv, D, S), {k: round(v.get("TBps", 0), 2) for k, v in row.items() if isinstance(v, dict)})
+        del sets
+    results["attention_8bit"] = rows
+
+
 PREFILL_CONFIGS = {  # name -> prefill kernel config
     "default": PrefillConfig(),
     "r128_w8": PrefillConfig(rows=128, num_warps=8),
@@ -599,6 +649,15 @@ def table(results, copy_bw):
             a, b = r.get("ours_stats", {}), r.get("xla_ref_stats", {})
             lines.append(f"{'%d,%d,%d,%d' % (r['B'], r['Hq'], r['Hkv'], r['D']):>13} {r['S']:>5} {r['T']:>2} | "
                          f"ours {a.get('us', float('nan')):8.1f}  xla-ref {b.get('us', float('nan')):8.1f}")
+    if results.get("attention_8bit"):
+        lines.append("8-bit slots, T = 1: TB/s of the bytes read (values + scales), %copy, speedup over bfloat16 slots")
+        for r in results["attention_8bit"]:
+            cells = []
+            for name in KV8_DTYPES:
+                v = r.get(name, {})
+                cells.append(f"{name} {v['TBps']:.2f} {100 * v['frac_copy']:.0f}% x{v.get('speedup_vs_bfloat16', float('nan')):.2f}"
+                             if "TBps" in v else f"{name} err")
+            lines.append(f"{'%d,%d,%d,%d' % (r['B'], r['Hq'], r['Hkv'], r['D']):>13} {r['S']:>5} | " + " | ".join(cells))
     if results.get("cache_update"):
         lines.append("cache_update (donated, in place): us per call")
         for r in results["cache_update"]:
@@ -681,7 +740,8 @@ def write_report(results, out, copy_bw):
     print("\n" + text, flush=True)
 
 
-SECTIONS = ("copy", "check", "attn", "update", "prefill", "matmul")
+SECTIONS = ("copy", "check", "attn", "update", "prefill", "matmul", "attn8")
+DEFAULT_SECTIONS = SECTIONS[:-1]  # attn8 (8-bit slots) when asked for
 
 
 def main(argv=None):
@@ -693,7 +753,8 @@ def main(argv=None):
     ap.add_argument("--out", default="results/kernels/bench_kernels.json")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes; interpret mode on CPU (checks the script only)")
     ap.add_argument("--deadline", type=float, default=480.0, help="seconds after which remaining cases are skipped")
-    ap.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated, of " + ",".join(SECTIONS))
+    ap.add_argument("--sections", default=",".join(DEFAULT_SECTIONS),
+                    help=f"comma-separated, of {','.join(SECTIONS)} (default {','.join(DEFAULT_SECTIONS)})")
     ap.add_argument("--check-cases", type=int, default=7, help="attention cases of the device check")
     ap.add_argument("--matmul-rows", default="1,8,64", help="rows M of the matmul section (comma-separated)")
     ap.add_argument("--timer", choices=("device", "wall"), default="device",
@@ -746,6 +807,9 @@ def main(argv=None):
         save()
     if "matmul" in secs:
         matmul_section(results, matmul_rows, args.smoke, interpret, args.deadline, timer)
+        save()
+    if "attn8" in secs:
+        attention_8bit_section(results, copy_bw_tb, args.smoke, interpret, args.deadline, timer)
         save()
     results["wall_s"] = time.time() - T0
     save()

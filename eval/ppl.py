@@ -22,13 +22,16 @@ from eval.common import (PolicySpec, RowCache, batches, build, controller_finger
                          run_key, write_outputs)
 
 
-def streaming_nll(params, cfg, tokens, policy=None, policy_params=None, prefill: int = 1, chunk: int = 512) -> np.ndarray:
+def streaming_nll(params, cfg, tokens, policy=None, policy_params=None, prefill: int = 1, chunk: int = 512,
+                  kv_dtype: str = "auto") -> np.ndarray:
     """Negative log-likelihood in nats [B, L - prefill] of tokens[:, prefill:] for tokens [B, L],
-    each token fed through one decode step of `policy` (default: full attention)."""
+    each token fed through one decode step of `policy` (default: full attention) over
+    cache slots of `kv_dtype` (EngineConfig.kv_dtype)."""
     from adore_jax import engine
     from adore_jax.policies import full_policy
 
-    lp, _ = engine.score(params, cfg, tokens, prefill, policy=policy or full_policy, policy_params=policy_params, chunk=chunk)
+    lp, _ = engine.score(params, cfg, tokens, prefill, policy=policy or full_policy, policy_params=policy_params, chunk=chunk,
+                         kv_dtype=kv_dtype)
     return -lp.astype(np.float64)
 
 
@@ -40,13 +43,13 @@ def _summary(nll: np.ndarray, prefill: int, budget: Optional[int]) -> dict:
                 ppl_after_budget=math.exp(tail.mean()) if tail.size else float("nan"))
 
 
-def _run_one(params, cfg, tokens, spec, m, budgets, prefill, parts, controller, rebuild_every, chunk, bar) -> dict:
+def _run_one(params, cfg, tokens, spec, m, budgets, prefill, parts, controller, rebuild_every, chunk, kv_dtype, bar) -> dict:
     """The result row of one (policy, budget) over all segments."""
     L = tokens.shape[1]
     policy, pp, _ = build(spec, cfg, m or L, controller, rebuild_every)
     t0, nll = time.perf_counter(), []
     for sl in parts:
-        nll.append(streaming_nll(params, cfg, tokens[sl], policy, pp, prefill, chunk))
+        nll.append(streaming_nll(params, cfg, tokens[sl], policy, pp, prefill, chunk, kv_dtype))
         bar.update()
     nll = np.concatenate(nll)
     row = dict(policy=spec.label, budget=m, **_summary(nll, prefill, m), seconds=round(time.perf_counter() - t0, 2))
@@ -57,8 +60,9 @@ def _run_one(params, cfg, tokens, spec, m, budgets, prefill, parts, controller, 
 
 def run_ppl(params, cfg, tokens, specs: Sequence[PolicySpec], budgets: Sequence[int], prefill: int = 1,
             batch_size: int = 8, controller=None, rebuild_every: int = 1, chunk: int = 512, meta: Optional[dict] = None,
-            resume_dir=None) -> dict:
-    """Streaming perplexity of every (policy, budget) over segments tokens [N, L] int.
+            resume_dir=None, kv_dtype: str = "auto") -> dict:
+    """Streaming perplexity of every (policy, budget) over segments tokens [N, L] int,
+    the cache slots of `kv_dtype` (part of the result, and of the resume key unless "auto").
 
     Segments run in batches of batch_size. resume_dir: keep finished rows there
     (eval.common.RowCache) and reuse them when run again with the same settings.
@@ -83,13 +87,14 @@ def run_ppl(params, cfg, tokens, specs: Sequence[PolicySpec], budgets: Sequence[
     note = controller_note(specs, cfg, controller)  # before the runs: says what they use
     done = RowCache(resume_dir, "ppl", run_key(meta, tokens=fingerprint(tokens), prefill=prefill, chunk=chunk,
                                                budgets=list(budgets), controller=controller_fingerprint(cfg, controller),
-                                rebuild_every=rebuild_every))
+                                rebuild_every=rebuild_every, **({} if kv_dtype == "auto" else dict(kv_dtype=kv_dtype))))
     with tqdm(total=len(runs) * len(parts), desc="ppl", unit="batch") as bar:
         for spec, m in runs:
             bar.set_postfix_str(f"{spec.label} m={m or 'all'}")
             row = done.get(spec.label, m)
             if row is None:
-                row = _run_one(params, cfg, tokens, spec, m, budgets, prefill, parts, controller, rebuild_every, chunk, bar)
+                row = _run_one(params, cfg, tokens, spec, m, budgets, prefill, parts, controller, rebuild_every, chunk,
+                               kv_dtype, bar)
                 done.put(spec.label, m, row)
             else:
                 bar.update(len(parts))
@@ -97,7 +102,8 @@ def run_ppl(params, cfg, tokens, specs: Sequence[PolicySpec], budgets: Sequence[
                 full = row
             else:
                 results.append(row)
-    return dict(kind="ppl", **(meta or {}), length=L, segments=N, prefill=prefill, chunk=chunk, batch_size=batch_size,
+    return dict(kind="ppl", **(meta or {}), kv_dtype=kv_dtype, length=L, segments=N, prefill=prefill, chunk=chunk,
+                batch_size=batch_size,
                 budgets=list(budgets), policies=[s.label for s in specs], rebuild_every=rebuild_every,
                 controller=note, full=full, results=results, skipped=skipped)
 
@@ -141,6 +147,7 @@ def plot_ppl(res: dict, path=None):
 def write_ppl(res: dict, out_dir) -> dict:
     """Write ppl.json, ppl.md (tables) and ppl.png into out_dir; returns {kind: path}."""
     md = (f"Streaming perplexity on {res.get('text', 'the given tokens')}, L = {res['length']}, "
-          f"{res['segments']} segments, prefill {res['prefill']}.\n\nAll scored tokens:\n\n{ppl_table(res)}\n\n"
+          f"{res['segments']} segments, prefill {res['prefill']}, cache slots {res.get('kv_dtype', 'auto')}."
+          "\n\nAll scored tokens:\n\n{ppl_table(res)}\n\n"
           f"Positions >= m only (cache full):\n\n{ppl_table(res, 'ppl_after_budget')}\n")
     return write_outputs(out_dir, "ppl", res, md, plot_ppl)

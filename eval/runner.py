@@ -77,6 +77,9 @@ def add_parsers(sub, func) -> None:
         p.add_argument("--text", default=None, help="the text: a UTF-8 file, or heldout (default: Persuasion), "
                        "valid (Northanger Abbey) or ood (out of domain: The Debian Administrator's Handbook)")
         p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--kv-dtype", choices=("auto", "bfloat16", "float32", "int8", "float8_e4m3"), default="auto",
+                       help="cache slots (ppl only so far): auto (the weights' dtype), or int8 / float8_e4m3 with a "
+                            "scale per slot and head")
         p.add_argument("--out", default="results", help="results folder (default: results); finished "
                        "rows are kept in OUT/.parts and reused when a stopped run is started again")
         names = ("length", "segments", "trials") if kind == "all" else tuple(PRESETS["small"][kind])
@@ -106,7 +109,8 @@ def _run_one(kind: str, model, book, args, specs, budgets, meta) -> tuple[dict, 
                   chunk=s["chunk"], resume_dir=args.out, meta=dict(meta, text=book[1]) if kind != "passkey" else meta)
     p, cfg, tok = model.params, model.cfg, model.tokenizer
     if kind == "ppl":
-        res = ppl.run_ppl(p, cfg, segments(book[0], s["length"], s["segments"]), specs, budgets, s["prefill"], **common)
+        res = ppl.run_ppl(p, cfg, segments(book[0], s["length"], s["segments"]), specs, budgets, s["prefill"],
+                          kv_dtype=args.kv_dtype, **common)
         return res, ppl.write_ppl(res, args.out)
     if kind == "recall":
         res = recall.run_recall(p, cfg, segments(book[0], s["length"], s["segments"]), specs, budgets, s["topk"],
@@ -152,6 +156,11 @@ def run_from_args(args) -> int:
     if args.rebuild_every < 1:
         raise ValueError(f"rebuild-every must be >= 1, got {args.rebuild_every}")
     kinds = KINDS if args.eval_kind == "all" else (args.eval_kind,)
+    if args.kv_dtype != "auto" and kinds != ("ppl",):
+        raise ValueError(f"--kv-dtype {args.kv_dtype} is taken by `adore eval ppl` only so far")
+    from adore_jax.engine import check_kv_dtype
+
+    check_kv_dtype(args.kv_dtype)
     model = load_model(args.model, args.dtype, args.adapter)
     meta = dict(model=str(model.source), dtype=str(model.params.embed.dtype), device=str(jax.devices()[0]),
                 date=datetime.date.today().isoformat())

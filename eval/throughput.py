@@ -37,7 +37,7 @@ from adore_jax.sharding import make_mesh, parse_mesh
 from eval.bandwidth import copy_bandwidth
 from eval.throughput_report import write_report
 from models.attention import AttentionOut, layer_cache
-from models.cache import KVCache
+from models.cache import KVCache, QuantSlots, is_quantized, kv_dtype, slot_bytes
 from models.llama import LAYOUTS, LlamaConfig, Params, default_layout, init_params, with_layout
 from models.loading import place_params
 from models.shapes import SHAPES
@@ -58,6 +58,7 @@ class Row:
     #                    "" the shape's default controller (the packaged one, else random on the embeddings)
     mesh: str = ""  # "data=d,model=m": the engine's steps under shard_map on this mesh (adore_jax.sharding);
     #                 "" one device, no mesh
+    kv_dtype: str = ""  # the cache slots (EngineConfig.kv_dtype): "" the weights' dtype, "int8", "float8_e4m3"
 
     @property
     def name(self) -> str:
@@ -65,7 +66,8 @@ class Row:
         if self.policy == "adore":
             p += f" R={self.rebuild}" + (f"/{self.rebuild_every}" if self.rebuild_every > 1 else "")
             p += f" {self.feature}" if self.feature else ""
-        return p + (f" [{self.variant}]" if self.variant else "") + (f" [mesh {self.mesh}]" if self.mesh else "")
+        return p + (f" [{self.variant}]" if self.variant else "") + (f" [mesh {self.mesh}]" if self.mesh else "") + (
+            f" [kv {self.kv_dtype}]" if self.kv_dtype else "")
 
 
 def row_policy(row: Row, cfg: LlamaConfig):
@@ -108,13 +110,12 @@ def synthetic_state(params, pp, cfg, ec: engine.EngineConfig, batch: int, contex
     """A decode state as if `context` tokens had been processed: valid slots hold
     the most recent positions with random K/V; float policy state is random."""
     slots = ec.policy.num_slots(ec.max_total)
-    dtype = params.embed.dtype
+    dtype = kv_dtype(ec.kv_dtype, params.embed.dtype)
     k1, k2, k3 = jax.random.split(key, 3)
     shape = (cfg.num_layers, batch, slots, cfg.num_kv_heads, cfg.head_dim)
     held = min(slots, context)
     pos = jnp.where(jnp.arange(slots) < held, context - held + jnp.arange(slots), -1).astype(jnp.int32)
-    cache = KVCache(jax.random.normal(k1, shape, dtype), jax.random.normal(k2, shape, dtype),
-                    jnp.broadcast_to(pos, (batch, slots)))
+    cache = KVCache(random_slots(k1, shape, dtype), random_slots(k2, shape, dtype), jnp.broadcast_to(pos, (batch, slots)))
     pstate = ec.policy.init(pp, batch, ec.max_total)
     leaves, tree = jax.tree_util.tree_flatten(pstate)
     keys = jax.random.split(k3, max(len(leaves), 1))
@@ -127,6 +128,17 @@ def synthetic_state(params, pp, cfg, ec: engine.EngineConfig, batch: int, contex
                               jnp.zeros((batch, n), jnp.int32), jnp.int32(1), jax.random.key(1))
 
 
+def random_slots(key, shape, dtype):
+    """Random K or V rows [L, B, S, Hkv, D] of the cache dtype: normal values, or for
+    8-bit slots (QuantSlots) random values in one jitted program (no wider copy of
+    the cache) and scales of about 1/127."""
+    if not is_quantized(dtype):
+        return jax.random.normal(key, shape, dtype)
+    k1, k2 = jax.random.split(key)
+    values = jax.jit(lambda k: jnp.clip(jax.random.normal(k, shape, jnp.bfloat16) * 32, -127, 127).astype(dtype))(k1)
+    return QuantSlots(values, jax.random.uniform(k2, shape[:-1], jnp.float32, 0.5 / 127, 1.5 / 127))
+
+
 def random_params(cfg: LlamaConfig, dtype) -> Params:
     """Random weights in the default layer layout, made on the device and placed
     again from the host (`place_params`): unstacked on the device, they left a
@@ -135,14 +147,21 @@ def random_params(cfg: LlamaConfig, dtype) -> Params:
 
 
 def step_bytes(cfg: LlamaConfig, params, row: Row, itemsize: int) -> int:
-    """Bytes one decode step must read: weights once, every valid KV row once, history keys."""
+    """Bytes one decode step must read: weights once, every valid KV row once (with
+    its scales for 8-bit slots), history keys."""
     weights = sum(int(x.size) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params))
     weights -= cfg.vocab_size * cfg.hidden_size * itemsize  # embedding: one row per token, not the table
     if cfg.tie_word_embeddings:
         weights += cfg.vocab_size * cfg.hidden_size * itemsize  # ...but the tied head reads it whole
     kv = min(row.context, row.cache_size if row.policy != "full" else row.context)
     hist = (row.context * 64 * 4) if row.policy == "adore" else 0
-    return weights + row.batch * (kv * cfg.kv_bytes_per_token * itemsize + hist)
+    per_slot = slot_bytes(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, row_kv_dtype(row, itemsize))
+    return weights + row.batch * (kv * per_slot + hist)
+
+
+def row_kv_dtype(row: Row, itemsize: int):
+    """The cache dtype of a row: its kv_dtype, else the weights' (itemsize 2: bfloat16, 4: float32)."""
+    return kv_dtype(row.kv_dtype or "auto", jnp.bfloat16 if itemsize == 2 else jnp.float32)
 
 
 def row_kernels(row: Row, kernels):
@@ -168,7 +187,8 @@ def _program(cfg, params, row: Row, steps: int, repeats: int, kernels):
     pol, pp = row_policy(row, cfg)
     mesh = make_mesh(row.mesh) if row.mesh else None
     ec = engine.EngineConfig(max_new_tokens=steps * (repeats + 2) + 2, prompt_len=row.context, chunk=512,
-                             policy=pol, attn_fn=attn_fn, cache_update=update_fn, matmul_fn=matmul_fn, mesh=mesh)
+                             policy=pol, attn_fn=attn_fn, cache_update=update_fn, matmul_fn=matmul_fn, mesh=mesh,
+                             kv_dtype=row.kv_dtype or "auto")
     engine.check_mesh(ec, cfg, row.batch)
     state = lambda p: synthetic_state(p, pp, cfg, ec, row.batch, row.context, jax.random.key(0))
     abstract = isinstance(jax.tree_util.tree_leaves(params)[0], jax.ShapeDtypeStruct)
@@ -241,7 +261,8 @@ def prefill_program(cfg, params, row: Row, kernels, prefill_group: Optional[int]
     pol, pp = row_policy(dataclasses.replace(row, rebuild_every=1), cfg)
     ec = engine.EngineConfig(max_new_tokens=2, prompt_len=row.context, chunk=min(512, row.context), policy=pol,
                              attn_fn=kernels[0], cache_update=kernels[1], matmul_fn=kernels[2],
-                             prefill_group=prefill_group, mesh=make_mesh(row.mesh) if row.mesh else None)
+                             prefill_group=prefill_group, mesh=make_mesh(row.mesh) if row.mesh else None,
+                             kv_dtype=row.kv_dtype or "auto")
     engine.check_mesh(ec, cfg, row.batch)
     params = row_params(cfg, params, row)
     toks = jax.random.randint(jax.random.key(2), (row.batch, row.context), 0, cfg.vocab_size, jnp.int32)
@@ -371,8 +392,9 @@ def hf_reference(points, device: str = "cuda", done=(), save=None) -> list[dict]
 
 
 def preset_rows(preset: str) -> list[Row]:
-    """The rows of --preset tiny (smoke test), cpu (layer layouts), gpu (the main 7B and SmolLM2 rows) or
-    controller (the controller's and the cache update's cost per controller input, 7B shape)."""
+    """The rows of --preset tiny (smoke test), cpu (layer layouts), gpu (the main 7B and SmolLM2 rows),
+    controller (the controller's and the cache update's cost per controller input, 7B shape) or
+    kvquant (full and ADORE m=1024 at the 7B shape with each cache dtype of KVQUANT_DTYPES)."""
     if preset == "tiny":
         return [Row("tiny", p, 2, 256, cache_size=64, rebuild=r) for p, r in (("full", 0), ("streaming", 0), ("adore", 0), ("adore", 4))] + [
             Row("tiny", "full", 2, 256, variant="no-attention"), Row("tiny", "adore", 2, 256, cache_size=64, variant="no-update"),
@@ -380,6 +402,8 @@ def preset_rows(preset: str) -> list[Row]:
             Row("tiny", "adore", 2, 256, cache_size=64, variant="stacked"),
             Row("tiny", "adore", 2, 256, cache_size=64, feature="hidden:1")]
     main = dict(shape="llama2-7b", batch=8, context=16384)
+    if preset == "kvquant":
+        return [Row(policy=p, kv_dtype=kv, **main) for kv in KVQUANT_DTYPES for p in ("full", "adore")]
     if preset == "controller":  # the controller's cost: adore R=0 against streaming, per input; the update's: R=8 without it
         return [Row(policy="full", **main), Row(policy="streaming", **main)] + [
             Row(policy="adore", rebuild=R, feature=f, variant=v, **main)
@@ -399,6 +423,7 @@ def preset_rows(preset: str) -> list[Row]:
 
 
 REBUILD_EVERY = 8  # the "R=8/8" rows' rebuild period: --steps must be a multiple of it
+KVQUANT_DTYPES = ("", "int8", "float8_e4m3")  # --preset kvquant: the weights' dtype (bfloat16 on GPU), 8-bit slots
 TTFT_MAX_BATCH = 64  # --ttft: larger batches would prefill for minutes (B=160 x 16K at 7B: ~35 PFLOP)
 GRID_CONTEXTS = (2048, 8192, 16384, 32768)
 GRID_BATCHES = (1, 8, 16, 64)
@@ -434,26 +459,27 @@ def smaller_fixed_budget_row(row: Row) -> Optional[Row]:
 
 
 def fixed_budget_rows(cfg, dtype, limit_bytes: float, steps: int, repeats: int, kernels,
-                      context: int = 16384, shape: str = "llama2-7b") -> list[Row]:
-    """The largest batch each policy (full; adore m=1024 R=0) fits at `context`: from
-    the bytes of weights + KV + history, then lowered until the compiled decode
-    program's peak (abstract inputs, nothing allocated) is within 95% of limit_bytes."""
+                      context: int = 16384, shape: str = "llama2-7b", kv: str = "") -> list[Row]:
+    """The largest batch each policy (full; adore m=1024 R=0) fits at `context` with
+    cache dtype `kv` (Row.kv_dtype): from the bytes of weights + KV + history, then
+    lowered until the compiled decode program's peak (abstract inputs, nothing
+    allocated) is within 95% of limit_bytes."""
     itemsize = jnp.dtype(dtype).itemsize
     params = jax.eval_shape(lambda: with_layout(init_params(cfg, jax.random.key(0), dtype)))
     weights = sum(x.size for x in jax.tree_util.tree_leaves(params)) * itemsize
-    per_seq = {"full": context * cfg.kv_bytes_per_token * itemsize,
-               "adore": 1024 * cfg.kv_bytes_per_token * itemsize + context * (64 * 4 + 8)}
+    per_slot = slot_bytes(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, kv_dtype(kv or "auto", dtype))
+    per_seq = {"full": context * per_slot, "adore": 1024 * per_slot + context * (64 * 4 + 8)}
     rows = []
     for policy, step in FIXED_BUDGET_STEPS.items():
         batch = int((0.9 * limit_bytes - weights) // per_seq[policy]) // step * step
         while batch > 0:
-            row = Row(shape, policy, batch, context)
+            row = Row(shape, policy, batch, context, kv_dtype=kv)
             run = _program(cfg, params, row, steps, repeats, kernels)[0]
             if program_peak_bytes(run) <= 0.95 * limit_bytes:
                 break
             batch = int(batch * 0.95) // step * step
         if batch > 0:
-            rows.append(Row(shape, policy, batch, context))
+            rows.append(Row(shape, policy, batch, context, kv_dtype=kv))
     return rows
 
 
@@ -469,10 +495,11 @@ def command_line(argv: list[str], environ=os.environ) -> str:
 def main(argv=None) -> int:
     """`python -m eval.throughput`: time the preset's rows (and HF, the fixed budget, TTFT) and write the report; exit status."""
     p = argparse.ArgumentParser(prog="python -m eval.throughput")
-    p.add_argument("--preset", choices=("tiny", "cpu", "gpu", "controller", "grid"), default="tiny",
+    p.add_argument("--preset", choices=("tiny", "cpu", "gpu", "controller", "kvquant", "grid"), default="tiny",
                    help="tiny: smoke test; cpu: SmolLM2 shape, stacked vs unstacked layers; gpu: the main 7B rows; "
                         "controller: the controller's and the cache update's cost at the 7B shape, per controller "
-                        "input; grid: contexts x batches x policies")
+                        "input; kvquant: full and adore at the 7B shape with bfloat16, int8 and float8_e4m3 "
+                        "slots (with --fixed-budget: the largest batch of each); grid: contexts x batches x policies")
     p.add_argument("--shapes", default="smollm2-135m,llama2-7b", help="grid: comma-separated shapes")
     p.add_argument("--contexts", default=",".join(map(str, GRID_CONTEXTS)), help="grid: comma-separated context lengths")
     p.add_argument("--batches", default=",".join(map(str, GRID_BATCHES)), help="grid: comma-separated batch sizes")
@@ -530,7 +557,8 @@ def main(argv=None) -> int:
         rows = grid_rows(args.shapes.split(","), hbm, itemsize, ints(args.contexts), ints(args.batches))
     else:
         rows = preset_rows(args.preset)
-    fixed = fixed_budget_rows(SHAPES["llama2-7b"], dtype, hbm, args.steps, args.repeats, kernels) \
+    fixed = [r for kv in (KVQUANT_DTYPES if args.preset == "kvquant" else ("",))
+             for r in fixed_budget_rows(SHAPES["llama2-7b"], dtype, hbm, args.steps, args.repeats, kernels, kv=kv)] \
         if args.fixed_budget and not args.hf_only else []
     rows += fixed
     if args.mesh:
@@ -552,7 +580,7 @@ def main(argv=None) -> int:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in results))
         tmp.replace(partial)
 
-    key = lambda row: row.name + f"|{row.shape}|{row.batch}|{row.context}"
+    key = lambda row: row.name + f"|{row.shape}|{row.batch}|{row.context}"  # row.name holds the kv dtype
     by_key = {key(_row_of(r)): r for r in results}
     queue = list(rows)
     while queue:  # decode rows first: a prefill that runs out of memory cannot disturb them

@@ -16,6 +16,8 @@ from typing import Optional, Protocol
 import jax
 import jax.numpy as jnp
 
+from models.cache import QuantSlots, dequantize
+
 NEG_INF = -1e30
 
 
@@ -35,13 +37,16 @@ class AttentionFn(Protocol):
     ) -> AttentionOut: ...
 
 
-def layer_cache(cache_k, cache_v, layer):
+def layer_cache(cache_k, cache_v, layer, dtype=None):
     """The [B, S, Hkv, D] cache of one layer: cache_k/v as given when layer is None,
-    else layer `layer` (int, may be traced) of stacked [L, B, S, Hkv, D] arrays."""
-    if layer is None:
-        return cache_k, cache_v
-    pick = lambda c: jax.lax.dynamic_index_in_dim(c, layer, axis=0, keepdims=False)
-    return pick(cache_k), pick(cache_v)
+    else layer `layer` (int, may be traced) of stacked [L, B, S, Hkv, D] arrays.
+    8-bit slots (models.cache.QuantSlots) come back dequantized to `dtype`
+    (float32 when None); plain arrays as they are."""
+    if layer is not None:
+        pick = lambda c: jax.lax.dynamic_index_in_dim(c, layer, axis=0, keepdims=False)
+        cache_k, cache_v = jax.tree.map(pick, cache_k), jax.tree.map(pick, cache_v)
+    plain = lambda c: dequantize(c, dtype or jnp.float32) if isinstance(c, QuantSlots) else c
+    return plain(cache_k), plain(cache_v)
 
 
 def reference_attention(q, k, v, cache_k, cache_v, cache_pos, q_pos, *, layer=None, with_stats=False, scale=None,
@@ -50,11 +55,12 @@ def reference_attention(q, k, v, cache_k, cache_v, cache_pos, q_pos, *, layer=No
 
     q: [B, T, Hq, D]; k, v: [B, T, Hkv, D] (new rows, after RoPE);
     cache_k, cache_v: [B, S, Hkv, D], or [L, B, S, Hkv, D] with `layer` choosing one;
+    either may be models.cache.QuantSlots (dequantized to q's dtype, then as plain);
     cache_pos: [B, S]; q_pos: [B, T] (int32, -1 = none).
     key_until: optional [B, S+T] int32; key j (cache slots, then new rows) is
     seen only by queries at positions <= key_until[:, j] (a release schedule).
     """
-    cache_k, cache_v = layer_cache(cache_k, cache_v, layer)
+    cache_k, cache_v = layer_cache(cache_k, cache_v, layer, q.dtype)
     B, T, Hq, D = q.shape
     Hkv = k.shape[2]
     G = Hq // Hkv

@@ -107,3 +107,11 @@ def test_out_of_device_memory_one_line_with_a_hint(capsys):
 
     with pytest.raises(RuntimeError, match="not memory"):  # other runtime errors keep their traceback
         run_main(other)
+
+
+def test_info_reports_8bit_slot_bytes(smollm2_gguf, capsys):
+    rc, out, _ = _run(["info", "--policy", "window", "--cache-size", "512", "--max-len", "4096", "--kv-dtype", "int8"],
+                      capsys)
+    assert rc == 0
+    assert "12240 bytes per slot, int8 slots" in out  # 2 (K,V) x 30 layers x 3 heads x (64 + a 4-byte scale)
+    assert "full attention: 47.81 MiB" in out

@@ -77,6 +77,19 @@ def test_ppl_writes_json_table_plot(params, tokens, tmp_path, monkeypatch):
     assert paths["png"].read_bytes()[:4] == b"\x89PNG"
 
 
+def test_ppl_rows_are_keyed_by_the_cache_dtype(params, tokens, tmp_path):
+    """An int8 run beside a float32 one in the same results folder: its rows are its
+    own (not the float32 rows resumed), near them, and the result names the dtype."""
+    specs = parse_policies(["full"])
+    run = lambda kv: ppl.run_ppl(params, CFG, tokens, specs, [8], prefill=1, batch_size=2, resume_dir=tmp_path,
+                                 kv_dtype=kv)
+    auto, int8 = run("auto"), run("int8")
+    assert (auto["kv_dtype"], int8["kv_dtype"]) == ("auto", "int8")
+    assert int8["full"]["ppl"] != auto["full"]["ppl"]
+    assert int8["full"]["ppl"] == pytest.approx(auto["full"]["ppl"], rel=0.05)
+    assert "cache slots int8" in ppl.write_ppl(int8, tmp_path / "int8")["md"].read_text()
+
+
 def test_recall_oracle_is_one_when_everything_fits(params, tokens):
     n = 32
     res = recall.run_recall(params, CFG, tokens[:, :n], parse_policies(["oracle"]), [n], topk=4)
@@ -149,3 +162,6 @@ def test_cli_eval_bad_input_one_line(capsys):
     assert main(["eval", "ppl", "--policy", "lru"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("adore: error: unknown policy 'lru'") and err.count("\n") == 1
+    assert main(["eval", "recall", "--kv-dtype", "int8"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("adore: error: --kv-dtype int8 is taken by `adore eval ppl` only") and err.count("\n") == 1

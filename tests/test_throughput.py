@@ -304,3 +304,26 @@ def test_mesh_rows_are_timed_beside_the_one_device_rows(tmp_path, monkeypatch, c
     with pytest.raises(SystemExit):
         main(["--preset", "tiny", "--mesh", "data=two", "--out", str(tmp_path)])
     assert "data=2,model=4" in capsys.readouterr().err
+
+
+def test_8bit_cache_rows_are_timed_and_read_fewer_bytes(tmp_path, monkeypatch):
+    """Rows with int8 / float8_e4m3 slots run (on one device and under shard_map on a
+    one-device mesh, the scales split as the values), named by their cache dtype;
+    their step reads K/V at 1 byte an element plus a 4-byte scale per slot and head."""
+    import eval.throughput as tp
+    from models.shapes import SHAPES
+
+    assert [r.kv_dtype for r in tp.preset_rows("kvquant")] == ["", "", "int8", "int8", "float8_e4m3", "float8_e4m3"]
+    rows = [Row("tiny", "adore", 2, 256, cache_size=64, kv_dtype="int8"), Row("tiny", "full", 2, 256, kv_dtype="float8_e4m3")]
+    monkeypatch.setattr(tp, "preset_rows", lambda preset: rows)
+    monkeypatch.setattr(tp, "copy_bandwidth", lambda nbytes: {"best": 1e10})
+    assert main(["--preset", "tiny", "--mesh", "data=1,model=1", "--no-hf", "--steps", "2", "--repeats", "1",
+                 "--out", str(tmp_path)]) == 0
+    got = {r["name"]: r for r in json.loads((tmp_path / "throughput.json").read_text())["rows"]}
+    assert set(got) == {"adore m=64 R=0 [kv int8]", "full [kv float8_e4m3]", "adore m=64 R=0 [mesh data=1,model=1] [kv int8]",
+                        "full [mesh data=1,model=1] [kv float8_e4m3]"}
+    assert all(r["step_ms"] > 0 for r in got.values())
+    cfg = SHAPES["tiny"]
+    plain, int8 = (tp.step_bytes(cfg, {}, Row("tiny", "full", 2, 256, kv_dtype=kv), 4) for kv in ("", "int8"))
+    per_token = 2 * cfg.num_layers * cfg.num_kv_heads
+    assert plain - int8 == 2 * 256 * per_token * (cfg.head_dim * 4 - (cfg.head_dim + 4))

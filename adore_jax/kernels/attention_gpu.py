@@ -47,6 +47,7 @@ from adore_jax.kernels.common import (
     MAX_ROWS,
     MAX_T,
     cdiv,
+    check_quant,
     check_shapes,
     finish,
     mass_from_scores,
@@ -165,9 +166,11 @@ def merge_step(M, L, O, m, l, o):
     return M_new, a * L + w * l, a[:, None] * O + w[:, None] * o
 
 
-def _kernel(*refs, T, G, D, S, R, Rr, bs, Sp, NS, Tp, scale, merge, with_scores, interpret, volatile, precision):
+def _kernel(*refs, T, G, D, S, R, Rr, bs, Sp, NS, Tp, scale, merge, with_scores, interpret, volatile, precision,
+            quant):
     lyr_ref, q_ref, qpos_ref, ck_ref, cv_ref, cpos_ref, kn_ref, vn_ref = refs[:8]
     rest = list(refs[8:])
+    ks_ref, vs_ref = (rest.pop(0), rest.pop(0)) if quant else (None, None)  # 8-bit slots: scales [L, S]
     use_counter = merge == "kernel" and NS > 1
     if use_counter:
         rest.pop(0)  # counter input (aliased to an output below)
@@ -196,8 +199,9 @@ def _kernel(*refs, T, G, D, S, R, Rr, bs, Sp, NS, Tp, scale, merge, with_scores,
     q = plgpu.load(q_ref.at[t_of_r[:, None], hq_of_r[:, None], d[None, :]], mask=row_ok2, other=0)
     rpos = plgpu.load(qpos_ref.at[t_of_r], mask=row_ok, other=-1)
 
-    def update(carry, k, v, kpos, col0, own=None):
-        carry, s = softmax_gpu.step(carry, q, k, v, kpos, rpos, scale=scale, precision=precision, interpret=interpret)
+    def update(carry, k, v, kpos, col0, own=None, scales=(None, None)):
+        carry, s = softmax_gpu.step(carry, q, k, v, kpos, rpos, scale=scale, precision=precision, interpret=interpret,
+                                    k_scale=scales[0], v_scale=scales[1])
         if with_scores:
             s = softmax_gpu.natural(s)
             if own is None:
@@ -226,19 +230,23 @@ def _kernel(*refs, T, G, D, S, R, Rr, bs, Sp, NS, Tp, scale, merge, with_scores,
         if S < bs:  # a cache shorter than one block: masked loads
             ok = lo + cols < S
             ok2 = jnp.broadcast_to(ok[:, None], (bs, D))
-            k = plgpu.load(ck_ref.at[lyr, pl.ds(lo, bs), :], mask=ok2, other=0)
-            v = plgpu.load(cv_ref.at[lyr, pl.ds(lo, bs), :], mask=ok2, other=0)
+            k = softmax_gpu.load_zeroed(ck_ref.at[lyr, pl.ds(lo, bs), :], ok2, q.dtype if quant else None)
+            v = softmax_gpu.load_zeroed(cv_ref.at[lyr, pl.ds(lo, bs), :], ok2, q.dtype if quant else None)
             kpos = plgpu.load(cpos_ref.at[pl.ds(lo, bs)], mask=ok, other=-1)
-            return update(c, k, v, kpos, lo)
+            scales = (None, None)
+            if quant:
+                scales = tuple(plgpu.load(r.at[lyr, pl.ds(lo, bs)], mask=ok, other=0) for r in (ks_ref, vs_ref))
+            return update(c, k, v, kpos, lo, scales=scales)
         start = pl.multiple_of(lo, bs) if S % bs == 0 else jnp.minimum(lo, S - bs)
         k = ck_ref[lyr, pl.ds(start, bs), :]
         v = cv_ref[lyr, pl.ds(start, bs), :]
         kpos = cpos_ref[pl.ds(start, bs)]
+        scales = (ks_ref[lyr, pl.ds(start, bs)], vs_ref[lyr, pl.ds(start, bs)]) if quant else (None, None)
         own = None
         if S % bs:
             own = start + cols >= lo
             kpos = jnp.where(own, kpos, -1)
-        return update(c, k, v, kpos, start, own)
+        return update(c, k, v, kpos, start, own, scales)
 
     carry = lax.fori_loop(0, n_blocks, body, carry)
 
@@ -308,8 +316,11 @@ def sparse_attention_gpu(
     interpret: bool = False,
     config: GpuConfig = GpuConfig(),
 ) -> AttentionOut:
-    """Same signature and outputs as `reference_attention` (GPU Pallas/Triton)."""
+    """Same signature and outputs as `reference_attention` (GPU Pallas/Triton).
+    8-bit slots (models.cache.QuantSlots, both caches alike): the kernels load
+    the values and their scales and dequantize in registers."""
     B, T, Hq, Hkv, G, D, S = check_shapes(q, k, v, cache_k, cache_v, cache_pos, q_pos, layer)
+    quant = check_quant(cache_k, cache_v)
     scale = D**-0.5 if scale is None else float(scale)
     decode = supported(q, k)
     prefill = not decode and _pow2_head(D) and not with_stats and config.prefill is not None  # a long chunk
@@ -317,9 +328,12 @@ def sparse_attention_gpu(
         return blockwise_attention(q, k, v, cache_k, cache_v, cache_pos, q_pos, layer=layer, with_stats=with_stats,
                                    scale=scale)
     cache_k, cache_v, layer = stacked(cache_k, cache_v, layer)
+    scales = [cache_k.scale, cache_v.scale] if quant else []
+    if quant:
+        cache_k, cache_v = cache_k.values, cache_v.values
     if prefill:
         return AttentionOut(prefill_attention_gpu(q, k, v, cache_k, cache_v, cache_pos, q_pos, layer, scale=scale,
-                                                  interpret=interpret, config=config.prefill))
+                                                  interpret=interpret, config=config.prefill, scales=scales))
     L = cache_k.shape[0]
     Rr = G * T
     R = padded_rows(G, T)
@@ -342,9 +356,13 @@ def sparse_attention_gpu(
         pl.BlockSpec((None, T, None, D), lambda b, h, j: (b, 0, h, 0)),  # v (new rows)
     ]
     args = [layer, q, q_pos, cache_k, cache_v, cache_pos, k, v]
+    for sc in scales:  # 8-bit slots: the scales of this (b, kv head), all layers
+        in_specs.append(pl.BlockSpec((L, None, S, None), lambda b, h, j: (0, b, 0, h)))
+        args.append(sc)
     out_shape, out_specs = [], []
     aliases = {}
     if use_counter:
+        counter_arg = len(args)
         in_specs.append(pl.BlockSpec((None, None, 1), lambda b, h, j: (b, h, 0)))
         args.append(jnp.zeros((B, Hkv, 1), jnp.int32))
     if merge == "kernel":
@@ -365,7 +383,7 @@ def sparse_attention_gpu(
             pl.BlockSpec((None, None, NS, Rr), lambda b, h, j: (b, h, 0, 0)),
         ]
     if use_counter:
-        aliases[8] = len(out_shape)
+        aliases[counter_arg] = len(out_shape)
         out_shape.append(jax.ShapeDtypeStruct((B, Hkv, 1), jnp.int32))
         out_specs.append(pl.BlockSpec((None, None, 1), lambda b, h, j: (b, h, 0)))
     W = NS * Sp + Tp
@@ -376,6 +394,7 @@ def sparse_attention_gpu(
     kernel = functools.partial(
         _kernel, T=T, G=G, D=D, S=S, R=R, Rr=Rr, bs=bs, Sp=Sp, NS=NS, Tp=Tp, scale=scale,
         merge=merge, with_scores=with_stats, interpret=bool(interpret), volatile=config.merge_loads == "volatile",
+        quant=quant,
         # fp32 inputs: full fp32 dots (Triton's default for fp32 is TF32)
         precision=lax.Precision.HIGHEST if q.dtype == jnp.float32 else None,
     )

@@ -36,6 +36,7 @@ from adore_jax.kernels.common import (
     MAX_ROWS,
     MAX_T,
     cdiv,
+    check_quant,
     check_shapes,
     default_interpret_params,
     finish,
@@ -128,6 +129,9 @@ def sparse_attention_tpu(
     give NaN, as garbage would on hardware).
     """
     B, T, Hq, Hkv, G, D, S = check_shapes(q, k, v, cache_k, cache_v, cache_pos, q_pos, layer)
+    if check_quant(cache_k, cache_v):
+        raise ValueError("the TPU attention kernel does not take 8-bit slots (kv dtype int8/float8_e4m3); "
+                         "use the 'reference' kernel backend or a bfloat16 cache")
     scale = D**-0.5 if scale is None else float(scale)
     if not supported(q, k) or S == 0:
         return blockwise_attention(q, k, v, cache_k, cache_v, cache_pos, q_pos, layer=layer, with_stats=with_stats,

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from models.attention import NEG_INF, AttentionOut, reference_attention
+from models.cache import QuantSlots, dequantize
 
 BLOCK = 1024  # slots per block
 
@@ -44,6 +45,15 @@ def _slots(cache, layer, start, size, flat: bool):
     return block.reshape(*block.shape[:2], H, D)
 
 
+def _plain_slots(cache, layer, start, size, flat: bool, dtype):
+    """`_slots` of a plain cache, or of 8-bit slots (QuantSlots) dequantized to `dtype`: [B, size, Hkv, D]."""
+    if not isinstance(cache, QuantSlots):
+        return _slots(cache, layer, start, size, flat)
+    scale = cache.scale if layer is None else jax.lax.dynamic_index_in_dim(cache.scale, layer, 0, keepdims=False)
+    scale = jax.lax.dynamic_slice_in_dim(scale, start, size, axis=1)
+    return dequantize(QuantSlots(_slots(cache.values, layer, start, size, flat), scale), dtype)
+
+
 def blockwise_attention(
     q, k, v, cache_k, cache_v, cache_pos, q_pos, *, layer=None, with_stats: bool = False,
     scale: Optional[float] = None, block: int = BLOCK, flat_slices: Optional[bool] = None,
@@ -51,11 +61,12 @@ def blockwise_attention(
     """`reference_attention` computed over blocks of `block` cache slots.
 
     q: [B, T, Hq, D]; k, v: [B, T, Hkv, D]; cache_k, cache_v: [B, S, Hkv, D] (or
-    [L, B, S, Hkv, D] with `layer`); cache_pos: [B, S]; q_pos: [B, T].
+    [L, B, S, Hkv, D] with `layer`; either may be 8-bit QuantSlots, each block
+    dequantized to q's dtype); cache_pos: [B, S]; q_pos: [B, T].
     flat_slices: how blocks are sliced (see `_slots`); None: on any backend but TPU.
     """
     flat = jax.default_backend() != "tpu" if flat_slices is None else flat_slices
-    blk = lambda cache, start, size: _slots(cache, layer, start, size, flat)
+    blk = lambda cache, start, size: _plain_slots(cache, layer, start, size, flat, q.dtype)
     S = cache_k.shape[-3]
     if S <= block:
         return reference_attention(q, k, v, cache_k, cache_v, cache_pos, q_pos, layer=layer, with_stats=with_stats,

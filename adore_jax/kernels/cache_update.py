@@ -5,6 +5,8 @@ new_v, slots, positions)`: new_k/new_v [L, B, T, Hkv, D], slots [B, T] (-1 or
 out of range: the row is dropped), positions [B, T]. Two rows must not target
 one slot. The cache buffers are aliased to the outputs (input_output_aliases),
 so under a jit that donates the cache nothing but the written rows moves.
+An 8-bit cache (models.cache.QuantSlots) is written quantized: values and
+per-slot-per-head scales (GPU kernel; the TPU one takes plain caches only).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from jax.experimental.pallas import triton as plgpu
 from jax.experimental.pallas import tpu as pltpu
 
 from adore_jax.kernels.common import cdiv, default_interpret_params, next_pow2
-from models.cache import KVCache
+from models.cache import KVCache, QuantSlots, quantize
 
 
 def _check(cache: KVCache, new_k, new_v, slots, positions):
@@ -31,63 +33,74 @@ def _check(cache: KVCache, new_k, new_v, slots, positions):
     return L, B, S, Hkv, D, T
 
 
+def _rows(cache_part, new):
+    """The (cache, new rows) pairs one K or V write moves, each as [L, B, rows, width]:
+    a plain cache's rows, or an 8-bit cache's values and scales (the new rows
+    quantized here, in XLA: T rows per layer)."""
+    flat = lambda a: a.reshape(*a.shape[:3], -1)
+    if isinstance(cache_part, QuantSlots):
+        qn = quantize(new, cache_part.values.dtype)
+        return [(flat(cache_part.values), flat(qn.values)), (flat(cache_part.scale), flat(qn.scale))]
+    return [(flat(cache_part), flat(new))]
+
+
+def _as_cache(like, outs):
+    """K or V of the cache's structure from the written [L, B, S, width] arrays."""
+    if isinstance(like, QuantSlots):
+        return QuantSlots(outs[0].reshape(like.values.shape), outs[1].reshape(like.scale.shape))
+    return outs[0].reshape(like.shape)
+
+
 # ---------------------------------------------------------------- GPU (Triton)
 
 
-def _gpu_kernel(slots_ref, posv_ref, nk_ref, nv_ref, ck_in, cv_in, pos_in, ck_ref, cv_ref, pos_ref, *, S, HD, C):
-    del ck_in, cv_in, pos_in  # aliased to the outputs
+def _gpu_kernel(slots_ref, posv_ref, *refs, S, widths):
+    n = len(widths)
+    new_refs, out_refs, pos_ref = refs[:n], refs[2 * n + 1 : 3 * n + 1], refs[-1]  # cache inputs: aliased
     l = pl.program_id(0)
     t = pl.program_id(2)
     slot = slots_ref[t]
     ok = (slot >= 0) & (slot < S)
     slot_w = jnp.where(ok, slot, S)  # out of range when dropped: masked on GPU, dropped in interpret
-    for c0 in range(0, HD, C):
-        cols = c0 + jnp.arange(C, dtype=jnp.int32)
-        cm = (cols < HD) & ok
-        kr = plgpu.load(nk_ref.at[t, cols], mask=cols < HD, other=0)
-        vr = plgpu.load(nv_ref.at[t, cols], mask=cols < HD, other=0)
-        plgpu.store(ck_ref.at[slot_w, cols], kr.astype(ck_ref.dtype), mask=cm)
-        plgpu.store(cv_ref.at[slot_w, cols], vr.astype(cv_ref.dtype), mask=cm)
+    for new_ref, out_ref, W in zip(new_refs, out_refs, widths):
+        C = min(next_pow2(W), 2048)
+        for c0 in range(0, W, C):
+            cols = c0 + jnp.arange(C, dtype=jnp.int32)
+            row = plgpu.load(new_ref.at[t, cols], mask=cols < W)  # no fill value: masked columns are not stored
+            plgpu.store(out_ref.at[slot_w, cols], row.astype(out_ref.dtype), mask=(cols < W) & ok)
     plgpu.store(pos_ref.at[slot_w], posv_ref[t], mask=ok & (l == 0))
 
 
 def cache_update_gpu(cache: KVCache, new_k, new_v, slots, positions, *, interpret: bool = False) -> KVCache:
-    """GPU Pallas (Triton) twin of `write_rows`: grid (L, B, T), one row per program."""
+    """GPU Pallas (Triton) twin of `write_rows`: grid (L, B, T), one row per program.
+    An 8-bit cache (QuantSlots) gets the rows quantized as `models.cache.quantize`
+    does, values and scales written in place."""
     L, B, S, Hkv, D, T = _check(cache, new_k, new_v, slots, positions)
     if T == 0:
         return cache
-    HD = Hkv * D
-    C = min(next_pow2(HD), 2048)
-    ck = cache.k.reshape(L, B, S, HD)
-    cv = cache.v.reshape(L, B, S, HD)
-    nk = new_k.reshape(L, B, T, HD)
-    nv = new_v.reshape(L, B, T, HD)
+    pairs = _rows(cache.k, new_k) + _rows(cache.v, new_v)
+    widths = tuple(c.shape[-1] for c, _ in pairs)
     row = lambda l, b, t: (l, b, 0, 0)
-    specs = [
-        pl.BlockSpec((None, T), lambda l, b, t: (b, 0)),  # slots
-        pl.BlockSpec((None, T), lambda l, b, t: (b, 0)),  # positions
-        pl.BlockSpec((None, None, T, HD), row),  # new k
-        pl.BlockSpec((None, None, T, HD), row),  # new v
-        pl.BlockSpec((None, None, S, HD), row),  # cache k
-        pl.BlockSpec((None, None, S, HD), row),  # cache v
-        pl.BlockSpec((None, S), lambda l, b, t: (b, 0)),  # cache pos
-    ]
-    out_k, out_v, out_pos = pl.pallas_call(
-        functools.partial(_gpu_kernel, S=S, HD=HD, C=C),
-        out_shape=[
-            jax.ShapeDtypeStruct(ck.shape, ck.dtype),
-            jax.ShapeDtypeStruct(cv.shape, cv.dtype),
-            jax.ShapeDtypeStruct(cache.pos.shape, jnp.int32),
-        ],
+    vec = pl.BlockSpec((None, T), lambda l, b, t: (b, 0))
+    new_specs = [pl.BlockSpec((None, None, T, W), row) for W in widths]
+    cache_specs = [pl.BlockSpec((None, None, S, W), row) for W in widths]
+    pos_spec = pl.BlockSpec((None, S), lambda l, b, t: (b, 0))
+    n = len(pairs)
+    outs = pl.pallas_call(
+        functools.partial(_gpu_kernel, S=S, widths=widths),
+        out_shape=[jax.ShapeDtypeStruct(c.shape, c.dtype) for c, _ in pairs]
+        + [jax.ShapeDtypeStruct(cache.pos.shape, jnp.int32)],
         grid=(L, B, T),
-        in_specs=specs,
-        out_specs=specs[4:],
-        input_output_aliases={4: 0, 5: 1, 6: 2},
+        in_specs=[vec, vec, *new_specs, *cache_specs, pos_spec],
+        out_specs=[*cache_specs, pos_spec],
+        input_output_aliases={2 + n + i: i for i in range(n + 1)},
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
         interpret=interpret,
         name="adore_cache_update",
-    )(slots.astype(jnp.int32), positions.astype(jnp.int32), nk, nv, ck, cv, cache.pos.astype(jnp.int32))
-    return KVCache(out_k.reshape(cache.k.shape), out_v.reshape(cache.v.shape), out_pos)
+    )(slots.astype(jnp.int32), positions.astype(jnp.int32), *(x for _, x in pairs), *(c for c, _ in pairs),
+      cache.pos.astype(jnp.int32))
+    half = n // 2
+    return KVCache(_as_cache(cache.k, outs[:half]), _as_cache(cache.v, outs[half:n]), outs[n])
 
 
 # ---------------------------------------------------------------- TPU (Mosaic)
@@ -119,7 +132,11 @@ def _tpu_kernel(slots_ref, posv_ref, nk_hbm, nv_hbm, ck_in, cv_in, pos_in, ck_hb
 
 def cache_update_tpu(cache: KVCache, new_k, new_v, slots, positions, *, interpret=False) -> KVCache:
     """TPU Pallas (Mosaic) twin of `write_rows`: one DMA per written row and
-    tensor (all layers at once, HBM to HBM); slots/positions in SMEM."""
+    tensor (all layers at once, HBM to HBM); slots/positions in SMEM. Plain
+    caches only: an 8-bit cache raises ValueError (write_rows takes it)."""
+    if cache.quantized:
+        raise ValueError("the TPU cache update does not take 8-bit slots (kv dtype int8/float8_e4m3); "
+                         "use the 'reference' kernel backend or a bfloat16 cache")
     L, B, S, Hkv, D, T = _check(cache, new_k, new_v, slots, positions)
     if T == 0:
         return cache

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from models.attention import NEG_INF, AttentionOut
+from models.cache import QuantSlots
 
 MAX_T = 16  # decode kernels handle T <= MAX_T new rows; longer chunks (prefill): prefill_gpu or blockwise
 MAX_ROWS = 128  # and at most this many G * T rows per KV head
@@ -45,24 +46,34 @@ def round_up(a: int, b: int) -> int:
 
 
 def check_shapes(q, k, v, cache_k, cache_v, cache_pos, q_pos, layer=None):
-    """Validate shapes (cache_k/v stacked [L, B, S, Hkv, D] when layer is given);
-    returns (B, T, Hq, Hkv, G, D, S)."""
+    """Validate shapes (cache_k/v stacked [L, B, S, Hkv, D] when layer is given;
+    arrays or QuantSlots); returns (B, T, Hq, Hkv, G, D, S)."""
+    ck, cv = tuple(cache_k.shape), tuple(cache_v.shape)
     if layer is not None:
-        if cache_k.ndim != 5 or cache_v.shape != cache_k.shape:
-            raise ValueError(f"with layer=, cache_k/v must be [L, B, S, Hkv, D]; got {cache_k.shape}, {cache_v.shape}")
-        cache_k, cache_v = cache_k[0], cache_v[0]
+        if len(ck) != 5 or cv != ck:
+            raise ValueError(f"with layer=, cache_k/v must be [L, B, S, Hkv, D]; got {ck}, {cv}")
+        ck, cv = ck[1:], cv[1:]
     B, T, Hq, D = q.shape
     if k.ndim != 4 or k.shape[:2] != (B, T) or k.shape[3] != D or v.shape != k.shape:
         raise ValueError(f"k/v must be [B, T, Hkv, D] = [{B}, {T}, Hkv, {D}]; got {k.shape}, {v.shape}")
     Hkv = k.shape[2]
     if Hq % Hkv:
         raise ValueError(f"query heads ({Hq}) must be a multiple of kv heads ({Hkv})")
-    if cache_k.ndim != 4 or cache_k.shape[0] != B or cache_k.shape[2:] != (Hkv, D) or cache_v.shape != cache_k.shape:
-        raise ValueError(f"cache_k/v must be [B, S, {Hkv}, {D}]; got {cache_k.shape}, {cache_v.shape}")
-    S = cache_k.shape[1]
+    if len(ck) != 4 or ck[0] != B or ck[2:] != (Hkv, D) or cv != ck:
+        raise ValueError(f"cache_k/v must be [B, S, {Hkv}, {D}]; got {ck}, {cv}")
+    S = ck[1]
     if cache_pos.shape != (B, S) or q_pos.shape != (B, T):
         raise ValueError(f"cache_pos must be [{B}, {S}] and q_pos [{B}, {T}]; got {cache_pos.shape}, {q_pos.shape}")
     return B, T, Hq, Hkv, Hq // Hkv, D, S
+
+
+def check_quant(cache_k, cache_v) -> bool:
+    """Whether the caches are 8-bit slots (QuantSlots); ValueError when only one is,
+    or their value dtypes differ."""
+    qk, qv = isinstance(cache_k, QuantSlots), isinstance(cache_v, QuantSlots)
+    if qk != qv or (qk and cache_k.values.dtype != cache_v.values.dtype):
+        raise ValueError("cache_k and cache_v must both be plain arrays or both 8-bit slots of one dtype")
+    return qk
 
 
 def merge_partials(o, m, l, T: int, G: int, out_dtype):
@@ -124,10 +135,11 @@ def mass_from_scores(scores, lse, T: int, G: int):
 
 
 def stacked(cache_k, cache_v, layer):
-    """(cache_k, cache_v, layer [1] int32) with the caches as [L, B, S, Hkv, D]: a
-    per-layer cache gets a leading axis of 1 (free) and layer 0."""
+    """(cache_k, cache_v, layer [1] int32) with the caches as [L, B, S, Hkv, D] (arrays
+    or QuantSlots): a per-layer cache gets a leading axis of 1 (free) and layer 0."""
     if layer is None:
-        return cache_k[None], cache_v[None], jnp.zeros((1,), jnp.int32)
+        lead = lambda c: jax.tree.map(lambda a: a[None], c)
+        return lead(cache_k), lead(cache_v), jnp.zeros((1,), jnp.int32)
     return cache_k, cache_v, jnp.asarray(layer, jnp.int32).reshape(1)
 
 

@@ -50,8 +50,9 @@ class PrefillConfig:
             raise ValueError(f"PrefillConfig: block_s must be a power of two >= 16; got {self.block_s}")
 
 
-def _kernel(lyr_ref, used_ref, q_ref, qpos_ref, ck_ref, cv_ref, cpos_ref, kn_ref, vn_ref, out_ref, *,
-            T, G, D, S, R, TQ, bs, scale, precision, interpret):
+def _kernel(lyr_ref, used_ref, q_ref, qpos_ref, ck_ref, cv_ref, cpos_ref, kn_ref, vn_ref, *refs,
+            T, G, D, S, R, TQ, bs, scale, precision, interpret, quant):
+    ks_ref, vs_ref, out_ref = refs if quant else (None, None, refs[0])  # 8-bit slots: scales [L, S]
     h = pl.program_id(1)
     i = pl.program_id(2)
     lyr = lyr_ref[0]
@@ -65,28 +66,36 @@ def _kernel(lyr_ref, used_ref, q_ref, qpos_ref, ck_ref, cv_ref, cpos_ref, kn_ref
     q = plgpu.load(q_ref.at[t[:, None], hq[:, None], d[None, :]], mask=row_ok2, other=0)
     rpos = plgpu.load(qpos_ref.at[t], mask=row_ok, other=-1)
 
-    def update(carry, k, v, kpos):
-        return softmax_gpu.step(carry, q, k, v, kpos, rpos, scale=scale, precision=precision, interpret=interpret)[0]
+    def update(carry, k, v, kpos, scales=(None, None)):
+        return softmax_gpu.step(carry, q, k, v, kpos, rpos, scale=scale, precision=precision, interpret=interpret,
+                                k_scale=scales[0], v_scale=scales[1])[0]
 
     carry = softmax_gpu.init(R, D)
 
     def cache_block(j, c):  # full blocks of slots: unmasked loads
         start = pl.multiple_of(j * bs, bs)
-        return update(c, ck_ref[lyr, pl.ds(start, bs), :], cv_ref[lyr, pl.ds(start, bs), :], cpos_ref[pl.ds(start, bs)])
+        scales = (ks_ref[lyr, pl.ds(start, bs)], vs_ref[lyr, pl.ds(start, bs)]) if quant else (None, None)
+        return update(c, ck_ref[lyr, pl.ds(start, bs), :], cv_ref[lyr, pl.ds(start, bs), :], cpos_ref[pl.ds(start, bs)],
+                      scales)
 
     if S // bs:  # up to the block of the last used slot
         carry = lax.fori_loop(0, jnp.minimum(cdiv(used_ref[0], bs), S // bs), cache_block, carry)
 
     def masked_block(c, ref_k, ref_v, ref_pos, start, n, layer_index):
-        """Keys [start, start + bs) of a ref holding n rows, rows >= n masked."""
+        """Keys [start, start + bs) of a ref holding n rows, rows >= n masked
+        (layer_index: the cache's refs, with their scales when 8-bit)."""
         idx = start + jnp.arange(bs, dtype=jnp.int32)
         ok = idx < n
         ok2 = jnp.broadcast_to(ok[:, None], (bs, D))
         at = (lambda ref: ref.at[lyr, idx[:, None], d[None, :]]) if layer_index else (
             lambda ref: ref.at[idx[:, None], d[None, :]])
-        k = plgpu.load(at(ref_k), mask=ok2, other=0)
-        v = plgpu.load(at(ref_v), mask=ok2, other=0)
-        return update(c, k, v, plgpu.load(ref_pos.at[idx], mask=ok, other=-1))
+        dtype = q.dtype if quant and layer_index else None  # 8-bit values: converted as loaded
+        k = softmax_gpu.load_zeroed(at(ref_k), ok2, dtype)
+        v = softmax_gpu.load_zeroed(at(ref_v), ok2, dtype)
+        scales = (None, None)
+        if quant and layer_index:
+            scales = tuple(plgpu.load(r.at[lyr, idx], mask=ok, other=0) for r in (ks_ref, vs_ref))
+        return update(c, k, v, plgpu.load(ref_pos.at[idx], mask=ok, other=-1), scales)
 
     if S % bs:  # the last partial block of slots
         carry = masked_block(carry, ck_ref, cv_ref, cpos_ref, (S // bs) * bs, S, True)
@@ -99,12 +108,14 @@ def _kernel(lyr_ref, used_ref, q_ref, qpos_ref, ck_ref, cv_ref, cpos_ref, kn_ref
 
 
 def prefill_attention_gpu(q, k, v, cache_k, cache_v, cache_pos, q_pos, layer, *, scale: float,
-                          interpret: bool = False, config: PrefillConfig = PrefillConfig()):
+                          interpret: bool = False, config: PrefillConfig = PrefillConfig(), scales=()):
     """Attention output [B, T, Hq, D] of a chunk (q's dtype).
 
     q: [B, T, Hq, D]; k, v: [B, T, Hkv, D] (the chunk's new rows); cache_k,
     cache_v: [L, B, S, Hkv, D]; layer: [1] int32; cache_pos: [B, S] and q_pos:
     [B, T] int32 (-1: empty slot / padding row). D a power of two >= 16.
+    scales: () for plain caches; for 8-bit slots cache_k/v hold the int8/fp8
+    values and scales = (k scale, v scale), each [L, B, S, Hkv] fp32.
     """
     B, T, Hq, D = q.shape
     Hkv = k.shape[2]
@@ -124,10 +135,11 @@ def prefill_attention_gpu(q, k, v, cache_k, cache_v, cache_pos, q_pos, layer, *,
         pl.BlockSpec((None, S), lambda b, h, i: (b, 0)),  # cache_pos
         pl.BlockSpec((None, T, None, D), lambda b, h, i: (b, 0, h, 0)),  # k (new rows)
         pl.BlockSpec((None, T, None, D), lambda b, h, i: (b, 0, h, 0)),  # v (new rows)
-    ]
+    ] + [pl.BlockSpec((L, None, S, None), lambda b, h, i: (0, b, 0, h))] * len(scales)  # 8-bit slots: scales
     kernel = functools.partial(
         _kernel, T=T, G=G, D=D, S=S, R=R, TQ=TQ, bs=bs, scale=scale, interpret=bool(interpret),
         precision=lax.Precision.HIGHEST if q.dtype == jnp.float32 else None,  # fp32: full fp32 dots, not TF32
+        quant=bool(scales),
     )
     return pl.pallas_call(
         kernel,
@@ -138,4 +150,4 @@ def prefill_attention_gpu(q, k, v, cache_k, cache_v, cache_pos, q_pos, layer, *,
         compiler_params=plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
         interpret=interpret,
         name="adore_prefill_attention",
-    )(layer, used[:, None], q, q_pos.astype(jnp.int32), cache_k, cache_v, cache_pos.astype(jnp.int32), k, v)
+    )(layer, used[:, None], q, q_pos.astype(jnp.int32), cache_k, cache_v, cache_pos.astype(jnp.int32), k, v, *scales)

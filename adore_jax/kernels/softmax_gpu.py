@@ -40,24 +40,41 @@ def init(R: int, D: int):
     return jnp.zeros((R, D), f32), jnp.full((R,), NEG_INF, f32), jnp.zeros((R,), f32)
 
 
-def step(carry, q, k, v, kpos, rpos, *, scale: float, precision, interpret: bool):
+def step(carry, q, k, v, kpos, rpos, *, scale: float, precision, interpret: bool, k_scale=None, v_scale=None):
     """One block of keys into the carry (o [R, D], m [R] base 2, l [R]; fp32).
 
     q [R, D]; k, v [bs, D]; kpos [bs] key positions (-1: empty); rpos [R] row
     positions. Key c counts for row r when 0 <= kpos[c] <= rpos[r]. Returns the
     new carry and the masked scores [R, bs] in base 2 (NEG_INF where masked).
+    8-bit slots: k, v hold the int8/fp8 values and k_scale, v_scale [bs] fp32
+    their scales; the values go into the dots in q's dtype (exact for int8 and
+    e4m3) and the scales multiply the scores' columns and the probabilities.
     """
     o, m, l = carry
+    if k_scale is not None:
+        k, v = k.astype(q.dtype), v.astype(q.dtype)
     s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision, preferred_element_type=jnp.float32)
+    if k_scale is not None:
+        s = s * k_scale[None, :]
     kpos = jnp.where(kpos >= 0, kpos, _INT32_MAX)  # empty slots: after every row, one compare a score
     s = jnp.where(kpos[None, :] <= rpos[:, None], s * (scale * LOG2E), NEG_INF)
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
     alpha = exp2(m - m_new, interpret)
     m_row = jnp.where(m_new > 0.5 * NEG_INF, m_new, 0.0)  # a row with no key yet: p = 2 ** NEG_INF = 0
     p = exp2(s - m_row[:, None], interpret)
-    pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())), precision=precision,
+    pw = p if v_scale is None else p * v_scale[None, :]
+    pv = lax.dot_general(pw.astype(v.dtype), v, (((1,), (0,)), ((), ())), precision=precision,
                          preferred_element_type=jnp.float32)
     return (alpha[:, None] * o + pv, m_new, alpha * l + jnp.sum(p, axis=1)), s
+
+
+def load_zeroed(ref, mask, dtype=None):
+    """plgpu.load of `ref` with the masked elements 0. dtype (8-bit slots: q's dtype):
+    convert the loaded values first, then zero; the Triton lowering cannot make an
+    `other` fill value of float8 from a constant."""
+    if dtype is None:
+        return plgpu.load(ref, mask=mask, other=0)
+    return jnp.where(mask, plgpu.load(ref, mask=mask).astype(dtype), 0)
 
 
 def natural(x):

@@ -1,6 +1,6 @@
 # The GPU runs behind docs/THROUGHPUT.md, docs/KERNELS.md and docs/RESULTS.md: independent jobs, one per GPU
 # (bench, quality: a machine of 2 or 4 GPUs, nvidia-h200-x2/x4), or one after another on one GPU (single, grid,
-# groups, controller, quality1, stage1, cost, sharded), each resumable: call the same case again on the warm machine and finished jobs are skipped.
+# groups, controller, quality1, stage1, cost, sharded, kvquant), each resumable: call the same case again on the warm machine and finished jobs are skipped.
 # From the repository root: `source scripts/gpu/setup.sh`, then `bash scripts/gpu/runs.sh CASE` (docs/GPU.md).
 # Results go to /tmp/runs (kept while the machine stays warm), returned as $OUT/runs.tgz (without HLO text).
 set -u
@@ -91,10 +91,23 @@ sharded)  # one GPU: the 7B shape at B = 8, 16K (full, streaming, adore R = 0, 8
   fi
   [ -f $R/sharded/throughput.json ] || on 0 sharded $S --ttft --mesh data=1,model=1 --hlo --out $R/sharded
   ;;
+kvquant)  # one GPU, with the model, resumable (call again until done): 8-bit KV slots (docs/THROUGHPUT.md and
+          # docs/KERNELS.md, "8-bit KV slots"): the decode kernel's rate on int8/float8 slots, the 7B rows at B = 8,
+          # 16K and at a fixed budget with each cache dtype, then perplexity (L = 8192) of full and ADORE, m = 256
+          # and 1024, with bfloat16, int8 and float8_e4m3 slots
+  [ -f $R/kv8_kernels/bench_kernels.txt ] || on 0 kv8_kernels python3 -m eval.bench_kernels --sections copy,attn8 \
+    --out $R/kv8_kernels/bench_kernels.json
+  [ -f $R/kvquant/throughput.json ] || on 0 kvquant python3 -m eval.throughput --preset kvquant --fixed-budget \
+    --no-hf --out $R/kvquant
+  for KV in auto int8 float8_e4m3; do
+    [ -f $R/kvquant_ppl_$KV/ppl.json ] || on 0 kvquant_ppl_$KV $EVAL ppl --size full --dtype bfloat16 \
+      --policy full,adore --cache-size 256,1024 --kv-dtype $KV --out $R/kvquant_ppl_$KV
+  done
+  ;;
 assemble)  # every quality row is in .parts by now: write the reports (grid rows are assembled off the GPU)
   on 0 assemble_quality $EVAL all $Q &
   ;;
-*) echo "usage: bash scripts/gpu/runs.sh bench|single|grid|groups|quality|controller|quality1|stage1|cost|sharded|assemble" >&2; exit 2 ;;
+*) echo "usage: bash scripts/gpu/runs.sh bench|single|grid|groups|quality|controller|quality1|stage1|cost|sharded|kvquant|assemble" >&2; exit 2 ;;
 esac
 wait
 mkdir -p "$OUT" && tar czf "$OUT/runs.tgz" --exclude='*.hlo.txt' -C /tmp runs  # one file (the tool returns few)
