@@ -148,6 +148,6 @@ def write_ppl(res: dict, out_dir) -> dict:
     """Write ppl.json, ppl.md (tables) and ppl.png into out_dir; returns {kind: path}."""
     md = (f"Streaming perplexity on {res.get('text', 'the given tokens')}, L = {res['length']}, "
           f"{res['segments']} segments, prefill {res['prefill']}, cache slots {res.get('kv_dtype', 'auto')}."
-          "\n\nAll scored tokens:\n\n{ppl_table(res)}\n\n"
+          f"\n\nAll scored tokens:\n\n{ppl_table(res)}\n\n"
           f"Positions >= m only (cache full):\n\n{ppl_table(res, 'ppl_after_budget')}\n")
     return write_outputs(out_dir, "ppl", res, md, plot_ppl)

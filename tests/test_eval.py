@@ -73,7 +73,7 @@ def test_ppl_writes_json_table_plot(params, tokens, tmp_path, monkeypatch):
         assert row["ppl"] > 1 and math.isfinite(row["ppl_after_budget"])
     assert data["controller"].startswith("random")
     md = paths["md"].read_text()
-    assert "| adore-r2 |" in md and "=full" in md and "m=8" in md
+    assert md.count("| adore-r2 |") == 2 and "=full" in md and "m=8" in md and "{" not in md  # both tables filled in
     assert paths["png"].read_bytes()[:4] == b"\x89PNG"
 
 
