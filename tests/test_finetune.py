@@ -11,9 +11,10 @@ import pytest
 
 from models.attention import reference_attention
 from models.cache import KVCache
-from models.llama import forward
+from models.llama import forward, init_params
 from models.lora import TARGETS, apply_lora, init_lora, load_adapter, merge_adapter, save_adapter
-from train.finetune import FinetuneConfig, Job, nll_sum, parse_config, report_table, run, topk_attention, train
+from train.finetune import (FinetuneConfig, Job, make_optimizer, nll_sum, parse_config, report_table, run, topk_attention, train,
+                            train_step)
 from tiny_model import CFG, tiny_params
 
 SEQ = 32
@@ -60,6 +61,28 @@ def test_topk_keeps_exactly_min_k_valid_keys_shared_by_heads():
         for b, t in [(0, 0), (1, 3), (1, 5)]:
             top = np.argsort(-np.asarray(ref.mass[b, t]), kind="stable")[: min(K, n_valid[b, t])]
             assert set(np.nonzero(mass[b, t])[0]) == set(top.tolist())
+
+
+def test_training_step_keeps_no_attention_scores_per_layer():
+    """The top-K scores are rematerialized in the backward pass: each further layer
+    adds less than half a [B, H, T, T] fp32 score tensor to a step's compiled
+    temporaries (without the remat, each layer keeps about six)."""
+    import functools
+
+    B, n = 2, 512
+    fc = FinetuneConfig(seq_len=n, batch_size=B, top_k=16)
+    opt = make_optimizer(fc)
+
+    def temp_bytes(layers):
+        cfg = dataclasses.replace(CFG, num_layers=layers)
+        params = init_params(cfg, jax.random.key(0), scale=0.3)
+        tree = {"base": params, "lora": init_lora(params, 4, jax.random.key(0))}
+        args = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), (tree, jax.eval_shape(opt.init, tree)))
+        step = jax.jit(functools.partial(train_step, cfg, fc, opt)).lower(*args, jax.ShapeDtypeStruct((B, n), jnp.int32))
+        return step.compile().memory_analysis().temp_size_in_bytes
+
+    per_layer = (temp_bytes(5) - temp_bytes(2)) / 3
+    assert per_layer < 0.5 * B * CFG.num_heads * n * n * 4, per_layer
 
 
 def test_apply_lora_with_zero_b_is_exact_and_merge_matches_on_the_fly():

@@ -55,6 +55,29 @@ def _masked_softmax(s: jax.Array, mask: jax.Array) -> jax.Array:
     return p / jnp.maximum(jnp.sum(p, axis=-1, keepdims=True), 1e-30)
 
 
+def _topk_scores(q, keys, key_pos, q_pos, k: int):
+    """(scores s [B, Hkv, G, T, N] fp32, keep [B, T, N] bool) of top-k attention."""
+    B, T, Hq, D = q.shape
+    Hkv = keys.shape[2]
+    qg = q.reshape(B, T, Hkv, Hq // Hkv, D)
+    s = jnp.einsum("bthgd,bshd->bhgts", qg, keys, preferred_element_type=jnp.float32) * D**-0.5
+    allowed = (key_pos[:, None, :] >= 0) & (key_pos[:, None, :] <= q_pos[:, :, None])  # [B, T, N]
+    avg = jax.lax.stop_gradient(_masked_softmax(s, allowed).mean(axis=(1, 2)))  # [B, T, N]
+    _, idx = jax.lax.top_k(jnp.where(allowed, avg, -1.0), k)  # [B, T, k]
+    b, t = jnp.arange(B)[:, None, None], jnp.arange(T)[None, :, None]
+    keep = jnp.zeros(allowed.shape, bool).at[b, t, idx].set(True) & allowed
+    return s, keep
+
+
+def _topk_out(q, keys, vals, key_pos, q_pos, k: int) -> jax.Array:
+    """Top-k attention output [B, T, Hq, D] (q's dtype)."""
+    B, T, Hq, D = q.shape
+    s, keep = _topk_scores(q, keys, key_pos, q_pos, k)
+    p = _masked_softmax(s, keep)  # [B, Hkv, G, T, N]
+    out = jnp.einsum("bhgts,bshd->bthgd", p.astype(vals.dtype), vals, preferred_element_type=jnp.float32)
+    return out.reshape(B, T, Hq, D).astype(q.dtype)
+
+
 @functools.cache
 def topk_attention(k: int) -> AttentionFn:
     """An attention function (reference_attention's signature) where each query
@@ -63,31 +86,25 @@ def topk_attention(k: int) -> AttentionFn:
 
     Equals reference_attention when k >= S + T (and, up to rounding, whenever
     k >= the number of valid keys of every row). The key choice carries no
-    gradient. Cached: one function object per k (so jit caches hit).
+    gradient. The output is rematerialized in the backward pass (jax.checkpoint):
+    a training step keeps q, k and v of each layer, not its [B, H, T, N] scores.
+    Cached: one function object per k (so jit caches hit).
     """
+    out_fn = jax.checkpoint(functools.partial(_topk_out, k=k))
 
     def attn(q, new_k, new_v, cache_k, cache_v, cache_pos, q_pos, *, layer=None, with_stats=False) -> AttentionOut:
         cache_k, cache_v = layer_cache(cache_k, cache_v, layer)
         B, T, Hq, D = q.shape
-        S, Hkv = cache_k.shape[1], new_k.shape[2]
-        N = S + T
-        if k >= N:
+        if k >= cache_k.shape[1] + T:
             return reference_attention(q, new_k, new_v, cache_k, cache_v, cache_pos, q_pos, with_stats=with_stats)
         keys = jnp.concatenate([cache_k, new_k], axis=1)  # [B, N, Hkv, D]
         vals = jnp.concatenate([cache_v, new_v], axis=1)
-        qg = q.reshape(B, T, Hkv, Hq // Hkv, D)
-        s = jnp.einsum("bthgd,bshd->bhgts", qg, keys, preferred_element_type=jnp.float32) * D**-0.5
         key_pos = jnp.concatenate([cache_pos, q_pos], axis=1)  # [B, N]
-        allowed = (key_pos[:, None, :] >= 0) & (key_pos[:, None, :] <= q_pos[:, :, None])  # [B, T, N]
-        avg = jax.lax.stop_gradient(_masked_softmax(s, allowed).mean(axis=(1, 2)))  # [B, T, N]
-        _, idx = jax.lax.top_k(jnp.where(allowed, avg, -1.0), k)  # [B, T, k]
-        b, t = jnp.arange(B)[:, None, None], jnp.arange(T)[None, :, None]
-        keep = jnp.zeros((B, T, N), bool).at[b, t, idx].set(True) & allowed
-        p = _masked_softmax(s, keep)  # [B, Hkv, G, T, N]
-        out = jnp.einsum("bhgts,bshd->bthgd", p.astype(vals.dtype), vals, preferred_element_type=jnp.float32)
-        out = out.reshape(B, T, Hq, D).astype(q.dtype)
+        out = out_fn(q, keys, vals, key_pos, q_pos)
         if not with_stats:
             return AttentionOut(out)
+        s, keep = _topk_scores(q, keys, key_pos, q_pos, k)
+        p = _masked_softmax(s, keep)
         sk = jnp.where(keep[:, None, None], s, NEG_INF)
         lse = jax.nn.logsumexp(sk, axis=-1).transpose(0, 3, 1, 2).reshape(B, T, Hq)
         return AttentionOut(out, jnp.sum(p, axis=(1, 2)), lse)
