@@ -5,6 +5,8 @@
 # Results go to /tmp/runs (kept while the machine stays warm), returned as $OUT/runs.tgz (without HLO text).
 set -u
 R=/tmp/runs
+# A fresh machine resumes an earlier machine's rows: carry its tarball as .carry/seed/runs.tgz (docs/GPU.md)
+[ -d "$R" ] || { [ -f .carry/seed/runs.tgz ] && tar xzf .carry/seed/runs.tgz -C /tmp; }
 mkdir -p "$R"
 LIMIT=${LIMIT:-540}  # seconds per call: the device tool allows 600; every job ends by then
 END=$(( $(date +%s) + LIMIT ))
