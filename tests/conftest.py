@@ -37,6 +37,21 @@ TINY_CONFIGS = {
 SHARDED = {"mha_untied"}  # saved as a sharded checkpoint (model.safetensors.index.json)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _compile_without_backend_optimizations():
+    """Compile with XLA's backend optimizations off (jax_disable_most_optimizations:
+    LLVM at -O0, without its expensive passes), as the kernel tests and the sharded
+    runs already did. Most of this suite's time is XLA compiling small programs that
+    then run for milliseconds: this takes about a third off it (the same computations,
+    in less optimized code). Subprocesses (the notebook, whose real model runs long
+    enough to want the optimized code) keep XLA's defaults unless they set their own
+    flags. JAX_DISABLE_MOST_OPTIMIZATIONS=0 in the environment keeps the defaults here too."""
+    import jax
+
+    if "JAX_DISABLE_MOST_OPTIMIZATIONS" not in os.environ:
+        jax.config.update("jax_disable_most_optimizations", True)
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _drop_compiled_programs():
     """Drop each test module's compiled programs after it. XLA's CPU backend maps

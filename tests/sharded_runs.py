@@ -9,8 +9,10 @@ Where the model axis splits heads, the steps run the Pallas GPU kernels in
 interpret mode (attention and cache update); on the data-only mesh, whose
 shards hold every head as one device does, XLA's reference (a compile is most of
 this check's time).
-The models: a tiny GQA model (16 query, 8 KV heads; every policy on every mesh),
-a tiny MQA one (8 query heads, one KV head; full and adore on 8 model shards), and a random
+The models: a tiny GQA model (16 query, 8 KV heads; every policy on the (2, 4) mesh,
+which splits both sequences and heads, and on the meshes that split one of them the
+policies whose sharded step differs there: GQA_POLICIES), a tiny MQA one (8 query heads,
+one KV head; full and adore on 8 model shards), and a random
 Qwen2-style checkpoint of another shape (head dim 32, biases, an MLP and a vocab
 that do not split over 4, so stay whole), written to CHECKPOINT_DIR, loaded with
 load_model(mesh=) in unstacked layers (with a controller reading the hidden
@@ -53,6 +55,12 @@ HF_CONFIG = dict(model_type="qwen2", vocab_size=102, hidden_size=48, intermediat
                  num_attention_heads=8, num_key_value_heads=4, head_dim=32, max_position_embeddings=256,
                  tie_word_embeddings=False, eos_token_id=101)
 MESHES = ((8, 1), (2, 4), (1, 8))
+# (data, model) -> the GQA model's policies on that mesh (each compiled policy adds seconds). Full
+# attention (the plain step) on each; on data shards only, the policies with per-sequence state
+# (h2o's accumulated attention; adore's history, and its step count kept whole); on model shards
+# only, those reading the attention mass summed over the model axis (tova; oracle in two passes)
+# and adore (its controller run on every shard must release the same slots).
+GQA_POLICIES = {(8, 1): ("full", "h2o", "adore"), (2, 4): POLICIES, (1, 8): ("full", "tova", "oracle", "adore")}
 PROMPTS = prompts(3, [5, 11, 7, 9, 3, 12, 6, 8], vocab=96)
 NEW = 4
 KERNELS = dict(attn_fn=get_attention_fn("pallas_gpu", interpret=True),
@@ -113,35 +121,40 @@ def run(cfg, params, runs, mesh=None) -> list:
 
 
 def jobs(ckpt: Path) -> list:
-    """(model, cfg, policy names, [(mesh shape or None, params)], runs): one program per mesh."""
+    """(model, cfg, policy names, [(mesh shape or None, params, policy names there)], runs by
+    policy name): one program per mesh; one device runs every policy of the model."""
     out = []
-    for mname, cfg, names, meshes in (("gqa", GQA, POLICIES, MESHES), ("mqa", MQA, ("full", "adore"), MESHES[2:])):
+    for mname, cfg, on_mesh in (("gqa", GQA, GQA_POLICIES), ("mqa", MQA, {MESHES[2]: ("full", "adore")})):
         host = jax.device_get(init_params(cfg, jax.random.key(0), scale=0.3))
-        placed = [(None, place_params(cfg, host))]
-        placed += [(m, place_params(cfg, host, make_mesh({"data": m[0], "model": m[1]}), "stacked")) for m in meshes]
-        out.append((mname, cfg, list(names), placed, [(*policy(n, cfg), KERNELS) for n in names]))
+        names = [n for n in POLICIES if any(n in ns for ns in on_mesh.values())]
+        placed = [(None, place_params(cfg, host), names)]
+        placed += [(m, place_params(cfg, host, make_mesh({"data": m[0], "model": m[1]}), "stacked"), list(ns))
+                   for m, ns in on_mesh.items()]
+        out.append((mname, cfg, names, placed, {n: (*policy(n, cfg), KERNELS) for n in names}))
     one = load_model(ckpt)
     split = load_model(ckpt, mesh=make_mesh({"data": 2, "model": 4}), layers="unstacked")
-    out.append(("checkpoint", one.cfg, ["full", "adore hidden:1"], [(None, one.params), ((2, 4), split.params)],
-                [(*policy("full", one.cfg), KERNELS), (*policy("adore", one.cfg, 1), WITH_MATMUL)]))
+    names = ["full", "adore hidden:1"]
+    out.append(("checkpoint", one.cfg, names, [(None, one.params, names), ((2, 4), split.params, names)],
+                {"full": (*policy("full", one.cfg), KERNELS), "adore hidden:1": (*policy("adore", one.cfg, 1), WITH_MATMUL)}))
     return out
 
 
 def compare(job_list) -> list:
     """{model, policy, equal: {mesh: tokens equal one device's}} per model and policy."""
-    tasks = [(j, m, p) for j in job_list for m, p in j[3]]
+    tasks = [(j, m, p, names) for j in job_list for m, p, names in j[3]]
 
     def one(task):
-        (_, cfg, _, _, runs), m, params = task
-        return run(cfg, params, runs, None if m is None else make_mesh({"data": m[0], "model": m[1]}))
+        (_, cfg, _, _, runs), m, params, names = task
+        outs = run(cfg, params, [runs[n] for n in names], None if m is None else make_mesh({"data": m[0], "model": m[1]}))
+        return dict(zip(names, outs))
 
     with ThreadPoolExecutor(2) as pool:  # compiles overlap
         outs = list(pool.map(one, tasks))
     results = []
     for j in job_list:
-        got = {m: o for (jj, m, _), o in zip(tasks, outs) if jj is j}  # mesh shape (None: one device) -> tokens
-        for i, name in enumerate(j[2]):
-            equal = {f"{m[0]}x{m[1]}": o[i] == got[None][i] for m, o in got.items() if m is not None}
+        got = {m: o for (jj, m, _, _), o in zip(tasks, outs) if jj is j}  # mesh shape (None: one device) -> {policy: tokens}
+        for name in j[2]:
+            equal = {f"{m[0]}x{m[1]}": o[name] == got[None][name] for m, o in got.items() if m is not None and name in o}
             results.append({"model": j[0], "policy": name, "equal": equal})
     return results
 

@@ -2,10 +2,31 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from adore_jax.cli import main
+
+
+@pytest.fixture
+def default_model(smollm2_gguf, smollm2_model, monkeypatch):
+    """Commands that load the default model get the package's smollm2_model: load_model
+    of the default GGUF in float32 on one device, the call the command makes, hands out
+    that call's earlier result instead of parsing and dequantizing the file again (about
+    10 s a load on a 2-core CPU). Any other load (a mesh, an adapter) runs for real."""
+    import jax.numpy as jnp
+
+    import models.loading
+
+    real = models.loading.load_model
+
+    def load_model(spec, dtype=jnp.float32, mesh=None, layers="auto", adapter=None):
+        if (Path(spec), dtype, mesh, layers, adapter) == (smollm2_gguf, jnp.float32, None, "auto", None):
+            return smollm2_model
+        return real(spec, dtype, mesh, layers, adapter)
+
+    monkeypatch.setattr(models.loading, "load_model", load_model)
 
 
 def _run(args, capsys):
@@ -14,14 +35,14 @@ def _run(args, capsys):
     return rc, cap.out, cap.err
 
 
-def test_generate_default_model(smollm2_gguf, capsys):
+def test_generate_default_model(default_model, capsys):
     rc, out, err = _run(["generate", "--prompt", "The capital of France is", "--max-new-tokens", "12"], capsys)
     assert rc == 0
     assert "Paris" in out
     assert "tokens" in err and "tokens/s" in err
 
 
-def test_generate_adore_policy(smollm2_gguf, capsys):
+def test_generate_adore_policy(default_model, capsys):
     rc, out, err = _run(["generate", "--prompt", "Hello", "--max-new-tokens", "6", "--policy", "adore",
                          "--cache-size", "8", "--rebuild", "2"], capsys)
     assert rc == 0 and len(out.strip()) > 0
@@ -35,7 +56,7 @@ def test_generate_on_a_mesh(smollm2_gguf, capsys):
     assert rc == 0 and "Paris" in out
 
 
-def test_info_reports_cache_bytes(smollm2_gguf, capsys):
+def test_info_reports_cache_bytes(default_model, capsys):
     rc, out, _ = _run(["info", "--policy", "window", "--cache-size", "512", "--max-len", "4096"], capsys)
     assert rc == 0
     assert "full attention: 180.00 MiB" in out  # 2 (K,V) x 30 layers x 3 heads x 64 x 4 bytes x 4096
@@ -59,7 +80,7 @@ def test_info_reports_cache_bytes(smollm2_gguf, capsys):
         (["train-controller", "--config", "/no/such.toml"], "cannot read config"),
     ],
 )
-def test_bad_input_one_line_error(smollm2_gguf, capsys, args, msg):
+def test_bad_input_one_line_error(default_model, capsys, args, msg):
     rc, out, err = _run(args, capsys)
     assert rc == 2
     assert err.startswith("adore: error:") and msg in err
@@ -75,7 +96,7 @@ def test_corrupt_checkpoint_from_shell(tmp_path):
     assert res.stderr.startswith("adore: error:") and "Traceback" not in res.stderr
 
 
-def test_adore_uses_the_packaged_controller(smollm2_model, capsys):
+def test_adore_uses_the_packaged_controller(smollm2_model, default_model, capsys):
     """For SmolLM2 the trained controller shipped in the package is the default."""
     from adore_jax.controller import ASSETS, model_signature
     from adore_jax.policies import build_policy
@@ -109,7 +130,7 @@ def test_out_of_device_memory_one_line_with_a_hint(capsys):
         run_main(other)
 
 
-def test_info_reports_8bit_slot_bytes(smollm2_gguf, capsys):
+def test_info_reports_8bit_slot_bytes(default_model, capsys):
     rc, out, _ = _run(["info", "--policy", "window", "--cache-size", "512", "--max-len", "4096", "--kv-dtype", "int8"],
                       capsys)
     assert rc == 0

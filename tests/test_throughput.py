@@ -7,7 +7,11 @@ from eval.throughput import Row, grid_rows, main, row_policy
 from models.shapes import SHAPES
 
 
-def test_tiny_benchmark_writes_complete_json(tmp_path):
+def test_tiny_benchmark_writes_complete_json(tmp_path, monkeypatch):
+    import eval.throughput as tp
+
+    measure = tp.copy_bandwidth  # measured for real, on 4 MiB: the tiny preset's 256 MiB copies take seconds here
+    monkeypatch.setattr(tp, "copy_bandwidth", lambda nbytes: measure(nbytes // 64))
     assert main(["--preset", "tiny", "--out", str(tmp_path), "--steps", "2", "--repeats", "2", "--ttft", "--hlo"]) == 0
     report = json.loads((tmp_path / "throughput.json").read_text())
     assert report["copy_bandwidth_tb_s"] > 0
@@ -33,8 +37,11 @@ def test_tiny_benchmark_writes_complete_json(tmp_path):
     assert not (tmp_path / "rows.jsonl").exists()  # the resume file is gone once the report is whole
 
 
-def test_ttft_only_times_the_prefills_alone(tmp_path):
+def test_ttft_only_times_the_prefills_alone(tmp_path, monkeypatch):
     """--ttft-only: the full and adore (R = 0) rows get a TTFT and no decode timing."""
+    import eval.throughput as tp
+
+    monkeypatch.setattr(tp, "copy_bandwidth", lambda nbytes: {"best": 1e10})  # measured in the test above
     assert main(["--preset", "tiny", "--out", str(tmp_path), "--ttft-only"]) == 0
     report = json.loads((tmp_path / "throughput.json").read_text())
     assert report["rows"] and {r["policy"] for r in report["rows"]} <= {"full", "adore"}
@@ -97,6 +104,7 @@ def test_fixed_budget_lowers_the_batch_after_a_run_out_of_memory(tmp_path, monke
                 "device_bytes_in_use_gb": 0.0}
 
     monkeypatch.setattr(tp, "measure_row", measure)
+    monkeypatch.setattr(tp, "copy_bandwidth", lambda nbytes: {"best": 1e10})
     argv = ["--preset", "tiny", "--fixed-budget", "--no-hf", "--out", str(tmp_path)]
     assert main(argv) == 0
     assert calls == [("full", 8), ("full", 6), ("full", 4), ("adore", 16), ("adore", 8)]  # 8 * 0.8 // 8 = 0: stop
