@@ -75,7 +75,7 @@ quality1)  # one GPU, with the model, resumable (call again until done): the tab
 stage1)  # one GPU, with the model, resumable: Stage 1 at 2048 tokens (docs/TRAINING.md), then perplexity of full
         # attention and the policies on the adapted backbone (the fair table; the original's is quality1's)
   [ -f $R/stage1/adapter/adapter.json ] || on 0 stage1 python3 -m adore_jax finetune-sparse \
-    --config train/configs/stage1-smollm2-135m.toml --out $R/stage1
+    --config train/configs/stage1-smollm2-135m.toml ${STEPS:+--steps $STEPS} --out $R/stage1
   [ -f $R/stage1/adapter/adapter.json ] && on 0 ppl_stage1 $EVAL ppl --size full --adapter $R/stage1/adapter \
     --policy full,streaming,h2o,tova,adore --cache-size 256,1024 --out $R/quality_stage1
   ;;
@@ -112,5 +112,5 @@ assemble)  # every quality row is in .parts by now: write the reports (grid rows
 *) echo "usage: bash scripts/gpu/runs.sh bench|single|grid|groups|quality|controller|quality1|stage1|cost|sharded|kvquant|assemble" >&2; exit 2 ;;
 esac
 wait
-mkdir -p "$OUT" && tar czf "$OUT/runs.tgz" --exclude='*.hlo.txt' -C /tmp runs  # one file (the tool returns few)
+mkdir -p "$OUT" && tar czf "$OUT/runs.tgz" --exclude='*.hlo.txt' --exclude=checkpoints -C /tmp runs  # one file (the tool returns few)
 tail -n 3 "$R"/*.log
