@@ -20,10 +20,11 @@ KV_DTYPE_NAMES = ("auto", "bfloat16", "float32", "int8", "float8_e4m3")  # model
 
 
 def _load(args, mesh=None):
-    from adore_jax.hub import resolve_model
+    from adore_jax.hub import resolve_adapter, resolve_model
     from models.loading import load_model, resolve_dtype
 
-    return load_model(resolve_model(args.model), dtype=resolve_dtype(args.dtype), mesh=mesh, adapter=args.adapter)
+    return load_model(resolve_model(args.model), dtype=resolve_dtype(args.dtype), mesh=mesh,
+                      adapter=resolve_adapter(args.adapter))
 
 
 def _mesh(args, batch: int):
@@ -166,7 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     def model_args(sp):
         sp.add_argument("--model", default=None, help="checkpoint dir, .gguf file or hub id (default: SmolLM2-135M-Instruct)")
         sp.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: bfloat16 on GPU/TPU, float32 on CPU")
-        sp.add_argument("--adapter", default=None, help="a LoRA adapter folder merged into the model (adore finetune-sparse)")
+        sp.add_argument("--adapter", default=None, help="a LoRA adapter folder merged into the model (adore finetune-sparse), "
+                        "or 'packaged': the Stage-1 adapter shipped for the default model")
         sp.add_argument("--policy", choices=POLICIES, default="full", help="KV cache policy (default: full)")
         sp.add_argument("--cache-size", type=int, default=None, help="cache slots m (required unless --policy full)")
         sp.add_argument("--rebuild", type=int, default=0, help="adore: rebuilt tokens R per step")

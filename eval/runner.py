@@ -66,7 +66,8 @@ def add_parsers(sub, func) -> None:
         p = esub.add_parser(kind, help=HELP[kind], description=HELP[kind])
         p.add_argument("--model", default=None, help="checkpoint dir, .gguf file or hub id (default: SmolLM2-135M-Instruct)")
         p.add_argument("--dtype", choices=("auto", "float32", "bfloat16"), default="auto")
-        p.add_argument("--adapter", default=None, help="a LoRA adapter folder merged into the model (adore finetune-sparse)")
+        p.add_argument("--adapter", default=None, help="a LoRA adapter folder merged into the model (adore "
+                       "finetune-sparse), or 'packaged': the Stage-1 adapter shipped for the default model")
         p.add_argument("--size", choices=tuple(PRESETS), default="small", help="preset sizes (small: CPU minutes)")
         p.add_argument("--policy", action="append", help=f"policies, comma-separated or repeated (default {ALL_POLICIES}; adore-rN-sK: R = N, K sinks)")
         p.add_argument("--cache-size", action="append", help="budgets m, comma-separated or repeated")

@@ -94,8 +94,11 @@ def load_adapter(path) -> tuple[LoraParams, dict]:
         float(meta["alpha"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ValueError(f"not an adapter folder: {path} ({type(e).__name__}: {e})") from None
-    target = {"a": {n: jax.ShapeDtypeStruct((s[0], s[1], r), jnp.float32) for n, s in shapes.items()},
-              "b": {n: jax.ShapeDtypeStruct((s[0], r, s[2]), jnp.float32) for n, s in shapes.items()}}
+    # A target on this host's CPU: an adapter written on another topology (a GPU) restores anywhere.
+    host = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    spec = lambda shape: jax.ShapeDtypeStruct(shape, jnp.float32, sharding=host)
+    target = {"a": {n: spec((s[0], s[1], r)) for n, s in shapes.items()},
+              "b": {n: spec((s[0], r, s[2])) for n, s in shapes.items()}}
     with ocp.StandardCheckpointer() as ckpt:
         tree = jax.device_get(ckpt.restore(path / "adapter", target))  # host arrays: merged where the weights live
     return LoraParams(tree["a"], tree["b"]), meta

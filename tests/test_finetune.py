@@ -183,3 +183,31 @@ def test_the_stage1_config_file_parses():
     path = Path(__file__).parents[1] / "train" / "configs" / "stage1-smollm2-135m.toml"
     fc = parse_config(["--config", str(path)])
     assert (fc.seq_len, fc.top_k, fc.top_k * 8) == (2048, 256, fc.seq_len)  # K = 1/8 of the sequence
+
+
+# Narrative prose written for this test (not from any corpus): the packaged adapter was fitted on books.
+PROSE = (
+    "Mrs. Hartley had long been of the opinion that a quiet evening at home was worth any number of balls, and "
+    "she said so to her daughters with a regularity which did nothing to persuade them. Eleanor, the elder, "
+    "listened with the patience of one who has heard a sermon many times and means to profit by none of it; "
+    "Lucy, who was but seventeen, declared that she should die of dullness before the winter was out. Their "
+    "father, reading by the fire, observed only that the roads were very bad, and that Colonel Ashby had written "
+    "to say he would call on Thursday. At this the room fell silent, for each of the ladies had her own reasons "
+    "for wishing to know what the Colonel could mean by it, and none of them was willing to be the first to ask."
+)
+
+
+def test_the_packaged_adapter_fits_the_default_model_and_lowers_the_loss_on_prose(smollm2_model):
+    """`--adapter packaged` names the shipped Stage-1 adapter; it merges into SmolLM2 and,
+    fitted on books, lowers the full-attention loss on narrative prose it never saw."""
+    from adore_jax.hub import PACKAGED_ADAPTER, resolve_adapter
+
+    assert resolve_adapter("packaged") == str(PACKAGED_ADAPTER) and resolve_adapter("x/y") == "x/y"
+    assert (PACKAGED_ADAPTER / "MODEL_CARD.md").is_file()
+    cfg, params = smollm2_model.cfg, smollm2_model.params
+    merged = merge_adapter(params, resolve_adapter("packaged"))
+    ids = jnp.asarray([smollm2_model.tokenizer.encode(PROSE)], jnp.int32)
+    base, n = nll_sum(params, cfg, ids)
+    adapted, _ = nll_sum(merged, cfg, ids)
+    assert n > 100
+    assert float(adapted) / n < float(base) / n - 0.1, (float(base) / n, float(adapted) / n)
