@@ -32,6 +32,7 @@ class PolicySpec:
     rebuild: int = 0  # adore: R rebuilt tokens per step
     sinks: Optional[int] = None  # adore: protected first tokens (None: the policy default)
     recent_pct: Optional[int] = None  # adore: protected recent tokens, % of m (None: the policy default)
+    queries: int = 1  # adore: a prefill chunk's last queries that score its cut (AdorePolicy.prefill_queries)
 
 
 def split_values(values: Optional[Iterable[str]], cast=str) -> list:
@@ -48,17 +49,20 @@ def split_values(values: Optional[Iterable[str]], cast=str) -> list:
 
 
 def parse_policy(label: str) -> PolicySpec:
-    """A PolicySpec from `full`, `window`, ..., `adore`, or `adore-rN-sK-wP` with any
-    of its parts (N rebuilt tokens per step, K sink tokens, P% of m recent tokens)."""
+    """A PolicySpec from `full`, `window`, ..., `adore`, or `adore-rN-sK-wP-qQ` with any
+    of its parts (N rebuilt tokens per step, K sink tokens, P% of m recent tokens, Q
+    queries of a prefill chunk scoring its cut)."""
     if label in POLICIES:
         return PolicySpec(label, label, 0)
-    m = re.fullmatch(r"adore(?:-r(\d+))?(?:-s(\d+))?(?:-w(\d+))?", label)
-    if m and (m.group(3) is None or int(m.group(3)) < 100):
+    m = re.fullmatch(r"adore(?:-r(\d+))?(?:-s(\d+))?(?:-w(\d+))?(?:-q(\d+))?", label)
+    if m and (m.group(3) is None or int(m.group(3)) < 100) and (m.group(4) is None or int(m.group(4)) >= 1):
         r = int(m.group(1) or 0)
         k, w = (None if g is None else int(g) for g in m.group(2, 3))
-        return PolicySpec(label if (r, k, w) != (0, None, None) else "adore", "adore", r, k, w)
-    raise ValueError(f"unknown policy {label!r}; choose from {', '.join(POLICIES)}, or adore-rN-sK-wP (N rebuilt "
-                     "tokens, K sink tokens, P < 100 percent of m recent tokens; each part optional)")
+        q = int(m.group(4) or 1)
+        return PolicySpec(label if (r, k, w, q) != (0, None, None, 1) else "adore", "adore", r, k, w, q)
+    raise ValueError(f"unknown policy {label!r}; choose from {', '.join(POLICIES)}, or adore-rN-sK-wP-qQ (N rebuilt "
+                     "tokens, K sink tokens, P < 100 percent of m recent tokens, Q >= 1 queries scoring a prefill "
+                     "chunk's cut; each part optional)")
 
 
 def parse_policies(values: Iterable[str]) -> list[PolicySpec]:
@@ -96,7 +100,8 @@ def build(spec: PolicySpec, cfg, budget: int, controller=None, rebuild_every: in
     gd, state, note = _controller(cfg, None if controller is None else str(controller))
     recent = None if spec.recent_pct is None else spec.recent_pct * budget // 100
     policy = make_policy("adore", budget, rebuild=spec.rebuild, rebuild_every=rebuild_every, sinks=spec.sinks, recent=recent,
-                         controller_graphdef=gd, feature_layer=nnx.merge(gd, state).feature_layer)
+                         controller_graphdef=gd, feature_layer=nnx.merge(gd, state).feature_layer,
+                         prefill_queries=spec.queries)
     return policy, state, note
 
 

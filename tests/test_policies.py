@@ -205,6 +205,30 @@ def test_adore_deterministic_and_batch_independent(params, ctrl):
     assert engine.generate(params, CFG, ps[2:3], 24, policy=pol, policy_params=ctrl[1]) == [g[2]]
 
 
+@pytest.mark.parametrize("queries", [1, 5, 40])
+def test_a_prefill_cut_keeps_the_best_scores_over_the_chunks_last_queries(params, ctrl, queries):
+    """One prefill chunk of 19 tokens cut to m = 6: each position's score is its
+    best controller logit over the chunk's last Q queries (NumPy over the
+    controller's own q and k; Q beyond the chunk: all of it), and the cache keeps
+    the 6 best positions."""
+    gd, state = ctrl
+    pol = _policy("adore", 6, ctrl, sinks=0, prefill_queries=queries)
+    ps = prompts(7, [19, 14])
+    s = engine.decode(params, CFG, ps, 1, policy=pol, policy_params=state, chunk=19)  # the prefill only
+    c = nnx.merge(gd, state)
+    for b, p in enumerate(ps):
+        n = len(p)
+        x = embed_tokens(params, jnp.asarray([p]))
+        _, q, k = c.scan(c.init_state(1), x, jnp.ones((1, n), bool))
+        pos = jnp.arange(n)[None]
+        logits = np.asarray(c.logits(q, pos, k, pos))[0]  # [query, key]
+        rows = range(max(n - queries, 0), n)
+        want = np.max([np.where(np.arange(n) <= i, logits[i], -np.inf) for i in rows], axis=0)
+        np.testing.assert_allclose(np.asarray(s.policy_state.score[b, :n]), want, rtol=1e-5, atol=1e-5)
+        kept = set(np.asarray(s.cache.pos[b])[np.asarray(s.cache.pos[b]) >= 0].tolist())
+        assert kept == set(np.argsort(-want, kind="stable")[:6].tolist()), (sorted(kept), want)
+
+
 # ---------------------------------------------------------------- settings
 
 
@@ -216,6 +240,7 @@ def test_adore_deterministic_and_batch_independent(params, ctrl):
         (dict(name="adore", cache_size=8, sinks=4, recent=5), "exceed the cache size"),
         (dict(name="adore", cache_size=8, rebuild=9), "rebuild R"),
         (dict(name="adore", cache_size=8, rebuild_every=0), "rebuild-every"),
+        (dict(name="adore", cache_size=8, prefill_queries=0), "prefill queries"),
         (dict(name="h2o", cache_size=8, rebuild=2), "adore policy only"),
         (dict(name="lru", cache_size=8), "unknown policy"),
     ],

@@ -28,6 +28,7 @@ def make_policy(
     rebuild_every: int = 1,
     controller_graphdef: Any = None,
     feature_layer: Optional[int] = None,
+    prefill_queries: int = 1,
 ) -> Policy:
     """Build a policy. cache_size m (slots) is required except for `full`.
 
@@ -66,10 +67,12 @@ def make_policy(
         raise ValueError(f"rebuild R must be in [0, cache size {cache_size}], got {rebuild}")
     if rebuild_every < 1:
         raise ValueError(f"rebuild-every must be >= 1, got {rebuild_every}")
+    if prefill_queries < 1:
+        raise ValueError(f"prefill queries must be >= 1, got {prefill_queries}")
     if controller_graphdef is None:
         raise ValueError("the adore policy needs a controller")
     return AdorePolicy(**common, rebuild=rebuild, rebuild_every=rebuild_every, graphdef=controller_graphdef,
-                       feature_layer=feature_layer)
+                       feature_layer=feature_layer, prefill_queries=prefill_queries)
 
 
 def build_policy(name: str, cfg, cache_size: Optional[int] = None, *, controller=None, **kw):

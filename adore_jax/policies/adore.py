@@ -57,6 +57,7 @@ class AdorePolicy(Evicting):
     rebuild_every: int = 1  # k: rebuild on every k-th decode step
     graphdef: Any = None  # nnx GraphDef of the controller; its state is `pp`
     feature_layer: Optional[int] = None  # the controller's input: None embeddings, l the hidden state entering layer l
+    prefill_queries: int = 1  # Q: a prefill chunk is cut by each token's best score over the chunk's last Q queries
 
     def _ctrl(self, pp):
         ctrl = nnx.merge(self.graphdef, pp)
@@ -81,7 +82,8 @@ class AdorePolicy(Evicting):
 
     def _observe(self, pp, st: AdoreState, x, positions, new) -> AdoreState:
         """Feed the rows marked `new` [B, T] (features x [B, T, E]) to the controller:
-        their keys join the history, and the last one's query scores it."""
+        their keys join the history, and the latest prefill_queries rows score it (each
+        position its best score over them; a decode step has one row)."""
         ctrl = self._ctrl(pp)
         B, N = st.tok.shape
         h, q, k = ctrl.scan(st.h, x, new)
@@ -89,10 +91,11 @@ class AdorePolicy(Evicting):
         key = st.key.at[jnp.arange(B)[:, None], at].set(k, mode="drop")
         pos = jnp.where(new, positions, -1)
         t = last_position(pos)
-        q_t = jnp.take_along_axis(q, jnp.argmax(pos, axis=1)[:, None, None], axis=1)  # [B, 1, d_c]
+        pos_q, rows = jax.lax.top_k(pos, min(self.prefill_queries, pos.shape[1]))  # the latest Q rows [B, Q]
+        q_q = jnp.take_along_axis(q, rows[..., None], axis=1)  # [B, Q, d_c]
         hist = jnp.arange(N, dtype=jnp.int32)[None]
-        score = ctrl.logits(q_t, t[:, None], key, jnp.broadcast_to(hist, (B, N)))[:, 0]
-        score = jnp.where(hist <= t[:, None], score, _NEG)
+        score = ctrl.logits(q_q, pos_q, key, jnp.broadcast_to(hist, (B, N)))  # [B, Q, N]
+        score = jnp.max(jnp.where(hist[:, None] <= pos_q[..., None], score, _NEG), axis=1)  # padding rows see nothing
         score = jnp.where(t[:, None] >= 0, score, st.score)  # a sequence with no new row keeps its scores
         return dataclasses.replace(st, key=key, h=h, score=score)
 
