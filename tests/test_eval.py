@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from eval import agreement, passkey_eval, ppl, recall
-from eval.common import build, parse_budgets, parse_policies, segments
+from eval.common import build, parse_budgets, parse_policies, parse_policy, segments
 from models.cache import KVCache
 from models.llama import forward
 from tiny_model import CFG, tiny_params
@@ -147,6 +147,11 @@ def test_parsing_and_bad_input():
     assert (spec.rebuild, spec.sinks, spec.recent_pct) == (0, 2, 25)
     policy, _, _ = build(spec, CFG, 32)
     assert (policy.sinks, policy.recent) == (2, 8)
+    spec = parse_policies(["adore-w25-q64"])[0]
+    assert (spec.label, spec.recent_pct, spec.queries) == ("adore-w25-q64", 25, 64)
+    assert build(spec, CFG, 32)[0].prefill_queries == 64 and build(parse_policy("adore"), CFG, 32)[0].prefill_queries == 1
+    with pytest.raises(ValueError, match="unknown policy"):
+        parse_policy("adore-q0")
     assert parse_budgets(["128,64", "64"]) == [64, 128]
     for bad, fn in ((["lru"], parse_policies), (["adore-s"], parse_policies), (["adore-w100"], parse_policies), (["0"], parse_budgets), (["x"], parse_budgets)):
         with pytest.raises(ValueError):
