@@ -179,6 +179,31 @@ def test_parse_config(tmp_path):
         parse_config(["--rank", "0"])
 
 
+def test_load_job_reads_the_configured_mix(tmp_path, monkeypatch):
+    """`mix` selects the packed rows: load_job asks train.data for that mix's folder."""
+    import types
+
+    import models.loading
+    import train.data
+    from train.finetune import load_job
+
+    asked = []
+
+    def packed(data_dir, tokenizer, seq_len, mix=None):
+        asked.append((seq_len, mix))
+        for split, n in (("train", 6), ("heldout", 2)):
+            np.save(tmp_path / f"{split}.npy", np.full((n, seq_len), 3, np.int32))
+        return tmp_path
+
+    model = types.SimpleNamespace(cfg=CFG, params=tiny_params(), tokenizer=None, source="tiny")
+    monkeypatch.setattr(models.loading, "load_model", lambda *a, **k: model)
+    monkeypatch.setattr(train.data, "load_or_build_packed", packed)
+    job = load_job(parse_config(["--seq-len", "16", "--mix", "books=0.5,retrieval=0.5"]))
+    assert asked == [(16, "books=0.5,retrieval=0.5")] and job.train.shape == (6, 16)
+    load_job(parse_config(["--seq-len", "16"]))
+    assert asked[-1] == (16, None)
+
+
 def test_the_stage1_config_file_parses():
     path = Path(__file__).parents[1] / "train" / "configs" / "stage1-smollm2-135m.toml"
     fc = parse_config(["--config", str(path)])

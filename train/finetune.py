@@ -136,6 +136,7 @@ class FinetuneConfig:
     """Settings of the Stage-1 sparse fine-tuning job (TOML keys and command-line flags)."""
     model: str = ""  # checkpoint dir / .gguf / hub id; "" = the default SmolLM2
     data_dir: str = ""  # packed corpora (train.data); "" = fetched into the cache
+    mix: str = ""  # training rows: "" books only, else a train.mix string ("books=0.7,chat=0.15,retrieval=0.15")
     seq_len: int = 256
     batch_size: int = 4
     steps: int = 100
@@ -257,7 +258,7 @@ def load_job(fc: FinetuneConfig) -> Job:
     from train.data import load_or_build_packed
 
     model = load_model(resolve_model(fc.model or None), dtype=resolve_dtype(fc.dtype), layers="stacked")
-    data_dir = load_or_build_packed(fc.data_dir or None, model.tokenizer, fc.seq_len)
+    data_dir = load_or_build_packed(fc.data_dir or None, model.tokenizer, fc.seq_len, fc.mix or None)
     train_rows, heldout_rows = (np.load(Path(data_dir) / f"{s}.npy", mmap_mode="r") for s in ("train", "heldout"))
     if len(train_rows) < fc.batch_size:
         raise ValueError(f"only {len(train_rows)} training sequences of {fc.seq_len} tokens; lower batch_size")
@@ -289,7 +290,7 @@ def model_card(report: dict) -> str:
         f"# Stage-1 LoRA adapter: top-{fc['top_k']} sparse attention", "",
         f"- Backbone: {report['model']}",
         f"- LoRA rank {fc['rank']}, alpha {fc['alpha']}, on wq, wk, wv, wo; the base frozen",
-        f"- Data: the packed training split, {fc['seq_len']} tokens a sequence, batch {fc['batch_size']}, "
+        f"- Data: {fc.get('mix') or 'books only'} (the training split), {fc['seq_len']} tokens a sequence, batch {fc['batch_size']}, "
         f"{fc['steps']} steps, lr {fc['lr']} (AdamW, warmup {fc['warmup']})",
         f"- Command: `{report['command']}`",
         f"- Use: `adore generate --adapter DIR ...`, `adore eval ppl --adapter DIR ...`, or "
