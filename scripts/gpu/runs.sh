@@ -69,15 +69,21 @@ quality1)  # one GPU, with the model, resumable (call again until done): the tab
   P="--policy full,streaming,h2o,tova,adore,adore-r8"
   on 0 ppl $EVAL ppl $Q $P --cache-size 128,256,512,1024
   on 0 ppl_ood $EVAL ppl --size full --text ood $P --cache-size 1024 --out $R/quality_ood
-  on 0 passkey $EVAL passkey $Q --policy full,streaming,h2o,tova,adore --cache-size 256,1024
+  on 0 passkey $EVAL passkey $Q --policy full,streaming,h2o,tova,adore,adore-q64 --cache-size 256,1024
   on 0 agreement $EVAL agreement $Q --dtype float32 --policy full,streaming,h2o,tova,adore --cache-size 256,1024
   ;;
-stage1)  # one GPU, with the model, resumable: Stage 1 at 2048 tokens (docs/TRAINING.md), then perplexity of full
-        # attention and the policies on the adapted backbone (the fair table; the original's is quality1's)
-  [ -f $R/stage1/adapter/adapter.json ] || on 0 stage1 python3 -m adore_jax finetune-sparse \
-    --config train/configs/stage1-smollm2-135m.toml ${STEPS:+--steps $STEPS} --out $R/stage1
-  [ -f $R/stage1/adapter/adapter.json ] && on 0 ppl_stage1 $EVAL ppl --size full --adapter $R/stage1/adapter \
-    --policy full,streaming,h2o,tova,adore --cache-size 256,1024 --out $R/quality_stage1
+stage1)  # one GPU, with the model, resumable: Stage 1 at 2048 tokens on the book/chat/retrieval mix (docs/TRAINING.md;
+        # STEPS=N for fewer steps), then perplexity and pass-key of full attention and the policies on the adapted
+        # backbone (the fair table; the original's is quality1's)
+  A=$R/stage1_mix/adapter
+  [ -f $A/adapter.json ] || on 0 stage1 python3 -m adore_jax finetune-sparse \
+    --config train/configs/stage1-smollm2-135m.toml ${STEPS:+--steps $STEPS} --out $R/stage1_mix
+  if [ -f $A/adapter.json ]; then
+    on 0 ppl_stage1 $EVAL ppl --size full --adapter $A --policy full,streaming,h2o,tova,adore --cache-size 256,1024 \
+      --out $R/quality_stage1_mix
+    on 0 passkey_stage1 $EVAL passkey --size full --adapter $A --policy full,adore --cache-size 256,1024 \
+      --out $R/quality_stage1_mix
+  fi
   ;;
 cost)  # one GPU: the controller's and the cache update's share of a 7B decode step, per controller input
        # (docs/THROUGHPUT.md, "Targets")
