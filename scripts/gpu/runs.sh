@@ -69,7 +69,7 @@ quality1)  # one GPU, with the model, resumable (call again until done): the tab
   P="--policy full,streaming,h2o,tova,adore,adore-r8"
   on 0 ppl $EVAL ppl $Q $P --cache-size 128,256,512,1024
   on 0 ppl_ood $EVAL ppl --size full --text ood $P --cache-size 1024 --out $R/quality_ood
-  on 0 passkey $EVAL passkey $Q --policy full,streaming,h2o,tova,adore,adore-q64 --cache-size 256,1024
+  on 0 passkey $EVAL passkey $Q --policy full,streaming,h2o,tova,adore,adore-q16 --cache-size 256,1024
   on 0 agreement $EVAL agreement $Q --dtype float32 --policy full,streaming,h2o,tova,adore --cache-size 256,1024
   ;;
 stage1)  # one GPU, with the model, resumable: Stage 1 at 2048 tokens on the book/chat/retrieval mix (docs/TRAINING.md;
