@@ -37,8 +37,7 @@ TINY_CONFIGS = {
 SHARDED = {"mha_untied"}  # saved as a sharded checkpoint (model.safetensors.index.json)
 
 
-@pytest.fixture(autouse=True, scope="session")
-def _compile_without_backend_optimizations():
+def pytest_configure(config):
     """Compile with XLA's backend optimizations off (jax_disable_most_optimizations:
     LLVM at -O0, without its expensive passes), as the kernel tests and the sharded
     runs already did. Most of this suite's time is XLA compiling small programs that
