@@ -128,8 +128,8 @@ def controller_fingerprint(cfg, controller=None) -> str:
 
 def load_model(path=None, dtype: str = "auto", adapter=None):
     """models.loading.Model from a path/hub id (None: the default SmolLM2), with a LoRA
-    adapter merged in if given (a folder, or "packaged": adore_jax.hub.resolve_adapter). dtype: auto (bfloat16 on accelerators,
-    float32 on CPU), float32 or bfloat16."""
+    adapter merged in if given (a folder, or "packaged": adore_jax.hub.resolve_adapter).
+    dtype: auto (bfloat16 on accelerators, float32 on CPU), float32 or bfloat16."""
     import jax
     import jax.numpy as jnp
 

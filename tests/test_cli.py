@@ -87,6 +87,14 @@ def test_bad_input_one_line_error(default_model, capsys, args, msg):
     assert "Traceback" not in err and err.count("\n") == 1
 
 
+def test_packaged_adapter_on_another_model_is_a_one_line_error(tiny_hf_checkpoints, capsys):
+    """`--adapter packaged` fits the default model only: on another shape, one line and exit 2."""
+    rc, _, err = _run(["generate", "--prompt", "x", "--model", str(tiny_hf_checkpoints["mha_untied"]),
+                       "--adapter", "packaged"], capsys)
+    assert rc == 2 and err.startswith("adore: error:") and "trained for" in err
+    assert "Traceback" not in err and err.count("\n") == 1
+
+
 def test_corrupt_checkpoint_from_shell(tmp_path):
     bad = tmp_path / "model.gguf"
     bad.write_bytes(b"GGUF" + b"\0" * 10)
